@@ -1,0 +1,6 @@
+"""histoalign-wsi: zero-shot whole-slide histopathology with vision-language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

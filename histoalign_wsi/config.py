@@ -1,0 +1,259 @@
+"""Configuration: load config.yaml, validate it against the schema (filling defaults),
+and parse it once into frozen dataclasses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "AlignmentParams",
+    "Config",
+    "EncodeParams",
+    "GeoJSONParams",
+    "HeatmapParams",
+    "PoolingParams",
+    "TilingParams",
+    "TissueParams",
+    "config_hash",
+    "load_config",
+    "load_schema",
+    "parse_overrides",
+    "validate_config",
+]
+
+
+def load_schema(name: str = "config") -> dict[str, Any]:
+    """The JSON schema shipped with the package (``config`` or ``sheet``)."""
+    text = resources.files("histoalign_wsi").joinpath("data", f"{name}.schema.yaml").read_text()
+    schema: dict[str, Any] = yaml.safe_load(text)
+    return schema
+
+
+def _default_filling_validator() -> type[jsonschema.protocols.Validator]:
+    base = jsonschema.Draft7Validator
+
+    def set_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(key, json.loads(json.dumps(sub["default"])))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` against the schema, fill defaults, and check cross-field rules.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key and value.
+    """
+    cfg = json.loads(json.dumps(dict(raw)))
+    validator = _default_filling_validator()(load_schema("config"))
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.path) or "(top level)"
+        raise ConfigError(f"invalid configuration at {where}: {err.message}")
+    scales = cfg["scales_mpp"]
+    if any(b <= a for a, b in zip(scales, scales[1:], strict=False)):
+        raise ConfigError(f"scales_mpp must be strictly ascending, got {scales}")
+    for s in scales[1:]:
+        ratio = s / scales[0]
+        if abs(ratio - round(ratio)) > 1e-6:
+            raise ConfigError(
+                f"scales_mpp: {s} is not an integer multiple of the finest scale {scales[0]}; "
+                "nested grids need integer ratios"
+            )
+    sw = cfg["pooling"]["scale_weights"]
+    if sw is not None and len(sw) != len(scales):
+        raise ConfigError(
+            f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}"
+        )
+    return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings (dotted keys for nesting, YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    mask_mpp: float = 8.0
+    min_saturation: float = 0.07
+    max_value: float = 0.98
+    min_value: float = 0.08
+    closing_um: float = 32.0
+    min_area_um2: float = 20000.0
+    max_hole_um2: float = 20000.0
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    scales_mpp: tuple[float, ...] = (0.5, 1.0, 2.0)
+    tile_px: int = 224
+    min_tissue_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    batch_size: int = 128
+    readers: int = 2
+    prefetch: int = 4
+    block_tiles: int = 1
+
+
+@dataclass(frozen=True)
+class AlignmentParams:
+    rule: str = "centroid"
+    temperature: float = 0.05
+    topk: int = 5
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    method: str = "topk"
+    topk: float = 0.05
+    soft_temperature: float = 1.0
+    scale_weights: tuple[float, ...] | None = None
+    parent_context: float = 0.0
+    conch_protocol: bool = False
+    top_tiles: int = 10
+
+
+@dataclass(frozen=True)
+class HeatmapParams:
+    max_size: int = 1024
+    alpha: float = 0.55
+
+
+@dataclass(frozen=True)
+class GeoJSONParams:
+    threshold: float = 0.5
+    simplify_px: float = 1.0
+    gzip: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; build it with :func:`load_config`."""
+
+    slides: str
+    results: str = "results"
+    labels: str | None = None
+    reader: str = "auto"
+    mpp_override: float | None = None
+    encoders: tuple[str, ...] = ("demo",)
+    encoder_weights: Mapping[str, float] = field(default_factory=dict)
+    encoder_registry: str | None = None
+    prompt_bag: str = "crc"
+    offline: bool = True
+    device: str = "auto"
+    tissue: TissueParams = TissueParams()
+    tiling: TilingParams = TilingParams()
+    encode: EncodeParams = EncodeParams()
+    alignment: AlignmentParams = AlignmentParams()
+    pooling: PoolingParams = PoolingParams()
+    calibration: bool = False
+    heatmap: HeatmapParams = HeatmapParams()
+    geojson: GeoJSONParams = GeoJSONParams()
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_validated(cls, cfg: Mapping[str, Any]) -> Config:
+        pool = dict(cfg["pooling"])
+        if pool["scale_weights"] is not None:
+            pool["scale_weights"] = tuple(pool["scale_weights"])
+        return cls(
+            slides=cfg["slides"],
+            results=cfg["results"],
+            labels=cfg["labels"],
+            reader=cfg["reader"],
+            mpp_override=cfg["mpp_override"],
+            encoders=tuple(cfg["encoders"]),
+            encoder_weights=dict(cfg["encoder_weights"]),
+            encoder_registry=cfg["encoder_registry"],
+            prompt_bag=cfg["prompt_bag"],
+            offline=cfg["offline"],
+            device=cfg["device"],
+            tissue=TissueParams(**cfg["tissue"]),
+            tiling=TilingParams(
+                scales_mpp=tuple(float(s) for s in cfg["scales_mpp"]),
+                tile_px=cfg["tile_px"],
+                min_tissue_fraction=cfg["tiling"]["min_tissue_fraction"],
+            ),
+            encode=EncodeParams(**cfg["encode"]),
+            alignment=AlignmentParams(**cfg["alignment"]),
+            pooling=PoolingParams(**pool),
+            calibration=cfg["calibration"],
+            heatmap=HeatmapParams(**cfg["heatmap"]),
+            geojson=GeoJSONParams(**cfg["geojson"]),
+            raw=cfg,
+        )
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read ``path`` (optional), apply ``overrides``, validate and parse.
+
+    Without a file the configuration is the schema's defaults (``slides`` set to ``"."``
+    so stage subcommands, which take their inputs as arguments, can run stand-alone).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {str(p)!r} not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {str(p)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {str(p)!r} must hold a mapping")
+        raw = loaded or {}
+    if overrides:
+        _merge(raw, overrides)
+    raw.setdefault("slides", ".")
+    return Config.from_validated(validate_config(raw))
+
+
+def config_hash(cfg: Config, keys: Iterable[str]) -> str:
+    """Short hash of the named top-level keys: it ties an output to the settings that made it."""
+    sub = {k: cfg.raw.get(k) for k in sorted(keys)}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
