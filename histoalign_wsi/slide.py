@@ -237,7 +237,7 @@ def _to_rgb(img: Any) -> NDArray[np.uint8]:
         if img.mode == "RGBA":
             bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(bg, img)
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
     arr = np.asarray(img)
     if arr.ndim == 3 and arr.shape[2] == 4:
         a = arr[..., 3:4].astype(np.float32) / 255

@@ -4,18 +4,23 @@ library, write outputs atomically. Each function is one pipeline stage."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .cohort import slide_id_for
 from .config import Config, config_hash
+from .errors import SlideError
 from .slide import Slide, open_slide
 from .store import write_tiling
 from .tiling import tile_slide
 from .tissue import detect_tissue, load_tissue, save_tissue
 
-__all__ = ["open_for", "run_tile", "run_tissue", "slide_attrs"]
+if TYPE_CHECKING:
+    from .encoders import LoadedEncoder
+
+__all__ = ["load_encoders", "open_for", "run_encode", "run_tile", "run_tissue", "slide_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +90,61 @@ def run_tile(
             tissue_attrs=tissue_attrs,
             config_hash=config_hash(cfg, TILE_KEYS),
         )
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_encoders(cfg: Config, names: Sequence[str] | None = None, *, device: str = "cpu") -> list[LoadedEncoder]:
+    """The configured encoders, loaded (unknown names and missing weights are errors)."""
+    from .encoders import get_entry, load_encoder, load_registry
+
+    registry = load_registry(cfg.encoder_registry)
+    return [
+        load_encoder(get_entry(n, registry), offline=cfg.offline, device=device)
+        for n in (names or cfg.encoders)
+    ]
+
+
+def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, cfg: Config) -> Path:
+    """Copy the tile geometry into a new feature store and add every encoder's features."""
+    from .encoding import EncodeSettings, run_pipeline
+    from .store import copy_geometry, create_features, open_store
+
+    src = open_store(tile_store)
+    device = resolve_device(cfg.device)
+    encoders = load_encoders(cfg, device=device)
+    meta = src.attrs["slide"]
+    scales = [src.scale(n) for n in src.scale_names]
+    settings = EncodeSettings(
+        tile_px=int(src.attrs["tiling"]["tile_px"]),
+        batch_size=cfg.encode.batch_size,
+        readers=cfg.encode.readers,
+        prefetch=cfg.encode.prefetch,
+        device=device,
+    )
+    with open_slide(slide_path, reader=cfg.reader, mpp_override=float(meta["mpp"])) as slide:
+        if list(slide.dimensions) != list(meta["level0_dims"]):
+            raise SlideError(slide.path, f"dimensions {slide.dimensions} differ from the tile store's "
+                             f"{meta['level0_dims']}: wrong slide for {str(tile_store)!r}")  # fmt: skip
+        with copy_geometry(src, out) as root:
+            arrays = {}
+            for s, sv in enumerate(scales):
+                fg = root[f"scales/{sv.name}/features"]
+                for enc in encoders:
+                    arrays[(s, enc.name)] = create_features(fg, enc.name, len(sv.coords),  # type: ignore[arg-type]
+                                                            enc.entry.embed_dim, enc.attrs())  # fmt: skip
+            n = run_pipeline(slide, scales, encoders, arrays, settings)
+            root.attrs.update({
+                "encoders": {e.name: e.attrs() for e in encoders},
+                "untrained": any(e.entry.untrained for e in encoders),
+                "encode_device": device,
+            })  # fmt: skip
+            log.info("%s: encoded %d tiles with %s on %s", meta["id"], n,
+                     ", ".join(e.name for e in encoders), device)  # fmt: skip
+    return Path(out)

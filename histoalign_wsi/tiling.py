@@ -9,6 +9,9 @@ Edge policy. Only tiles lying wholly inside the slide are laid; the strip past t
 whole tile is not tiled (no padding is ever encoded). A slide smaller than one tile at a
 scale has zero tiles there.
 
+Order. Tiles are sorted by the coarsest-scale cell that holds them, then row-major, so
+one read of a coarse block yields consecutive rows at every scale.
+
 Keep rule. A tile is kept when its tissue fraction (exact area fraction of the mask under
 it) reaches ``min_tissue_fraction``, or when it contains a kept finer tile, so every
 kept fine tile has its parent at each coarser scale unless that parent would cross the
@@ -138,7 +141,12 @@ def tile_slide(
     index: list[NDArray[np.int32]] = []
     for k, f in enumerate(factors):
         size = t0 * f
-        ky, kx = np.nonzero(keep[k])  # row-major order: deterministic
+        ky, kx = np.nonzero(keep[k])
+        # block-major order: by the coarsest cell holding the tile, then row-major inside,
+        # so the encoder, which reads one coarse block at a time, appends rows in order
+        tc = t0 * factors[-1]
+        order = np.lexsort((kx, ky, (kx * size) // tc, (ky * size) // tc))
+        ky, kx = ky[order], kx[order]
         idx = np.full(keep[k].shape, -1, np.int32)
         idx[ky, kx] = np.arange(len(ky), dtype=np.int32)
         index.append(idx)
