@@ -63,7 +63,7 @@ def _read_sheet(sheet: Path) -> list[SlideEntry]:
     delim = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
     with sheet.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh, delimiter=delim))
-    validator = jsonschema.Draft7Validator(load_schema("sheet"))
+    validator = jsonschema.Draft202012Validator(load_schema("sheet"))
     entries = []
     for i, row in enumerate(rows, start=2):
         rec: dict[str, object] = {k.strip(): (v.strip() if v else None) for k, v in row.items() if k}

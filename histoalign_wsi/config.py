@@ -41,7 +41,7 @@ def load_schema(name: str = "config") -> dict[str, Any]:
 
 
 def _default_filling_validator() -> type[jsonschema.protocols.Validator]:
-    base = jsonschema.Draft7Validator
+    base = jsonschema.Draft202012Validator
 
     def set_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
         if isinstance(instance, dict):

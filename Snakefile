@@ -1,0 +1,36 @@
+# histoalign-wsi: zero-shot whole-slide histopathology with vision-language models.
+# Reads config.yaml, validates it, includes one rule file per stage, declares `rule all`.
+
+from snakemake.utils import min_version, validate
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, schema="workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/tissue.smk"
+include: "workflow/rules/tile.smk"
+include: "workflow/rules/encode.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/outputs.smk"
+
+
+wildcard_constraints:
+    slide=SLIDE_ID_PATTERN,
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True
+
+
+onerror:
+    # with --keep-going: the cohort table of the slides that completed, and
+    # failed_slides.tsv naming the others with the error from their logs
+    write_partial_summary(R, SLIDES)

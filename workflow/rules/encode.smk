@@ -1,0 +1,21 @@
+rule encode:
+    input:
+        slide=slide_path,
+        tiles=rules.tile.output.tiles,
+    output:
+        features=directory(f"{R}/features/{{slide}}.zarr"),
+    params:
+        settings=settings("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
+    log:
+        f"{R}/logs/encode/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/encode/{{slide}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi encode {input.tiles:q} --slide {input.slide:q} --out {output.features:q} "
+        "{params.settings} 2> {log:q}"

@@ -1,0 +1,69 @@
+rule heatmap:
+    input:
+        slide=slide_path,
+        tiles=rules.score.output.tiles,
+        prediction=rules.score.output.prediction,
+    output:
+        heatmaps=directory(f"{R}/heatmaps/{{slide}}"),
+    params:
+        mpp=slide_mpp,
+        settings=settings("reader", "mpp_override", "heatmap"),
+    log:
+        f"{R}/logs/heatmap/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/heatmap/{{slide}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi heatmap {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
+        "--out {output.heatmaps:q} {params.settings} 2> {log:q}"
+
+
+rule export_geojson:
+    input:
+        tiles=rules.score.output.tiles,
+        prediction=rules.score.output.prediction,
+        tissue=rules.tissue.output.meta,
+        tile_store=rules.tile.output.tiles,
+    output:
+        geojson=f"{R}/geojson/{{slide}}.geojson",
+    params:
+        settings=settings("geojson"),
+    log:
+        f"{R}/logs/export_geojson/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/export_geojson/{{slide}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi export-geojson {input.tiles:q} --prediction {input.prediction:q} "
+        "--store {input.tile_store:q} --tissue {input.tissue:q} --out {output.geojson:q} "
+        "{params.settings} 2> {log:q}"
+
+
+rule report:
+    input:
+        csv=rules.summarize.output.csv,
+        metrics=rules.summarize.output.metrics,
+        heatmaps=expand(f"{R}/heatmaps/{{slide}}", slide=SLIDES),
+    output:
+        html=f"{R}/report.html",
+    params:
+        results=lambda wildcards, input: os.path.dirname(input.csv),
+    log:
+        f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi report {input.csv:q} --results {params.results:q} --out {output.html:q} 2> {log:q}"

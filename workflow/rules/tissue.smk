@@ -1,0 +1,20 @@
+rule tissue:
+    input:
+        slide=slide_path,
+    output:
+        mask=f"{R}/tissue/{{slide}}.png",
+        meta=f"{R}/tissue/{{slide}}.json",
+    params:
+        mpp=slide_mpp,
+        settings=settings("reader", "mpp_override", "tissue"),
+    log:
+        f"{R}/logs/tissue/{{slide}}.log",
+    benchmark:
+        f"{R}/benchmarks/tissue/{{slide}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi tissue {input.slide:q} --out {output.mask:q} {params.mpp} {params.settings} 2> {log:q}"
