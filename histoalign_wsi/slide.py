@@ -283,7 +283,11 @@ def open_slide(
     if p.stat().st_size == 0:
         raise SlideError(p, "is an empty file")
     backend, name = _open_backend(p, reader)
-    slide = Slide(p, backend, name, mpp_override, mpp_default)
+    try:
+        slide = Slide(p, backend, name, mpp_override, mpp_default)
+    except Exception as exc:  # a backend that opened the file but cannot parse it
+        backend.close()
+        raise SlideError(p, f"cannot be read as a slide ({name}: {exc or type(exc).__name__})") from exc
     if verify:
         lvl = slide.level_count - 1
         w, h = slide.level_dimensions[lvl]

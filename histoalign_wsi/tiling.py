@@ -13,9 +13,9 @@ Order. Tiles are sorted by the coarsest-scale cell that holds them, then row-maj
 one read of a coarse block yields consecutive rows at every scale.
 
 Keep rule. A tile is kept when its tissue fraction (exact area fraction of the mask under
-it) reaches ``min_tissue_fraction``, or when it contains a kept finer tile, so every
-kept fine tile has its parent at each coarser scale unless that parent would cross the
-slide edge (then its parent index is -1).
+it) reaches ``min_tissue_fraction``, at every scale independently. A fine tile's parent
+index at a coarser scale is the kept coarse tile containing it, or -1 when that coarse
+cell was not kept (too little tissue at that scale) or crosses the slide edge.
 """
 
 from __future__ import annotations
@@ -128,15 +128,6 @@ def tile_slide(
         fr = fr.reshape(ny, nx)
         frac.append(fr)
         keep.append((fr >= params.min_tissue_fraction) & (fr > 0))
-    # a coarse cell holding a kept finer tile is kept, so parents exist
-    for k in range(1, len(factors)):
-        for j in range(k):
-            ky, kx = np.nonzero(keep[j])
-            r = factors[k] // factors[j]
-            cy, cx = ky // r, kx // r
-            ny, nx = keep[k].shape
-            ok = (cy < ny) & (cx < nx)
-            keep[k][cy[ok], cx[ok]] = True
     grids: list[ScaleGrid] = []
     index: list[NDArray[np.int32]] = []
     for k, f in enumerate(factors):
