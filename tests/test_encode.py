@@ -1,0 +1,144 @@
+"""The encode stage: read once for all scales, store schema, determinism, atomicity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoalign_wsi.cli import main
+from histoalign_wsi.errors import SlideError
+from histoalign_wsi.slide import Slide
+from histoalign_wsi.store import open_store
+from histoalign_wsi.synthetic import DemoSlideSpec, write_slide
+
+
+@pytest.fixture(scope="module")
+def tiles(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("enc")
+    assert main(["tile", str(planted[0]), "--out", str(d / "tiles.zarr")]) == 0
+    return d / "tiles.zarr"
+
+
+@pytest.fixture(scope="module")
+def features(planted: tuple[Path, Path], tiles: Path) -> Path:
+    out = tiles.parent / "features.zarr"
+    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out),
+                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    return out
+
+
+def test_store_is_valid_and_complete(features: Path, tiles: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    st, tl = open_store(features), open_store(tiles)
+    assert st.validate() == []
+    assert st.attrs["untrained"] is True
+    for name in st.scale_names:
+        np.testing.assert_array_equal(st.scale(name).coords, tl.scale(name).coords)
+        arr = st.features_array(name, "demo")
+        assert arr.dtype == np.float16 and arr.shape == (len(st.scale(name).coords), 64)
+        assert arr.chunks[0] >= min(arr.shape[0], 1024)
+        assert arr.attrs["weights_sha256"].startswith("demo-untrained-")
+        f = st.features(name, "demo")
+        np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=5e-3)
+    assert main(["inspect", str(features)]) == 0
+    assert '"problems": []' in capsys.readouterr().out
+
+
+def test_features_match_per_tile_encoding(features: Path, planted: tuple[Path, Path]) -> None:
+    """Block reads + device resizing give the same features as reading each tile alone."""
+    import torch
+
+    from histoalign_wsi.encoders import load_encoder, load_registry
+    from histoalign_wsi.encoding import preprocess_on_device
+    from histoalign_wsi.slide import open_slide
+
+    st = open_store(features)
+    enc = load_encoder(load_registry()["demo"])
+    with open_slide(planted[0]) as s:
+        for name in st.scale_names:
+            sv = st.scale(name)
+            idx = np.linspace(0, len(sv.coords) - 1, 4).astype(int)
+            tiles = np.stack([s.read_scaled(tuple(sv.coords[i]), sv.size0, 224) for i in idx])
+            x = preprocess_on_device(torch.from_numpy(tiles.copy()).permute(0, 3, 1, 2).float(), enc)
+            ref = enc.encode_image(x).numpy()
+            got = st.features(name, "demo")[idx]
+            cos = (ref * got).sum(axis=1)
+            assert (cos > 0.995).all(), (name, cos)
+
+
+def test_rerun_gives_identical_features(features: Path, tiles: Path, planted: tuple[Path, Path]) -> None:
+    again = tiles.parent / "again.zarr"
+    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(again),
+                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    a, b = open_store(features), open_store(again)
+    for name in a.scale_names:
+        np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
+
+
+def test_kill_during_encoding_leaves_nothing_complete(tiles: Path, planted: tuple[Path, Path],
+                                                      features: Path, tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "killed.zarr"
+    code = (
+        "import time, histoalign_wsi.encoding as e\n"
+        "orig = e._Forward.__call__\n"
+        "def slow(self, t):\n    time.sleep(0.5)\n    return orig(self, t)\n"
+        "e._Forward.__call__ = slow\n"
+        "from histoalign_wsi.cli import main\n"
+        f"main(['encode', {str(tiles)!r}, '--slide', {str(planted[0])!r}, '--out', {str(out)!r},"
+        " '--set', 'encode.batch_size=8'])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmp_path.glob(".killed.zarr.tmp-*")):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # only the temporary name, never the final one
+    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out),
+                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    a, b = open_store(features), open_store(out)
+    for name in a.scale_names:
+        np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
+
+
+def test_zero_tile_slide_gives_empty_valid_store(tmp_path: Path) -> None:
+    p = write_slide(DemoSlideSpec(name="blank", width=2048, height=2048, regions=()), tmp_path / "blank.svs")
+    assert main(["tile", str(p), "--out", str(tmp_path / "t.zarr")]) == 0
+    assert main(["encode", str(tmp_path / "t.zarr"), "--slide", str(p), "--out", str(tmp_path / "f.zarr")]) == 0
+    st = open_store(tmp_path / "f.zarr")
+    assert st.validate() == []
+    assert all(st.features_array(n, "demo").shape == (0, 64) for n in st.scale_names)
+
+
+def test_read_failure_mid_slide_names_coordinates(tiles: Path, planted: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    orig = Slide.read_region
+    calls = {"n": 0}
+
+    def flaky(self: Slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise SlideError(self.path, f"cannot decode pixels at level-0 x={location[0]}, y={location[1]}")
+        return orig(self, location, level, size)
+
+    monkeypatch.setattr(Slide, "read_region", flaky)
+    out = tmp_path / "f.zarr"
+    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "planted.svs" in err and "x=" in err and "y=" in err
+    assert not out.exists() and not list(tmp_path.glob(".f.zarr*"))
+
+
+def test_unknown_encoder_is_refused(tiles: Path, planted: tuple[Path, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code = main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(tmp_path / "x.zarr"),
+                 "--set", "encoders=[nonesuch]"])  # fmt: skip
+    assert code == 2 and "nonesuch" in capsys.readouterr().err

@@ -1,0 +1,231 @@
+"""Zero-shot scoring with planted signals: alignment, MIL and scale-aware pooling,
+predictions, metrics and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histoalign_wsi.alignment import class_similarity
+from histoalign_wsi.config import load_config
+from histoalign_wsi.errors import ConfigError, PromptBagError, StoreError
+from histoalign_wsi.evaluation import classification_metrics
+from histoalign_wsi.predictions import summarize
+from histoalign_wsi.prompts import load_bag, parse_bag
+from histoalign_wsi.scoring import score_store, write_scores
+from histoalign_wsi.store import open_store
+
+from .planting import build_store, make_text, planted_features
+
+SCALES = {"scales_mpp": [0.5, 1.0, 2.0]}
+
+
+def _cfg(**kw: object):  # type: ignore[no-untyped-def]
+    return load_config(overrides=SCALES | kw)
+
+
+def _three_scales(text, fine, mid=None, coarse=None, seed=0):  # type: ignore[no-untyped-def]
+    n = len(fine)
+    rng = np.random.default_rng(seed)
+    neutral = lambda m: planted_features(text, m, {}, seed=int(rng.integers(1 << 30)))  # noqa: E731
+    return {0.5: fine, 1.0: mid if mid is not None else neutral(n // 4), 2.0: coarse if coarse is not None else neutral(n // 16)}
+
+
+@pytest.mark.parametrize("method", ["mean", "topk", "max", "soft"])
+@pytest.mark.parametrize("label", [0, 1, 2])
+def test_label_recovered_at_20_percent(tmp_path: Path, method: str, label: int) -> None:
+    text = make_text()
+    fine = planted_features(text, 400, {label: (0.2, 1.0)}, seed=label)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
+    pred = score_store(st, text, _cfg(pooling={"method": method, "topk": 0.1})).prediction
+    assert pred["predicted_class"] == text.classes[label]
+    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_topk_finds_5_percent_tumour_where_mean_fails(tmp_path: Path) -> None:
+    text = make_text()
+    fine = planted_features(text, 400, {0: (0.05, 1.2), 1: (0.95, 0.25)}, seed=7)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
+    w = {"scale_weights": [1, 0, 0]}
+    topk = score_store(st, text, _cfg(pooling={"method": "topk", "topk": 0.05} | w)).prediction
+    mean = score_store(st, text, _cfg(pooling={"method": "mean"} | w)).prediction
+    assert topk["predicted_class"] == "TUM"
+    assert mean["predicted_class"] == "STR"
+
+
+def test_coarse_only_class_needs_scale_aware_fusion(tmp_path: Path) -> None:
+    text = make_text()
+    fine = planted_features(text, 256, {1: (1.0, 0.15)}, seed=1)
+    coarse = planted_features(text, 16, {2: (1.0, 1.5)}, seed=2)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine, coarse=coarse)))
+    fine_only = score_store(st, text, _cfg(pooling={"method": "mean", "scale_weights": [1, 0, 0]})).prediction
+    fused = score_store(st, text, _cfg(pooling={"method": "mean", "scale_weights": [1, 1, 1]})).prediction
+    assert fine_only["predicted_class"] == "STR"
+    assert fused["predicted_class"] == "NORM"
+    assert fused["per_scale"]["2.00mpp"]["n_tiles"] == 16
+
+
+def test_tile_order_changes_nothing(tmp_path: Path) -> None:
+    text = make_text()
+    feats = _three_scales(text, planted_features(text, 256, {0: (0.1, 1.0), 1: (0.3, 0.5)}, seed=3))
+    perm = {m: f[np.random.default_rng(5).permutation(len(f))] for m, f in feats.items()}
+    for method in ("mean", "max", "topk", "soft"):
+        cfg = _cfg(pooling={"method": method, "parent_context": 0.0})
+        a = score_store(open_store(build_store(tmp_path / f"a{method}.zarr", feats)), text, cfg).prediction
+        b = score_store(open_store(build_store(tmp_path / f"b{method}.zarr", perm)), text, cfg).prediction
+        assert a["predicted_class"] == b["predicted_class"]
+        for c in text.classes:
+            assert a["probabilities"][c] == pytest.approx(b["probabilities"][c], abs=1e-5)
+
+
+def test_zero_tiles_is_no_tissue_not_nan(tmp_path: Path) -> None:
+    text = make_text()
+    empty = {m: np.zeros((0, 32), np.float32) for m in (0.5, 1.0, 2.0)}
+    st = open_store(build_store(tmp_path / "e.zarr", empty))
+    scores = score_store(st, text, _cfg())
+    assert scores.prediction["status"] == "no_tissue"
+    assert scores.prediction["predicted_class"] == "no tissue" and scores.prediction["probabilities"] is None
+    write_scores(scores, tmp_path / "p.json", tmp_path / "t.parquet")
+    json.loads((tmp_path / "p.json").read_text())  # valid JSON: no NaN
+    assert "NaN" not in (tmp_path / "p.json").read_text()
+    table = summarize([tmp_path / "p.json"], tmp_path / "predictions.csv")
+    assert table.loc[0, "predicted_class"] == "no tissue"
+
+
+def test_parent_context_moves_tile_scores_toward_parents(tmp_path: Path) -> None:
+    text = make_text()
+    fine = planted_features(text, 256, {}, seed=4)
+    coarse = planted_features(text, 16, {0: (1.0, 1.5)}, seed=5)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine, coarse=coarse)))
+    no = score_store(st, text, _cfg(pooling={"parent_context": 0.0})).tiles
+    yes = score_store(st, text, _cfg(pooling={"parent_context": 0.5})).tiles
+    f0, f1 = no[no["scale"] == "0.50mpp"], yes[yes["scale"] == "0.50mpp"]
+    assert f1["prob_TUM"].mean() > f0["prob_TUM"].mean() + 0.05
+
+
+def test_centroid_equals_open_clip_zero_shot_classifier() -> None:
+    import open_clip
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    from histoalign_wsi.encoders import load_encoder, load_registry
+    from histoalign_wsi.text import embed_bag
+
+    enc = load_encoder(load_registry()["demo"])
+    bag = parse_bag({"templates": ["a photo of {}.", "an H&E image of {}.", "{} tissue."],
+                     "classes": {"tumour": {"names": ["tumour"]}, "stroma": {"names": ["stroma"]},
+                                 "fat": {"names": ["adipose"]}}}, name="t")  # fmt: skip
+    text = embed_bag(bag, [enc], descriptions=False)
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+    with torch.no_grad():
+        w = build_zero_shot_classifier(enc.model, tok, ["tumour", "stroma", "adipose"], list(bag.templates),
+                                       num_classes_per_batch=2, device="cpu", use_tqdm=False)  # fmt: skip
+    feats = np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    ours = class_similarity(feats, text.encoders["demo"], 3, rule="centroid")
+    np.testing.assert_allclose(ours, feats @ w.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean", "lse", "topk"])
+def test_other_rules_are_bounded_by_prompt_similarities(rule: str) -> None:
+    text = make_text()
+    feats = planted_features(text, 50, {0: (0.5, 1.0)}, seed=9)
+    t = text.encoders["demo"]
+    sims = feats @ t.emb.T
+    out = class_similarity(feats, t, 3, rule=rule, temperature=0.05, topk=3)
+    for k in range(3):
+        s = sims[:, t.cls == k]
+        assert (out[:, k] <= s.max(axis=1) + 1e-5).all() and (out[:, k] >= s.min(axis=1) - 1e-5).all()
+    assert (class_similarity(feats, t, 3, rule="topk", topk=1) >= class_similarity(feats, t, 3, rule="mean") - 1e-6).all()
+
+
+def test_metrics_match_scikit_learn() -> None:
+    from sklearn import metrics as skm
+
+    classes = ["a", "b", "c"]
+    y = ["a", "a", "b", "b", "c", "c", "a", "c"]
+    p = ["a", "b", "b", "b", "c", "a", "a", "c"]
+    probs = np.array([[.7, .2, .1], [.3, .5, .2], [.2, .6, .2], [.1, .8, .1], [.1, .2, .7], [.5, .1, .4],
+                      [.6, .3, .1], [.2, .2, .6]])  # fmt: skip
+    m = classification_metrics(y, p, probs, classes)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"))
+    assert m["auc_macro_ovr"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    prec = skm.precision_score(y, p, labels=classes, average=None)
+    assert [m["per_class"][c]["precision"] for c in classes] == pytest.approx(list(prec))
+    assert m["confusion_matrix"]["matrix"] == skm.confusion_matrix(y, p, labels=classes).tolist()
+
+
+def test_shipped_bags_are_complete() -> None:
+    for name, n in [("brca", 2), ("nsclc", 2), ("rcc", 3), ("breast_benign_malignant", 2), ("breakhis", 8), ("crc", 9)]:
+        bag = load_bag(name)
+        assert len(bag.classes) == n and len(bag.templates) >= 16
+        for c in bag.classes:
+            assert len(c.names) >= 3
+            if name != "crc" or c.name != "BACK":
+                assert all(len(c.descriptions.get(g, ())) >= 3 for g in ("morphology", "cause", "presentation")), c.name
+
+
+def test_bad_bags_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(PromptBagError, match=r"classes\.B\.names.*no prompts"):
+        parse_bag({"templates": ["{}."], "classes": {"A": {"names": ["a"]}, "B": {"names": []}}}, name="x")
+    with pytest.raises(PromptBagError, match="template 'an image of tissue' must contain"):
+        parse_bag({"templates": ["an image of tissue"], "classes": {"A": {"names": ["a"]}, "B": {"names": ["b"]}}}, name="x")
+    with pytest.raises(PromptBagError, match=r"descriptions\.histology: unknown group"):
+        parse_bag({"classes": {"A": {"names": ["a"], "descriptions": {"histology": ["x"]}}, "B": {"names": ["b"]}}}, name="x")
+    with pytest.raises(PromptBagError, match="unknown prompt bag 'nope'"):
+        load_bag("nope")
+
+
+def test_label_sheet_with_unknown_slides_or_classes(tmp_path: Path) -> None:
+    text = make_text()
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, planted_features(text, 64, {}, seed=1))))
+    write_scores(score_store(st, text, _cfg()), tmp_path / "s.json", tmp_path / "s.parquet")
+    with pytest.raises(ConfigError, match="not scored: ghost"):
+        summarize([tmp_path / "s.json"], tmp_path / "p.csv", labels={"s": "TUM", "ghost": "TUM"})
+    with pytest.raises(ConfigError, match="not in the prompt bag: Tumour"):
+        summarize([tmp_path / "s.json"], tmp_path / "p.csv", labels={"s": "Tumour"})
+    summarize([tmp_path / "s.json"], tmp_path / "p.csv", labels={"s": "TUM"}, metrics_json=tmp_path / "m.json",
+              confusion_png=tmp_path / "cm.png")  # fmt: skip
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 1 and (tmp_path / "cm.png").stat().st_size > 0
+
+
+def test_mixed_weights_are_refused_naming_both_hashes(tmp_path: Path) -> None:
+    text = make_text()
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, planted_features(text, 64, {}, seed=1)),
+                                sha="a" * 64))  # fmt: skip
+    with pytest.raises(StoreError, match=f"{'a' * 64}.*{'f' * 64}"):
+        score_store(st, text, _cfg())
+
+
+def test_store_missing_a_configured_scale(tmp_path: Path) -> None:
+    text = make_text()
+    st = open_store(build_store(tmp_path / "s.zarr", {0.5: planted_features(text, 64, {}, seed=1)}))
+    with pytest.raises(StoreError, match="no scale 1.00mpp"):
+        score_store(st, text, _cfg())
+
+
+def test_cohort_calibration_out_of_core(tmp_path: Path) -> None:
+    from histoalign_wsi.calibration import cohort_offsets
+    from histoalign_wsi.scoring import tile_logits
+
+    text = make_text()
+    paths = [build_store(tmp_path / f"s{i}.zarr", _three_scales(text, planted_features(text, 128, {i: (0.3, 1.0)}, seed=i)))
+             for i in range(3)]  # fmt: skip
+    cfg = _cfg()
+    off = cohort_offsets(paths, text, cfg)
+    direct = np.concatenate([tile_logits(open_store(p), "0.50mpp", text, cfg) for p in paths]).mean(axis=0)
+    np.testing.assert_allclose(off["0.50mpp"], direct, rtol=1e-4, atol=1e-4)
+    pred = score_store(open_store(paths[0]), text, cfg, calibration=off).prediction
+    assert pred["calibrated"] and sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_conch_protocol_needs_names_only_text(tmp_path: Path) -> None:
+    text = make_text()
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, planted_features(text, 64, {}, seed=1))))
+    with pytest.raises(StoreError, match="conch_protocol"):
+        score_store(st, text, _cfg(pooling={"conch_protocol": True}))
