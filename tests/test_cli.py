@@ -1,0 +1,109 @@
+"""Every CLI subcommand on a small generated cohort, plus patch-folder classification."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from histoalign_wsi.cli import main
+from histoalign_wsi.slide import open_slide
+
+from .conftest import shared
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    assert main(["make-demo-slides", str(d / "slides"), "--n", "2", "--width", "6144", "--height", "4608",
+                 "--ome-every", "2"]) == 0  # fmt: skip
+    return d
+
+
+def test_make_demo_slides(cohort: Path) -> None:
+    slides = sorted(p.name for p in (cohort / "slides").iterdir())
+    assert slides == ["demo_01.svs", "demo_02.ome.tiff"]
+    with open_slide(cohort / "slides" / "demo_01.svs") as s:
+        assert s.vendor == "aperio" and s.mpp == pytest.approx(0.25)
+    with open_slide(cohort / "slides" / "demo_02.ome.tiff") as s:
+        assert s.reader == "tiffslide" and s.level_count >= 2
+    truth = cohort / "slides_truth"
+    rows = list(csv.DictReader((truth / "labels.csv").open()))
+    assert rows == [{"slide_id": "demo_01", "label": "TUM"}, {"slide_id": "demo_02", "label": "STR"}]
+    meta = json.loads((truth / "demo_01" / "masks.json").read_text())
+    tum = np.asarray(Image.open(truth / "demo_01" / meta["masks"]["TUM"])) > 0
+    stroma = np.asarray(Image.open(truth / "demo_01" / meta["masks"]["STR"])) > 0
+    assert tum.mean() > stroma.mean() > 0  # demo_01 is tumour-dominant
+    assert not (cohort / "slides" / "labels.csv").exists()  # the slide folder holds only slides
+
+
+def test_full_cli_chain(cohort: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = cohort / "results"
+    stores = []
+    for sid, name in [("demo_01", "demo_01.svs"), ("demo_02", "demo_02.ome.tiff")]:
+        slide = str(cohort / "slides" / name)
+        assert main(["tissue", slide, "--out", str(r / "tissue" / f"{sid}.png")]) == 0
+        assert main(["tile", slide, "--tissue", str(r / "tissue" / f"{sid}.png"), "--out", str(r / "tiles" / f"{sid}.zarr")]) == 0
+        assert main(["encode", str(r / "tiles" / f"{sid}.zarr"), "--slide", slide, "--out", str(r / "features" / f"{sid}.zarr")]) == 0
+        stores.append(str(r / "features" / f"{sid}.zarr"))
+    assert main(["embed-prompts", "--out", str(r / "text.npz"), "--cache", str(r / "cache")]) == 0
+    assert main(["calibrate", *stores, "--text", str(r / "text.npz"), "--out", str(r / "calibration.json")]) == 0
+    cal = json.loads((r / "calibration.json").read_text())
+    assert set(cal) == {"0.50mpp", "1.00mpp", "2.00mpp"} and len(cal["0.50mpp"]) == 9
+    labels = cohort / "slides_truth" / "labels.csv"
+    assert main(["score", *stores, "--text", str(r / "text.npz"), "--calibration", str(r / "calibration.json"),
+                 "--out", str(r), "--labels", str(labels)]) == 0  # fmt: skip
+    table = pd.read_csv(r / "predictions.csv")
+    assert list(table["slide_id"]) == ["demo_01", "demo_02"] and table["untrained"].all()
+    probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    metrics = json.loads((r / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["untrained"] is True and (r / "confusion_matrix.png").is_file()
+    pred = json.loads((r / "predictions" / "demo_01.json").read_text())
+    assert pred["calibrated"] and pred["untrained"] and len(pred["top_tiles"]) == 10
+    assert main(["summarize", str(r / "predictions" / "demo_01.json"), "--out", str(r / "one.csv")]) == 0
+    assert len(pd.read_csv(r / "one.csv")) == 1
+    for sid, name in [("demo_01", "demo_01.svs"), ("demo_02", "demo_02.ome.tiff")]:
+        assert main(["heatmap", str(r / "tile_scores" / f"{sid}.parquet"), "--prediction", str(r / "predictions" / f"{sid}.json"),
+                     "--slide", str(cohort / "slides" / name), "--out", str(r / "heatmaps" / sid)]) == 0  # fmt: skip
+        assert main(["export-geojson", str(r / "tile_scores" / f"{sid}.parquet"), "--prediction",
+                     str(r / "predictions" / f"{sid}.json"), "--store", str(r / "tiles" / f"{sid}.zarr"),
+                     "--out", str(r / "geojson" / f"{sid}.geojson")]) == 0  # fmt: skip
+    assert main(["report", str(r / "predictions.csv"), "--out", str(r / "report.html")]) == 0
+    html = (r / "report.html").read_text()
+    assert "demo_01" in html and "untrained-warning" in html and "Metrics" in html
+
+
+def test_classify_patches_on_real_crc_patches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = shared("patches", "kather_crc_val_he_7k")
+    assert main(["classify-patches", str(root), "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    df = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(df) == 32 and summary["n"] == 32 and summary["untrained"] is True
+    assert summary["accuracy"] == pytest.approx((df["label"] == df["predicted_class"]).mean())
+    assert (tmp_path / "confusion_matrix.png").is_file()
+
+
+def test_classify_patches_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = shared("patches", "lc25000_lung_224px")
+    (tmp_path / "map.yaml").write_text("lung_aca: LUAD\nlung_scc: LUSC\n")
+    code = main(["classify-patches", str(root), "--out", str(tmp_path / "o"), "--mapping", str(tmp_path / "map.yaml"),
+                 "--set", "prompt_bag=nsclc"])  # fmt: skip
+    assert code == 2 and "lung_n" in capsys.readouterr().err
+    (tmp_path / "map.yaml").write_text("lung_aca: LUAD\nlung_scc: LUSC\nlung_n: LUAD\n")
+    assert main(["classify-patches", str(root), "--out", str(tmp_path / "o"), "--mapping", str(tmp_path / "map.yaml"),
+                 "--set", "prompt_bag=nsclc"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["n"] == 150
+
+
+def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c.yaml").write_text("slides: x\nscales_mmp: [0.5]\n")
+    assert main(["encoders", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "scales_mmp" in capsys.readouterr().err
+    assert main(["encoders", "--set", "scales_mpp=[1.0, 0.5]"]) == 2
+    assert "ascending" in capsys.readouterr().err

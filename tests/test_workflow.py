@@ -1,0 +1,200 @@
+"""The real Snakemake workflow on a small generated cohort (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from histoalign_wsi.store import open_store
+from histoalign_wsi.synthetic import make_demo_cohort
+
+from .conftest import CMU, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def smk(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from Snakemake's 'Job stats' table."""
+    counts = {}
+    for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", output, re.M):
+        if m.group(1) not in ("total", "job", "count"):
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def write_config(workdir: Path, **kw: object) -> None:
+    cfg = {"slides": "slides", "results": "results", "labels": "slides_truth/labels.csv",
+           "encode": {"batch_size": 32}, "heatmap": {"max_size": 512}} | kw  # fmt: skip
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("wf_slides")
+    make_demo_cohort(d / "slides", n=2, width=6144, height=4608, ome_every=2)
+    shutil.copy(CMU, d / "slides" / CMU.name)
+    return d
+
+
+def _workdir(tmp: Path, slides: Path) -> Path:
+    (tmp / "slides").symlink_to(slides / "slides")
+    (tmp / "slides_truth").symlink_to(slides / "slides_truth")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def done(slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    w = _workdir(tmp_path_factory.mktemp("wf_run"), slides)
+    shutil.copy(REPO / "histoalign_wsi" / "prompts" / "crc.yaml", w / "bag.yaml")
+    write_config(w, prompt_bag="bag.yaml")
+    smk(w, "--cores", "2")
+    return w
+
+
+def test_every_output_exists(done: Path) -> None:
+    r = done / "results"
+    ids = ["CMU-1-Small-Region", "demo_01", "demo_02"]
+    for sid in ids:
+        assert open_store(r / "features" / f"{sid}.zarr").validate() == []
+        assert (r / "predictions" / f"{sid}.json").is_file()
+        assert (r / "heatmaps" / sid / "argmax.png").is_file()
+        assert (r / "geojson" / f"{sid}.geojson").stat().st_size > 100
+    for f in ("predictions.csv", "report.html", "metrics.json", "confusion_matrix.png"):
+        assert (r / f).is_file(), f
+    assert (r / "logs" / "encode" / "demo_01.log").is_file()
+    assert (r / "benchmarks" / "encode" / "demo_01.tsv").is_file()
+
+
+def test_second_run_has_nothing_to_do(done: Path) -> None:
+    out = smk(done, "--cores", "2", "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_editing_the_prompt_bag_reruns_only_downstream_of_encoding(done: Path) -> None:
+    bag = done / "bag.yaml"
+    bag.write_text(bag.read_text().replace("a blank white or light grey area", "a blank white area"))
+    out = smk(done, "--cores", "2", "-n")
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts.get("embed_prompts") == 1 and counts.get("score") == 3
+    assert {"tissue", "tile", "encode"}.isdisjoint(counts), counts
+    assert {"summarize", "heatmap", "export_geojson", "report"} <= set(counts)
+
+
+def test_lint_is_clean(done: Path) -> None:
+    out = smk(done, "--lint")
+    assert "Congratulations" in out.stdout + out.stderr
+
+
+def test_misspelled_key_fails_validation(slides: Path, tmp_path: Path) -> None:
+    w = _workdir(tmp_path, slides)
+    write_config(w, scales_mmp=[0.5])
+    out = smk(w, "-n", check=False)
+    assert out.returncode != 0 and "scales_mmp" in out.stdout + out.stderr
+
+
+def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
+    w = tmp_path
+    (w / "slides").mkdir()
+    for p in (slides / "slides").iterdir():
+        if p.name.startswith("demo_01") or p.name.startswith("CMU"):
+            (w / "slides" / p.name).symlink_to(p)
+    (w / "slides" / "broken.svs").write_bytes(CMU.read_bytes()[:20000])
+    write_config(w, labels=None)
+    out = smk(w, "--cores", "2", "--keep-going", check=False)
+    assert out.returncode != 0
+    r = w / "results"
+    log = (r / "logs" / "tissue" / "broken.log").read_text()
+    assert "broken.svs" in log and "cannot" in log
+    import pandas as pd
+
+    table = pd.read_csv(r / "predictions.csv")
+    assert sorted(table["slide_id"]) == ["CMU-1-Small-Region", "demo_01"]
+    assert (r / "geojson" / "demo_01.geojson").is_file()
+    failed = (r / "failed_slides.tsv").read_text()
+    assert "broken" in failed and "broken.svs" in failed
+
+
+def test_kill_during_encoding_then_rerun_gives_same_features(slides: Path, done: Path, tmp_path: Path) -> None:
+    w = _workdir(tmp_path, slides)
+    write_config(w, encode={"batch_size": 4})
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                             str(w), "--cores", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    feats = w / "results" / "features"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (feats.is_dir() and any(feats.glob(".*.tmp-*"))):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for p in feats.iterdir():
+        if not p.name.startswith("."):
+            assert open_store(p).validate() == []  # anything under its final name is complete
+    smk(w, "--unlock")
+    smk(w, "--cores", "2", "--rerun-incomplete")
+    for sid in ("CMU-1-Small-Region", "demo_01", "demo_02"):
+        a, b = open_store(done / "results" / "features" / f"{sid}.zarr"), open_store(feats / f"{sid}.zarr")
+        for s in a.scale_names:
+            np.testing.assert_array_equal(a.features(s, "demo"), b.features(s, "demo"))
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        ("empty_folder", "holds no slide files"),
+        ("missing_folder", "does not exist"),
+        ("sheet_missing_path", "nowhere.svs"),
+        ("sheet_duplicate", "duplicate slide id 'a'"),
+        ("sheet_unsafe_id", "bad id!"),
+        ("scales_empty", "scales_mpp"),
+        ("scales_descending", "ascending"),
+        ("unknown_encoder", "unknown encoder 'plipp'"),
+        ("unknown_bag", "unknown prompt bag 'crcc'"),
+    ],
+)
+def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path: Path) -> None:
+    w = tmp_path
+    (w / "slides").mkdir()
+    kw: dict[str, object] = {"labels": None}
+    sheet = w / "sheet.csv"
+    if setup == "missing_folder":
+        kw["slides"] = "no_such_folder"
+    elif setup.startswith("sheet"):
+        rows = {"sheet_missing_path": "slide_id,path\na,nowhere.svs\n",
+                "sheet_duplicate": f"slide_id,path\na,{CMU}\na,{CMU}\n",
+                "sheet_unsafe_id": f"slide_id,path\nbad id!,{CMU}\n"}[setup]  # fmt: skip
+        sheet.write_text(rows)
+        kw["slides"] = "sheet.csv"
+    elif setup.startswith("scales") or setup.startswith("unknown"):
+        shutil.copy(CMU, w / "slides" / CMU.name)
+        kw |= {"scales_empty": {"scales_mpp": []}, "scales_descending": {"scales_mpp": [1.0, 0.5]},
+               "unknown_encoder": {"encoders": ["plipp"]}, "unknown_bag": {"prompt_bag": "crcc"}}[setup]  # fmt: skip
+    write_config(w, **kw)
+    out = smk(w, "-n", check=False)
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout, out.stderr[-2000:]
+    assert not (w / "results").exists()
