@@ -58,19 +58,23 @@ def class_similarity(
             out[:, k] = s.mean(axis=1)
         elif rule == "lse":
             m = s.max(axis=1, keepdims=True)
-            out[:, k] = (m[:, 0] + temperature * np.log(np.mean(np.exp((s - m) / temperature), axis=1)))
+            out[:, k] = m[:, 0] + temperature * np.log(np.mean(np.exp((s - m) / temperature), axis=1))
         else:
             kk = min(topk, s.shape[1])
             out[:, k] = np.sort(s, axis=1)[:, -kk:].mean(axis=1)
     return out
 
 
-def class_logits(feats: NDArray[np.float32], text: EncoderText, n_classes: int, **kw: object) -> NDArray[np.float32]:
+def class_logits(
+    feats: NDArray[np.float32], text: EncoderText, n_classes: int, **kw: object
+) -> NDArray[np.float32]:
     """Similarity scaled by the encoder's own logit scale (so encoders are comparable)."""
     return class_similarity(feats, text, n_classes, **kw) * np.float32(text.logit_scale)  # type: ignore[arg-type]
 
 
-def fuse_encoders(logits: Mapping[str, NDArray[np.float32]], weights: Mapping[str, float]) -> NDArray[np.float32]:
+def fuse_encoders(
+    logits: Mapping[str, NDArray[np.float32]], weights: Mapping[str, float]
+) -> NDArray[np.float32]:
     """Weighted mean of per-encoder logits (weight 1 for encoders not named)."""
     names = sorted(logits)
     w = np.array([float(weights.get(n, 1.0)) for n in names], np.float32)

@@ -23,8 +23,14 @@ Handler = Callable[[argparse.Namespace, Config], int]
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="config.yaml (defaults apply without one)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted for nested keys); repeatable")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted for nested keys); repeatable",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -54,9 +60,14 @@ def _cmd_make_demo(a: argparse.Namespace, cfg: Config) -> int:
     from .synthetic import make_demo_cohort
 
     paths = make_demo_cohort(
-        a.outdir, n=a.n, width=a.width, height=a.height, seed=a.seed, masks_dir=a.truth,
+        a.outdir,
+        n=a.n,
+        width=a.width,
+        height=a.height,
+        seed=a.seed,
+        masks_dir=a.truth,
         ome_every=a.ome_every,
-    )  # fmt: skip
+    )
     for p in paths:
         print(p)
     return 0
@@ -65,8 +76,9 @@ def _cmd_make_demo(a: argparse.Namespace, cfg: Config) -> int:
 _COMMANDS: dict[str, Handler] = {}
 
 
-def _register(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler,
-              help: str) -> argparse.ArgumentParser:  # fmt: skip
+def _register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     _common(p)
     _COMMANDS[name] = handler
@@ -97,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-id", help="id recorded in the store (default: from the file name)")
     p.add_argument("--mpp", type=float)
 
-    p = _register(sub, "make-demo-slides", _cmd_make_demo,
-                  "write generated pyramidal slides with planted regions and their masks")  # fmt: skip
+    p = _register(
+        sub,
+        "make-demo-slides",
+        _cmd_make_demo,
+        "write generated pyramidal slides with planted regions and their masks",
+    )
     p.add_argument("outdir", type=Path)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--width", type=int, default=16384)

@@ -25,11 +25,16 @@ def _cmd_encoders(a: argparse.Namespace, cfg: Config) -> int:
 
     reg = load_registry(cfg.encoder_registry)
     rows = [
-        {"name": e.name, "kind": e.kind, "source": dict(e.weights) or "built in",
-         "embed_dim": e.embed_dim, "status": availability(e, offline=cfg.offline),
-         "description": e.description}
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "source": dict(e.weights) or "built in",
+            "embed_dim": e.embed_dim,
+            "status": availability(e, offline=cfg.offline),
+            "description": e.description,
+        }
         for e in reg.values()
-    ]  # fmt: skip
+    ]
     if a.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -15,7 +15,7 @@ __all__ = ["register"]
 
 
 def _pred(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())  # type: ignore[no-any-return]
+    return json.loads(Path(path).read_text())
 
 
 def _cmd_heatmap(a: argparse.Namespace, cfg: Config) -> int:
@@ -25,8 +25,16 @@ def _cmd_heatmap(a: argparse.Namespace, cfg: Config) -> int:
     p = _pred(a.prediction)
     colors = {c: tuple(v) for c, v in p["colors"].items()}
     with open_for(a.slide, cfg, mpp=None) as slide:
-        write_heatmaps(slide, pd.read_parquet(a.tile_scores), p["classes"], colors, a.out,  # type: ignore[arg-type]
-                       slide_id=p["slide_id"], max_size=cfg.heatmap.max_size, alpha=cfg.heatmap.alpha)  # fmt: skip
+        write_heatmaps(
+            slide,
+            pd.read_parquet(a.tile_scores),
+            p["classes"],
+            colors,
+            a.out,
+            slide_id=p["slide_id"],
+            max_size=cfg.heatmap.max_size,
+            alpha=cfg.heatmap.alpha,
+        )
     return 0
 
 
@@ -38,10 +46,18 @@ def _cmd_export(a: argparse.Namespace, cfg: Config) -> int:
     dims = tuple(open_store(a.store).attrs["slide"]["level0_dims"]) if a.store else tuple(a.dims)
     tissue = json.loads(Path(a.tissue).read_text())["polygons"] if a.tissue else None
     gz = True if a.gzip or cfg.geojson.gzip else None
-    export_geojson(a.tile_scores, a.out, slide_id=p["slide_id"], classes=p["classes"],
-                   colors={c: tuple(v) for c, v in p["colors"].items()}, level0_dims=dims,  # type: ignore[arg-type, misc]
-                   tissue_polygons=tissue, threshold=cfg.geojson.threshold,
-                   simplify_px=cfg.geojson.simplify_px, gzip_output=gz)  # fmt: skip
+    export_geojson(
+        a.tile_scores,
+        a.out,
+        slide_id=p["slide_id"],
+        classes=p["classes"],
+        colors={c: tuple(v) for c, v in p["colors"].items()},
+        level0_dims=dims,
+        tissue_polygons=tissue,
+        threshold=cfg.geojson.threshold,
+        simplify_px=cfg.geojson.simplify_px,
+        gzip_output=gz,
+    )
     return 0
 
 
@@ -83,7 +99,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], reg: Any)
     p = reg(sub, "evaluate-segmentation", _cmd_evaluate_seg, "Dice and IoU per class against ground truth")
     p.add_argument("tile_scores", type=Path)
     p.add_argument("--prediction", type=Path, required=True)
-    p.add_argument("--truth", type=Path, required=True, help="masks.json (PNG masks at a stated scale) or a GeoJSON")
+    p.add_argument(
+        "--truth", type=Path, required=True, help="masks.json (PNG masks at a stated scale) or a GeoJSON"
+    )
     p.add_argument("--out", type=Path)
 
     p = reg(sub, "report", _cmd_report, "one self-contained HTML report for the cohort")

@@ -21,8 +21,9 @@ def _text_for(cfg: Config, text_path: Path | None, cache: Path | None) -> Any:
     if text_path is not None:
         return load_text(text_path)
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    return embed_bag(load_bag(cfg.prompt_bag), encs, descriptions=not cfg.pooling.conch_protocol,
-                     cache_dir=cache)  # fmt: skip
+    return embed_bag(
+        load_bag(cfg.prompt_bag), encs, descriptions=not cfg.pooling.conch_protocol, cache_dir=cache
+    )
 
 
 def _cmd_embed_prompts(a: argparse.Namespace, cfg: Config) -> int:
@@ -65,8 +66,13 @@ def _cmd_score(a: argparse.Namespace, cfg: Config) -> int:
     if a.out is not None and not a.prediction:
         labels = read_labels(a.labels) if a.labels else (read_labels(cfg.labels) if cfg.labels else None)
         out = Path(a.out)
-        summarize(written, out / "predictions.csv", labels=labels, metrics_json=out / "metrics.json",
-                  confusion_png=out / "confusion_matrix.png")  # fmt: skip
+        summarize(
+            written,
+            out / "predictions.csv",
+            labels=labels,
+            metrics_json=out / "metrics.json",
+            confusion_png=out / "confusion_matrix.png",
+        )
     return 0
 
 
@@ -85,9 +91,18 @@ def _cmd_classify_patches(a: argparse.Namespace, cfg: Config) -> int:
 
     text = _text_for(cfg, a.text, a.out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    m = classify_patches(a.dir, encs, text, cfg, a.out, mapping=read_mapping(a.mapping) if a.mapping else None)
-    print(json.dumps({k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr",
-                                          "untrained")}, indent=2))  # fmt: skip
+    m = classify_patches(
+        a.dir, encs, text, cfg, a.out, mapping=read_mapping(a.mapping) if a.mapping else None
+    )
+    print(
+        json.dumps(
+            {
+                k: m[k]
+                for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr", "untrained")
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -117,7 +132,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], reg: Any)
     p.add_argument("--metrics", type=Path, help="metrics.json (needs --labels)")
     p.add_argument("--confusion", type=Path, help="confusion-matrix PNG (needs --labels)")
 
-    p = reg(sub, "classify-patches", _cmd_classify_patches, "zero-shot on a folder of patches (class = sub-folder)")
+    p = reg(
+        sub,
+        "classify-patches",
+        _cmd_classify_patches,
+        "zero-shot on a folder of patches (class = sub-folder)",
+    )
     p.add_argument("dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--mapping", type=Path, help="folder -> class (YAML mapping or CSV folder,class)")

@@ -59,7 +59,9 @@ def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | N
     from .predictions import summarize
 
     res = Path(results)
-    done = [res / "predictions" / f"{s}.json" for s in slide_ids if (res / "predictions" / f"{s}.json").is_file()]
+    done = [
+        res / "predictions" / f"{s}.json" for s in slide_ids if (res / "predictions" / f"{s}.json").is_file()
+    ]
     failed = [s for s in slide_ids if not (res / "predictions" / f"{s}.json").is_file()]
     rows = []
     for s in failed:

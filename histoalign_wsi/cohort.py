@@ -107,13 +107,13 @@ def discover_slides(slides: str | Path) -> list[SlideEntry]:
         raise ConfigError(f"slides: {str(src)!r} does not exist")
     if src.is_dir():
         files = sorted(
-            p for p in src.iterdir()
+            p
+            for p in src.iterdir()
             if p.is_file() and p.name.lower().endswith(SLIDE_EXTENSIONS) and not p.name.startswith(".")
-        )  # fmt: skip
+        )
         if not files:
             raise ConfigError(
-                f"slides: folder {str(src)!r} holds no slide files "
-                f"(looked for {', '.join(SLIDE_EXTENSIONS)})"
+                f"slides: folder {str(src)!r} holds no slide files (looked for {', '.join(SLIDE_EXTENSIONS)})"
             )
         return _check_unique(SlideEntry(slide_id_for(p), p.resolve()) for p in files)
     if src.suffix.lower() in (".csv", ".tsv", ".tab"):

@@ -4,6 +4,7 @@ and parse it once into frozen dataclasses."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         where = ".".join(str(p) for p in err.path) or "(top level)"
         raise ConfigError(f"invalid configuration at {where}: {err.message}")
     scales = cfg["scales_mpp"]
-    if any(b <= a for a, b in zip(scales, scales[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(scales)):
         raise ConfigError(f"scales_mpp must be strictly ascending, got {scales}")
     for s in scales[1:]:
         ratio = s / scales[0]
@@ -80,9 +81,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             )
     sw = cfg["pooling"]["scale_weights"]
     if sw is not None and len(sw) != len(scales):
-        raise ConfigError(
-            f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}"
-        )
+        raise ConfigError(f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}")
     return cfg
 
 

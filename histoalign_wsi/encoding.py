@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,9 +67,9 @@ def plan_blocks(scales: Sequence[ScaleView], *, block_size0: int) -> list[Block]
     blocks = []
     bounds = [(np.searchsorted(k, allk, "left"), np.searchsorted(k, allk, "right")) for k in keys]
     for i, key in enumerate(allk):
-        by, bx = divmod(int(key), big)
+        row, col = divmod(int(key), big)
         rows = tuple((int(lo[i]), int(hi[i])) for lo, hi in bounds)
-        blocks.append(Block(bx * block_size0, by * block_size0, block_size0, rows))
+        blocks.append(Block(col * block_size0, row * block_size0, block_size0, rows))
     return blocks
 
 
@@ -114,14 +115,16 @@ class _Forward:
                 if bs == 1:
                     raise
                 self.batch_size = max(1, bs // 2)
-                log.warning("%s: out of memory at batch %d; retrying with %d", self.enc.name, bs,
-                            self.batch_size)  # fmt: skip
+                log.warning(
+                    "%s: out of memory at batch %d; retrying with %d", self.enc.name, bs, self.batch_size
+                )
                 torch.cuda.empty_cache()
         return torch.cat(outs) if outs else torch.empty(0, self.enc.entry.embed_dim)
 
 
-def _read_blocks(slide: Slide, blocks: Sequence[Block], level: int, settings: EncodeSettings
-                 ) -> Iterator[tuple[Block, NDArray[np.uint8]]]:  # fmt: skip
+def _read_blocks(
+    slide: Slide, blocks: Sequence[Block], level: int, settings: EncodeSettings
+) -> Iterator[tuple[Block, NDArray[np.uint8]]]:
     lds = slide.level_downsamples[level]
 
     def read(b: Block) -> NDArray[np.uint8]:
@@ -146,7 +149,7 @@ def _read_blocks(slide: Slide, blocks: Sequence[Block], level: int, settings: En
 class _Appender:
     """Buffers rows per (scale, encoder) and writes chunk-aligned slices on a thread."""
 
-    def __init__(self, arrays: dict[tuple[int, str], object]) -> None:
+    def __init__(self, arrays: Mapping[tuple[int, str], Any]) -> None:
         self.arrays = arrays
         self.buf: dict[tuple[int, str], list[NDArray[np.float16]]] = {k: [] for k in arrays}
         self.pos: dict[tuple[int, str], int] = dict.fromkeys(arrays, 0)
@@ -163,7 +166,7 @@ class _Appender:
             self.pos[key] += len(data)
             if len(data):
                 arr = self.arrays[key]
-                self.futures.append(self.pool.submit(arr.__setitem__, slice(start, start + len(data)), data))  # type: ignore[attr-defined]
+                self.futures.append(self.pool.submit(arr.__setitem__, slice(start, start + len(data)), data))
 
     def close(self) -> None:
         for k in self.buf:
@@ -173,7 +176,7 @@ class _Appender:
             f.result()
 
     def _empty(self, key: tuple[int, str]) -> NDArray[np.float16]:
-        d = int(self.arrays[key].shape[1])  # type: ignore[attr-defined]
+        d = int(self.arrays[key].shape[1])
         return np.zeros((0, d), np.float16)
 
 
@@ -181,7 +184,7 @@ def run_pipeline(
     slide: Slide,
     scales: Sequence[ScaleView],
     encoders: Sequence[LoadedEncoder],
-    arrays: dict[tuple[int, str], object],
+    arrays: Mapping[tuple[int, str], Any],
     settings: EncodeSettings,
 ) -> int:
     """Encode every tile of ``scales`` with every encoder into ``arrays[(scale, encoder)]``.

@@ -38,13 +38,20 @@ def classification_metrics(
         "balanced_accuracy": float(skm.balanced_accuracy_score(yt, yp)) if yt else 0.0,
         "macro_f1": float(skm.f1_score(yt, yp, labels=classes, average="macro", zero_division=0)),
         "per_class": {
-            c: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(s[k]),
-                "auc_ovr": aucs[c]}
+            c: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(s[k]),
+                "auc_ovr": aucs[c],
+            }
             for k, c in enumerate(classes)
-        },  # fmt: skip
+        },
         "auc_macro_ovr": float(np.mean(valid)) if valid else None,
-        "confusion_matrix": {"labels": classes,
-                             "matrix": skm.confusion_matrix(yt, yp, labels=classes).tolist()},  # fmt: skip
+        "confusion_matrix": {
+            "labels": classes,
+            "matrix": skm.confusion_matrix(yt, yp, labels=classes).tolist(),
+        },
     }
 
 
@@ -65,8 +72,14 @@ def plot_confusion(cm: dict[str, Any], out_png: str | Path, *, title: str = "Con
     ax.set_title(title)
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
-            ax.text(j, i, str(mat[i, j]), ha="center", va="center",
-                    color="white" if mat[i, j] > mat.max() / 2 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(mat[i, j]),
+                ha="center",
+                va="center",
+                color="white" if mat[i, j] > mat.max() / 2 else "black",
+            )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     with atomic_file(out_png) as tmp:

@@ -33,8 +33,9 @@ def _id(*parts: object) -> str:
 
 
 def _feature(fid: str, geom: Mapping[str, Any], props: Mapping[str, Any]) -> str:
-    return json.dumps({"type": "Feature", "id": fid, "geometry": geom, "properties": props},
-                      separators=(",", ":"))  # fmt: skip
+    return json.dumps(
+        {"type": "Feature", "id": fid, "geometry": geom, "properties": props}, separators=(",", ":")
+    )
 
 
 def _iter_fine(parquet: Path, classes: list[str], slide_id: str) -> Iterator[dict[str, Any]]:
@@ -51,13 +52,23 @@ def _iter_fine(parquet: Path, classes: list[str], slide_id: str) -> Iterator[dic
                 continue
             probs = [d[f"prob_{c}"][i] for c in classes]
             if any(p is None or not np.isfinite(p) for p in probs):
-                raise HistoAlignError(f"slide {slide_id!r}: tile probabilities contain NaN; refusing to export")
+                raise HistoAlignError(
+                    f"slide {slide_id!r}: tile probabilities contain NaN; refusing to export"
+                )
             yield {"x": int(d["x"][i]), "y": int(d["y"][i]), "size0": int(d["size0"][i]), "probs": probs}
 
 
-def region_polygons(parquet: Path, classes: list[str], k: int, *, threshold: float,
-                    bounds: tuple[int, int], simplify: float, slide_id: str,
-                    upsample: int = 4) -> shapely.MultiPolygon:  # fmt: skip
+def region_polygons(
+    parquet: Path,
+    classes: list[str],
+    k: int,
+    *,
+    threshold: float,
+    bounds: tuple[int, int],
+    simplify: float,
+    slide_id: str,
+    upsample: int = 4,
+) -> shapely.MultiPolygon:
     """Regions where class ``k``'s probability reaches ``threshold``.
 
     The finest tiles' probabilities form a grid (one cell per tile, 0 where no tile); it is
@@ -73,8 +84,9 @@ def region_polygons(parquet: Path, classes: list[str], k: int, *, threshold: flo
     gx, gy = (tab["x"].to_numpy() // size), (tab["y"].to_numpy() // size)
     grid = np.zeros((bounds[1] // size + 1, bounds[0] // size + 1), np.float32)
     grid[gy, gx] = tab[f"prob_{classes[k]}"].to_numpy()
-    fine = transform.resize(grid, (grid.shape[0] * upsample, grid.shape[1] * upsample), order=1,
-                            mode="edge", anti_aliasing=False)  # fmt: skip
+    fine = transform.resize(
+        grid, (grid.shape[0] * upsample, grid.shape[1] * upsample), order=1, mode="edge", anti_aliasing=False
+    )
     return mask_to_polygons(fine >= threshold, scale=size / upsample, simplify=simplify, bounds=bounds)
 
 
@@ -94,17 +106,35 @@ def export_geojson(
     """Stream the FeatureCollection to ``out`` (gzip when it ends in ``.gz``)."""
     tile_scores, out = Path(tile_scores), Path(out)
     gz = out.name.endswith(".gz") if gzip_output is None else gzip_output
-    with atomic_file(out) as tmp:
-        raw = gzip.open(tmp, "wt", encoding="utf-8") if gz else tmp.open("w", encoding="utf-8")
-        with raw as fh:
-            _write(fh, tile_scores, slide_id, classes, colors, level0_dims, tissue_polygons,
-                   threshold, simplify_px)  # fmt: skip
+    with (
+        atomic_file(out) as tmp,
+        gzip.open(tmp, "wt", encoding="utf-8") if gz else tmp.open("w", encoding="utf-8") as fh,
+    ):
+        _write(
+            fh,
+            tile_scores,
+            slide_id,
+            classes,
+            colors,
+            level0_dims,
+            tissue_polygons,
+            threshold,
+            simplify_px,
+        )
     return out
 
 
-def _write(fh: TextIO | io.TextIOWrapper, tile_scores: Path, slide_id: str, classes: list[str],
-           colors: Mapping[str, tuple[int, int, int]], dims: tuple[int, int],
-           tissue: Mapping[str, Any] | None, threshold: float, simplify: float) -> None:  # fmt: skip
+def _write(
+    fh: TextIO | io.TextIOWrapper,
+    tile_scores: Path,
+    slide_id: str,
+    classes: list[str],
+    colors: Mapping[str, tuple[int, int, int]],
+    dims: tuple[int, int],
+    tissue: Mapping[str, Any] | None,
+    threshold: float,
+    simplify: float,
+) -> None:
     fh.write('{"type":"FeatureCollection","features":[')
     first = True
 
@@ -126,19 +156,28 @@ def _write(fh: TextIO | io.TextIOWrapper, tile_scores: Path, slide_id: str, clas
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         emit(_feature(_id(slide_id, "tile", x, y, s), {"type": "Polygon", "coordinates": [ring]}, props))
     for k, c in enumerate(classes):
-        region = region_polygons(tile_scores, classes, k, threshold=threshold, bounds=dims,
-                                 simplify=simplify, slide_id=slide_id)  # fmt: skip
+        region = region_polygons(
+            tile_scores, classes, k, threshold=threshold, bounds=dims, simplify=simplify, slide_id=slide_id
+        )
         if region.is_empty:
             continue
-        props = {"objectType": "annotation", "name": f"{c} (p >= {threshold:g})",
-                 "classification": {"name": c, "color": list(colors[c])}, "isLocked": True,
-                 "measurements": {"area_px": float(region.area)}}  # fmt: skip
+        props = {
+            "objectType": "annotation",
+            "name": f"{c} (p >= {threshold:g})",
+            "classification": {"name": c, "color": list(colors[c])},
+            "isLocked": True,
+            "measurements": {"area_px": float(region.area)},
+        }
         emit(_feature(_id(slide_id, "region", c), mapping(region), props))
     if tissue:
         geom = shapely.geometry.shape(tissue)
         geom = shapely.make_valid(geom).intersection(shapely.box(0, 0, dims[0], dims[1]))
         if not geom.is_empty:
-            props = {"objectType": "annotation", "name": "tissue",
-                     "classification": {"name": "Tissue", "color": [60, 60, 60]}, "isLocked": True}  # fmt: skip
+            props = {
+                "objectType": "annotation",
+                "name": "tissue",
+                "classification": {"name": "Tissue", "color": [60, 60, 60]},
+                "isLocked": True,
+            }
             emit(_feature(_id(slide_id, "tissue"), mapping(geom), props))
     fh.write("]}\n")

@@ -58,7 +58,9 @@ def _colorbar(img: Image.Image, name: str, cmap: matplotlib.colors.Colormap) -> 
     d.text((x0 + bw - 6, y0 + bh + 1), "1", fill=(0, 0, 0), font=f)
 
 
-def _blend(base: NDArray[np.uint8], over: NDArray[np.float32], mask: NDArray[np.bool_], alpha: float) -> NDArray[np.uint8]:
+def _blend(
+    base: NDArray[np.uint8], over: NDArray[np.float32], mask: NDArray[np.bool_], alpha: float
+) -> NDArray[np.uint8]:
     out = base.astype(np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * over[mask]
     return out.round().clip(0, 255).astype(np.uint8)

@@ -71,8 +71,10 @@ def classify_patches(
     labels = [mapping.get(f, f) for _, f in items]
     bad = sorted(set(labels) - set(classes))
     if bad:
-        raise ConfigError(f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); "
-                          "give a mapping file (folder: class)")  # fmt: skip
+        raise ConfigError(
+            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); "
+            "give a mapping file (folder: class)"
+        )
     per_enc: dict[str, list[np.ndarray]] = {e.name: [] for e in encoders}
     transforms = {e.name: e.pil_transform() for e in encoders}
     for i in range(0, len(items), batch_size):
@@ -81,16 +83,28 @@ def classify_patches(
             x = torch.stack([transforms[e.name](im) for im in imgs]).to(e.device)
             feats = e.encode_image(x).cpu().numpy()
             per_enc[e.name].append(
-                class_logits(feats, text.encoders[e.name], len(classes), rule=cfg.alignment.rule,
-                             temperature=cfg.alignment.temperature, topk=cfg.alignment.topk)
-            )  # fmt: skip
+                class_logits(
+                    feats,
+                    text.encoders[e.name],
+                    len(classes),
+                    rule=cfg.alignment.rule,
+                    temperature=cfg.alignment.temperature,
+                    topk=cfg.alignment.topk,
+                )
+            )
     fused = fuse_encoders({n: np.concatenate(v) for n, v in per_enc.items()}, cfg.encoder_weights)
     probs = softmax(fused)
     pred = [classes[k] for k in probs.argmax(axis=1)]
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame({"image": [str(p) for p, _ in items], "folder": [f for _, f in items],
-                       "label": labels, "predicted_class": pred})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "image": [str(p) for p, _ in items],
+            "folder": [f for _, f in items],
+            "label": labels,
+            "predicted_class": pred,
+        }
+    )
     for k, c in enumerate(classes):
         df[f"prob_{c}"] = probs[:, k]
     with atomic_file(out / "predictions.csv") as tmp:

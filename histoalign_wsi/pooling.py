@@ -21,12 +21,13 @@ def softmax(x: NDArray[np.float32], axis: int = -1) -> NDArray[np.float32]:
 
 def topk_count(k: float, n: int) -> int:
     """K as a count (``k >= 1``) or a fraction of ``n`` (``k < 1``), at least 1, at most n."""
-    kk = int(round(k)) if k >= 1 else int(np.ceil(k * n))
+    kk = round(k) if k >= 1 else int(np.ceil(k * n))
     return max(1, min(n, kk))
 
 
-def pool(logits: NDArray[np.float32], *, method: str = "topk", k: float = 0.05,
-         temperature: float = 1.0) -> NDArray[np.float32]:  # fmt: skip
+def pool(
+    logits: NDArray[np.float32], *, method: str = "topk", k: float = 0.05, temperature: float = 1.0
+) -> NDArray[np.float32]:
     """Slide logits [K] from tile logits [N, K]; N must be >= 1.
 
     ``topk`` is the MI-Zero / CONCH top-K mean per class; ``soft`` weights tiles by a
@@ -48,7 +49,9 @@ def pool(logits: NDArray[np.float32], *, method: str = "topk", k: float = 0.05,
     raise ValueError(f"unknown pooling method {method!r} (choose {', '.join(METHODS)})")
 
 
-def fuse_scales(pooled: Mapping[str, NDArray[np.float32] | None], weights: Mapping[str, float]) -> NDArray[np.float32] | None:
+def fuse_scales(
+    pooled: Mapping[str, NDArray[np.float32] | None], weights: Mapping[str, float]
+) -> NDArray[np.float32] | None:
     """Weighted mean of per-scale slide logits over the scales that have tiles."""
     names = [n for n, v in pooled.items() if v is not None and weights.get(n, 0.0) > 0]
     if not names:

@@ -27,9 +27,15 @@ def cohort_table(preds: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     rows = []
     for p in preds:
         if list(p["classes"]) != classes:
-            raise ConfigError(f"slide {p['slide_id']!r} was scored with classes {p['classes']}, others with {classes}")
-        row: dict[str, Any] = {"slide_id": p["slide_id"], "predicted_class": p["predicted_class"],
-                               "status": p["status"], "untrained": p["untrained"]}  # fmt: skip
+            raise ConfigError(
+                f"slide {p['slide_id']!r} was scored with classes {p['classes']}, others with {classes}"
+            )
+        row: dict[str, Any] = {
+            "slide_id": p["slide_id"],
+            "predicted_class": p["predicted_class"],
+            "status": p["status"],
+            "untrained": p["untrained"],
+        }
         for c in classes:
             row[f"prob_{c}"] = (p["probabilities"] or {}).get(c, np.nan)
         row["n_tiles"] = sum(int(v["n_tiles"]) for v in p["per_scale"].values())
@@ -62,8 +68,10 @@ def summarize(
             raise ConfigError(f"label sheet names slides that were not scored: {', '.join(unknown_slides)}")
         unknown_cls = sorted({v for v in labels.values()} - set(classes))
         if unknown_cls:
-            raise ConfigError(f"label sheet uses classes not in the prompt bag: {', '.join(unknown_cls)} "
-                              f"(bag classes: {', '.join(classes)})")  # fmt: skip
+            raise ConfigError(
+                f"label sheet uses classes not in the prompt bag: {', '.join(unknown_cls)} "
+                f"(bag classes: {', '.join(classes)})"
+            )
         table["label"] = table["slide_id"].map(labels)
     with atomic_file(out_csv) as tmp:
         table.to_csv(tmp, index=False)
@@ -71,7 +79,9 @@ def summarize(
         scored = table[(table["status"] == "ok") & table["label"].notna()]
         classes = list(preds[0]["classes"])
         probs = scored[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)
-        m = classification_metrics(scored["label"].tolist(), scored["predicted_class"].tolist(), probs, classes)
+        m = classification_metrics(
+            scored["label"].tolist(), scored["predicted_class"].tolist(), probs, classes
+        )
         m["untrained"] = bool(table["untrained"].any())
         m["excluded_no_tissue"] = sorted(table.loc[table["status"] != "ok", "slide_id"].tolist())
         write_json(m, metrics_json)

@@ -143,7 +143,11 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
         if color is None:
             col = _default_color(i, len(classes_raw))
         else:
-            if not (isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)):
+            if not (
+                isinstance(color, list)
+                and len(color) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+            ):
                 raise PromptBagError(f"{where}.color must be three integers 0-255")
             col = (color[0], color[1], color[2])
         classes.append(ClassPrompts(str(cname), names, descs, col))
@@ -172,6 +176,8 @@ def load_bag(name_or_path: str | Path) -> PromptBag:
         return parse_bag(raw, name=p.stem)
     name = str(name_or_path)
     if name not in list_bags():
-        raise PromptBagError(f"unknown prompt bag {name!r}; shipped bags: {', '.join(list_bags())}, or give a YAML path")
+        raise PromptBagError(
+            f"unknown prompt bag {name!r}; shipped bags: {', '.join(list_bags())}, or give a YAML path"
+        )
     raw = yaml.safe_load(_shipped_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
     return parse_bag(raw, name=name)

@@ -42,7 +42,9 @@ def probability_raster(
         y0 = np.clip(np.floor(tiles["y"].to_numpy() / scale).astype(int), 0, h)
         x1 = np.clip(np.ceil((tiles["x"] + tiles["size0"]).to_numpy() / scale).astype(int), 0, w)
         y1 = np.clip(np.ceil((tiles["y"] + tiles["size0"]).to_numpy() / scale).astype(int), 0, h)
-        vals = np.column_stack([tiles[prob_columns(tiles, classes)].to_numpy(np.float64), np.ones(len(tiles))])
+        vals = np.column_stack(
+            [tiles[prob_columns(tiles, classes)].to_numpy(np.float64), np.ones(len(tiles))]
+        )
         for c in range(k + 1):
             v = vals[:, c]
             np.add.at(acc[c], (y0, x0), v)

@@ -67,10 +67,16 @@ def tile_logits(store: FeatureStore, scale: str, text: TextEmbeddings, cfg: Conf
         return np.zeros((0, k), np.float32)
     rule = "centroid" if cfg.pooling.conch_protocol else cfg.alignment.rule
     per = {
-        name: class_logits(store.features(scale, name), t, k, rule=rule,
-                           temperature=cfg.alignment.temperature, topk=cfg.alignment.topk)
+        name: class_logits(
+            store.features(scale, name),
+            t,
+            k,
+            rule=rule,
+            temperature=cfg.alignment.temperature,
+            topk=cfg.alignment.topk,
+        )
         for name, t in text.encoders.items()
-    }  # fmt: skip
+    }
     return fuse_encoders(per, cfg.encoder_weights)
 
 
@@ -90,8 +96,10 @@ def score_store(
     names = [scale_name(m) for m in cfg.tiling.scales_mpp]
     check_compatible(store, text, names)
     if cfg.pooling.conch_protocol and text.descriptions:
-        raise StoreError("pooling.conch_protocol needs text embedded from names x templates only "
-                         "(embed-prompts with the same config)")  # fmt: skip
+        raise StoreError(
+            "pooling.conch_protocol needs text embedded from names x templates only "
+            "(embed-prompts with the same config)"
+        )
     classes = list(text.classes)
     logits: dict[str, NDArray[np.float32]] = {}
     for s in names:
@@ -102,9 +110,10 @@ def score_store(
     method = "topk" if cfg.pooling.conch_protocol else cfg.pooling.method
     pooled: dict[str, NDArray[np.float32] | None] = {
         s: pool(lg, method=method, k=cfg.pooling.topk, temperature=cfg.pooling.soft_temperature)
-        if len(lg) else None
+        if len(lg)
+        else None
         for s, lg in logits.items()
-    }  # fmt: skip
+    }
     fused = fuse_scales(pooled, _scale_weights(cfg, names))
     views = {s: store.scale(s) for s in names}
     rows = []
@@ -114,15 +123,30 @@ def score_store(
         parents = [(sv.parents[c], logits[c]) for c in names[i + 1 :] if c in sv.parents]
         ctx = add_parent_context(lg, parents, cfg.pooling.parent_context)
         pr = softmax(ctx) if len(ctx) else ctx
-        df = pd.DataFrame({"scale": s, "mpp": sv.mpp, "x": sv.coords[:, 0], "y": sv.coords[:, 1],
-                           "size0": sv.size0, "tissue_fraction": sv.tissue_fraction.astype(np.float32)})  # fmt: skip
+        df = pd.DataFrame(
+            {
+                "scale": s,
+                "mpp": sv.mpp,
+                "x": sv.coords[:, 0],
+                "y": sv.coords[:, 1],
+                "size0": sv.size0,
+                "tissue_fraction": sv.tissue_fraction.astype(np.float32),
+            }
+        )
         for k, c in enumerate(classes):
             df[f"prob_{c}"] = pr[:, k] if len(pr) else np.zeros(0, np.float32)
             df[f"logit_{c}"] = ctx[:, k] if len(ctx) else np.zeros(0, np.float32)
         rows.append(df)
     tiles = pd.concat(rows, ignore_index=True)
-    encoders = [{"name": n, "weights_sha256": t.weights_sha256, "untrained": t.untrained,
-                 "weight": float(cfg.encoder_weights.get(n, 1.0))} for n, t in text.encoders.items()]  # fmt: skip
+    encoders = [
+        {
+            "name": n,
+            "weights_sha256": t.weights_sha256,
+            "untrained": t.untrained,
+            "weight": float(cfg.encoder_weights.get(n, 1.0)),
+        }
+        for n, t in text.encoders.items()
+    ]
     untrained = any(t.untrained for t in text.encoders.values()) or bool(store.attrs.get("untrained"))
     pred: dict[str, Any] = {
         "slide_id": store.slide_id,
@@ -133,30 +157,50 @@ def score_store(
         "encoders": encoders,
         "untrained": untrained,
         "alignment": {"rule": "centroid" if cfg.pooling.conch_protocol else cfg.alignment.rule},
-        "pooling": {"method": method, "topk": cfg.pooling.topk, "conch_protocol": cfg.pooling.conch_protocol,
-                    "scale_weights": _scale_weights(cfg, names), "parent_context": cfg.pooling.parent_context},  # fmt: skip
+        "pooling": {
+            "method": method,
+            "topk": cfg.pooling.topk,
+            "conch_protocol": cfg.pooling.conch_protocol,
+            "scale_weights": _scale_weights(cfg, names),
+            "parent_context": cfg.pooling.parent_context,
+        },
         "calibrated": calibration is not None,
         "per_scale": {
-            s: {"n_tiles": len(logits[s]),
-                "pooled_logits": None if pooled[s] is None else dict(zip(classes, map(float, pooled[s]), strict=True)),  # type: ignore[arg-type]
-                "probabilities": None if pooled[s] is None else dict(zip(classes, map(float, softmax(pooled[s])), strict=True))}  # type: ignore[arg-type]
+            s: {
+                "n_tiles": len(logits[s]),
+                "pooled_logits": None
+                if pooled[s] is None
+                else dict(zip(classes, map(float, pooled[s]), strict=True)),  # type: ignore[arg-type]
+                "probabilities": None
+                if pooled[s] is None
+                else dict(zip(classes, map(float, softmax(pooled[s])), strict=True)),  # type: ignore[arg-type]
+            }
             for s in names
-        },  # fmt: skip
+        },
     }
     if fused is None:
         pred.update(status="no_tissue", predicted_class=NO_TISSUE, probabilities=None, top_tiles=[])
     else:
         probs = softmax(fused)
         best = int(np.argmax(probs))
-        pred.update(status="ok", predicted_class=classes[best],
-                    probabilities=dict(zip(classes, map(float, probs), strict=True)))  # fmt: skip
+        pred.update(
+            status="ok",
+            predicted_class=classes[best],
+            probabilities=dict(zip(classes, map(float, probs), strict=True)),
+        )
         fine = tiles[tiles["scale"] == names[0]]
         col = f"prob_{classes[best]}"
         top = fine.nlargest(cfg.pooling.top_tiles, col) if len(fine) else fine
         pred["top_tiles"] = [
-            {"scale": r.scale, "x": int(r.x), "y": int(r.y), "size0": int(r.size0), "probability": float(getattr(r, col))}
+            {
+                "scale": r.scale,
+                "x": int(r.x),  # type: ignore[arg-type]
+                "y": int(r.y),  # type: ignore[arg-type]
+                "size0": int(r.size0),  # type: ignore[arg-type]
+                "probability": float(getattr(r, col)),
+            }
             for r in top.itertuples()
-        ]  # fmt: skip
+        ]
     return SlideScores(pred, tiles)
 
 

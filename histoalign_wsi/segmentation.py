@@ -37,7 +37,9 @@ def _rasterize(geom: shapely.Geometry, shape: tuple[int, int], scale: float) -> 
     return out
 
 
-def load_truth(path: str | Path, dims: tuple[int, int] | None = None) -> tuple[dict[str, NDArray[np.bool_]], float]:
+def load_truth(
+    path: str | Path, dims: tuple[int, int] | None = None
+) -> tuple[dict[str, NDArray[np.bool_]], float]:
     """``({class: mask}, level-0 px per mask px)`` from masks.json or a GeoJSON."""
     p = Path(path)
     raw = json.loads(p.read_text())
@@ -59,8 +61,14 @@ def load_truth(path: str | Path, dims: tuple[int, int] | None = None) -> tuple[d
     raise ConfigError(f"{p}: ground truth must be masks.json or a GeoJSON FeatureCollection")
 
 
-def evaluate_segmentation(tile_scores: str | Path, truth: str | Path, *, classes: list[str],
-                          threshold: float = 0.5, dims: tuple[int, int] | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_segmentation(
+    tile_scores: str | Path,
+    truth: str | Path,
+    *,
+    classes: list[str],
+    threshold: float = 0.5,
+    dims: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Dice/IoU per class present in the ground truth, on the truth's raster."""
     df = pd.read_parquet(tile_scores)
     fine = df[df["mpp"] == df["mpp"].min()] if len(df) else df

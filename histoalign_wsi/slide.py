@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,9 +26,22 @@ log = logging.getLogger(__name__)
 
 #: file name endings treated as slides when a directory is scanned
 SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".ndpi", ".vms", ".vmu", ".scn",
-    ".mrxs", ".svslide", ".bif", ".dcm", ".dicom", ".isyntax",
-)  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ome.tif",
+    ".ome.tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+    ".dicom",
+    ".isyntax",
+)
 
 
 class _Backend(Protocol):
@@ -103,13 +116,13 @@ def _open_backend(path: Path, reader: str) -> tuple[_Backend, str]:
         if os_slide is not None:
             vendor = os_slide.properties.get("openslide.vendor")
             if reader == "openslide" or not (vendor == "generic-tiff" and _is_ome(path)):
-                return os_slide, "openslide"
+                return cast(_Backend, os_slide), "openslide"
             os_slide.close()
     if reader in ("auto", "tiffslide"):
         try:
             import tiffslide
 
-            return tiffslide.TiffSlide(path), "tiffslide"
+            return cast(_Backend, tiffslide.TiffSlide(path)), "tiffslide"
         except Exception as exc:
             errors.append(f"tiffslide: {exc or type(exc).__name__}")
     raise SlideError(path, "cannot be opened as a slide (" + "; ".join(errors) + ")")
@@ -126,15 +139,19 @@ class Slide:
     Use :func:`open_slide` to make one.
     """
 
-    def __init__(self, path: Path, backend: _Backend, reader: str, mpp_override: float | None,
-                 mpp_default: float | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        backend: _Backend,
+        reader: str,
+        mpp_override: float | None,
+        mpp_default: float | None,
+    ) -> None:
         self.path = path
         self.reader = reader
         self._b = backend
         props = backend.properties
-        self.properties: dict[str, str] = {
-            str(k): str(v) for k, v in dict(props).items() if v is not None
-        }
+        self.properties: dict[str, str] = {str(k): str(v) for k, v in dict(props).items() if v is not None}
         pre = reader
         self.vendor = self.properties.get(f"{pre}.vendor") or ("ome" if _is_ome(path) else "unknown")
         self.level_count = int(backend.level_count)
@@ -142,7 +159,7 @@ class Slide:
         self.level_downsamples = [float(d) for d in backend.level_downsamples]
         self.dimensions = self.level_dimensions[0]
         self.objective_power = _float(self.properties.get(f"{pre}.objective-power"))
-        self.associated_images = sorted(str(k) for k in backend.associated_images.keys())
+        self.associated_images = sorted(str(k) for k in backend.associated_images)
         mx, my = _float(self.properties.get(f"{pre}.mpp-x")), _float(self.properties.get(f"{pre}.mpp-y"))
         source = "metadata"
         if mx is None or my is None:

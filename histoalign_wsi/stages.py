@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import zarr
+
 from . import __version__
 from .cohort import slide_id_for
 from .config import Config, config_hash
@@ -74,13 +76,19 @@ def run_tile(
         else:
             res = detect_tissue(slide, cfg.tissue)
             mask, scale = res.mask, res.scale
-            tissue_attrs = {"threshold": res.threshold, "tissue_fraction": res.area_fraction,
-                            "params": cfg.raw["tissue"]}  # fmt: skip
+            tissue_attrs = {
+                "threshold": res.threshold,
+                "tissue_fraction": res.area_fraction,
+                "params": cfg.raw["tissue"],
+            }
         tissue_attrs["level0_px_per_mask_px"] = scale
         tiling = tile_slide(
-            mask, mask_scale=scale, slide_mpp=slide.mpp, level0_dims=slide.dimensions,
+            mask,
+            mask_scale=scale,
+            slide_mpp=slide.mpp,
+            level0_dims=slide.dimensions,
             params=cfg.tiling,
-        )  # fmt: skip
+        )
         for g in tiling.scales:
             log.info("%s: %s: %d tiles", sid, g.name, len(g))
         return write_tiling(
@@ -100,7 +108,9 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_encoders(cfg: Config, names: Sequence[str] | None = None, *, device: str = "cpu") -> list[LoadedEncoder]:
+def load_encoders(
+    cfg: Config, names: Sequence[str] | None = None, *, device: str = "cpu"
+) -> list[LoadedEncoder]:
     """The configured encoders, loaded (unknown names and missing weights are errors)."""
     from .encoders import get_entry, load_encoder, load_registry
 
@@ -130,21 +140,37 @@ def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, 
     )
     with open_slide(slide_path, reader=cfg.reader, mpp_override=float(meta["mpp"])) as slide:
         if list(slide.dimensions) != list(meta["level0_dims"]):
-            raise SlideError(slide.path, f"dimensions {slide.dimensions} differ from the tile store's "
-                             f"{meta['level0_dims']}: wrong slide for {str(tile_store)!r}")  # fmt: skip
+            raise SlideError(
+                slide.path,
+                f"dimensions {slide.dimensions} differ from the tile store's "
+                f"{meta['level0_dims']}: wrong slide for {str(tile_store)!r}",
+            )
         with copy_geometry(src, out) as root:
-            arrays = {}
+            arrays: dict[tuple[int, str], Any] = {}
             for s, sv in enumerate(scales):
                 fg = root[f"scales/{sv.name}/features"]
+                assert isinstance(fg, zarr.Group)
                 for enc in encoders:
-                    arrays[(s, enc.name)] = create_features(fg, enc.name, len(sv.coords),  # type: ignore[arg-type]
-                                                            enc.entry.embed_dim, enc.attrs())  # fmt: skip
+                    arrays[(s, enc.name)] = create_features(
+                        fg,
+                        enc.name,
+                        len(sv.coords),
+                        enc.entry.embed_dim,
+                        enc.attrs(),
+                    )
             n = run_pipeline(slide, scales, encoders, arrays, settings)
-            root.attrs.update({
-                "encoders": {e.name: e.attrs() for e in encoders},
-                "untrained": any(e.entry.untrained for e in encoders),
-                "encode_device": device,
-            })  # fmt: skip
-            log.info("%s: encoded %d tiles with %s on %s", meta["id"], n,
-                     ", ".join(e.name for e in encoders), device)  # fmt: skip
+            root.attrs.update(
+                {
+                    "encoders": {e.name: e.attrs() for e in encoders},
+                    "untrained": any(e.entry.untrained for e in encoders),
+                    "encode_device": device,
+                }
+            )
+            log.info(
+                "%s: encoded %d tiles with %s on %s",
+                meta["id"],
+                n,
+                ", ".join(e.name for e in encoders),
+                device,
+            )
     return Path(out)

@@ -43,9 +43,7 @@ def _chunks(n: int, d: int | None = None) -> tuple[int, ...]:
 
 
 def _put(group: zarr.Group, name: str, data: NDArray[Any]) -> None:
-    arr = group.create_array(
-        name, shape=data.shape, dtype=data.dtype, chunks=_chunks(*data.shape)
-    )
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=_chunks(*data.shape))
     if data.size:
         arr[...] = data
 
@@ -140,31 +138,41 @@ class FeatureStore:
             raise StoreError(
                 f"{str(self.path)!r} has no scale {name!r} (it has {', '.join(self.scale_names)})"
             )
-        g = self.root[f"scales/{name}"]
-        parents = {k: np.asarray(v[...]) for k, v in g["parent"].arrays()}  # type: ignore[union-attr]
-        a = dict(g.attrs)
+        g = self._group(f"scales/{name}")
+        parents = {k: np.asarray(v[...]) for k, v in self._group(f"scales/{name}/parent").arrays()}
+        a: dict[str, Any] = dict(g.attrs)
         return ScaleView(
             name=name,
             mpp=float(a["mpp"]),
             size0=int(a["level0_tile_size"]),
-            coords=np.asarray(g["coords"][...]),  # type: ignore[index]
-            tissue_fraction=np.asarray(g["tissue_fraction"][...]),  # type: ignore[index]
+            coords=np.asarray(self._array(f"scales/{name}/coords")[...]),
+            tissue_fraction=np.asarray(self._array(f"scales/{name}/tissue_fraction")[...]),
             parents=parents,
             attrs=a,
         )
 
+    def _group(self, key: str) -> zarr.Group:
+        g = self.root[key]
+        if not isinstance(g, zarr.Group):
+            raise StoreError(f"{str(self.path)!r}: {key} is not a group")
+        return g
+
+    def _array(self, key: str) -> zarr.Array:
+        a = self.root[key]
+        if not isinstance(a, zarr.Array):
+            raise StoreError(f"{str(self.path)!r}: {key} is not an array")
+        return a
+
     def encoders(self, scale: str) -> list[str]:
-        return sorted(self.root[f"scales/{scale}/features"].array_keys())  # type: ignore[union-attr]
+        return sorted(self._group(f"scales/{scale}/features").array_keys())
 
     def features_array(self, scale: str, encoder: str) -> zarr.Array:
         try:
-            arr = self.root[f"scales/{scale}/features/{encoder}"]
+            return self._array(f"scales/{scale}/features/{encoder}")
         except KeyError as exc:
             raise StoreError(
                 f"{str(self.path)!r}: no features for encoder {encoder!r} at scale {scale}"
             ) from exc
-        assert isinstance(arr, zarr.Array)
-        return arr
 
     def features(self, scale: str, encoder: str) -> NDArray[np.float32]:
         return np.asarray(self.features_array(scale, encoder)[...], dtype=np.float32)
@@ -267,7 +275,9 @@ def copy_geometry(src: FeatureStore, dst: str | Path) -> Iterator[zarr.Group]:
         yield root
 
 
-def create_features(group: zarr.Group, encoder: str, n: int, dim: int, attrs: Mapping[str, Any]) -> zarr.Array:
+def create_features(
+    group: zarr.Group, encoder: str, n: int, dim: int, attrs: Mapping[str, Any]
+) -> zarr.Array:
     """An empty float16 [n, dim] array under ``group`` (a scale's ``features`` group)."""
     arr = group.create_array(encoder, shape=(n, dim), dtype=np.float16, chunks=_chunks(n, dim))
     arr.attrs.update(dict(attrs))

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -69,7 +70,7 @@ class DemoSlideSpec:
 
 
 def render_labels(
-    regions: Sequence[Region], xs: NDArray[np.float64], ys: NDArray[np.float64]
+    regions: Sequence[Region], xs: NDArray[np.floating[Any]], ys: NDArray[np.floating[Any]]
 ) -> NDArray[np.uint8]:
     """Class label at level-0 points (``xs`` along columns, ``ys`` along rows)."""
     gx, gy = np.meshgrid(xs, ys)
@@ -150,10 +151,10 @@ def _levels(width: int, height: int) -> list[int]:
 
 def _encode(tile: NDArray[np.uint8], quality: int) -> bytes:
     # the same JPEG flavour tifffile writes for photometric='rgb': YCbCr, 2x2 subsampling
-    data: bytes = imagecodecs.jpeg8_encode(
+    data = imagecodecs.jpeg8_encode(
         tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
     )
-    return data
+    return bytes(data)
 
 
 def _level_tiles(spec: DemoSlideSpec, d: int, textures: dict[int, NDArray[np.uint8]]) -> Iterator[bytes]:
@@ -194,14 +195,16 @@ def write_slide(spec: DemoSlideSpec, path: str | Path) -> Path:
         "photometric": "rgb",
     }
     res = (1e4 / spec.mpp, 1e4 / spec.mpp)
-    with atomic_file(path) as tmp, tifffile.TiffWriter(
-        tmp, bigtiff=bigtiff, ome=spec.fmt == "ome"
-    ) as tif:
+    with atomic_file(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=spec.fmt == "ome") as tif:
         for i, d in enumerate(levels):
             lw, lh = math.ceil(spec.width / d), math.ceil(spec.height / d)
             kwargs: dict[str, object] = dict(common)
             if spec.fmt == "svs":
-                head = f"Aperio Image Library v12.0.15 \r\n{spec.width}x{spec.height} [0,0 {spec.width}x{spec.height}] ({TILE}x{TILE}) JPEG/RGB Q={spec.quality}"
+                size = f"{spec.width}x{spec.height}"
+                head = (
+                    f"Aperio Image Library v12.0.15 \r\n{size} [0,0 {size}] ({TILE}x{TILE}) "
+                    f"JPEG/RGB Q={spec.quality}"
+                )
                 if i > 0:
                     head += f" -> {lw}x{lh}"
                 kwargs["description"] = (

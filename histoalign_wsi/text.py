@@ -91,11 +91,15 @@ def save_text(te: TextEmbeddings, path: str | Path) -> Path:
         "colors": {k: list(v) for k, v in te.colors.items()},
         "descriptions": te.descriptions,
         "encoders": {
-            n: {"weights_sha256": e.weights_sha256, "logit_scale": e.logit_scale,
-                "untrained": e.untrained, "groups": list(e.groups)}
+            n: {
+                "weights_sha256": e.weights_sha256,
+                "logit_scale": e.logit_scale,
+                "untrained": e.untrained,
+                "groups": list(e.groups),
+            }
             for n, e in te.encoders.items()
         },
-    }  # fmt: skip
+    }
     arrays: dict[str, NDArray[np.generic]] = {"meta": np.array(json.dumps(meta))}
     for n, e in te.encoders.items():
         arrays[f"{n}.emb"] = e.emb
@@ -112,10 +116,18 @@ def load_text(path: str | Path) -> TextEmbeddings:
         raise StoreError(f"text embeddings {str(path)!r} do not exist") from exc
     meta = json.loads(str(z["meta"]))
     encs = {
-        n: EncoderText(n, z[f"{n}.emb"], z[f"{n}.cls"], tuple(m["groups"]), m["weights_sha256"],
-                       float(m["logit_scale"]), bool(m["untrained"]))
+        n: EncoderText(
+            n,
+            z[f"{n}.emb"],
+            z[f"{n}.cls"],
+            tuple(m["groups"]),
+            m["weights_sha256"],
+            float(m["logit_scale"]),
+            bool(m["untrained"]),
+        )
         for n, m in meta["encoders"].items()
-    }  # fmt: skip
+    }
     colors = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in meta["colors"].items()}
-    return TextEmbeddings(meta["bag_name"], meta["bag_hash"], tuple(meta["classes"]), colors,
-                          bool(meta["descriptions"]), encs)  # fmt: skip
+    return TextEmbeddings(
+        meta["bag_name"], meta["bag_hash"], tuple(meta["classes"]), colors, bool(meta["descriptions"]), encs
+    )

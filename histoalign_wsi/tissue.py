@@ -53,14 +53,14 @@ def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8]
     """
     level = slide.best_level(target_scale)
     lds = slide.level_downsamples[level]
-    f = max(1, int(math.floor(target_scale / lds + 1e-6)))
+    f = max(1, math.floor(target_scale / lds + 1e-6))
     lw, lh = slide.level_dimensions[level]
     ow, oh = math.ceil(lw / f), math.ceil(lh / f)
     out = np.empty((oh, ow, 3), np.uint8)
     rows = max(f, (_STRIP_ROWS // f) * f)
     for y in range(0, lh, rows):
         h = min(rows, lh - y)
-        strip = slide.read_region((0, int(round(y * lds))), level, (lw, h))
+        strip = slide.read_region((0, round(y * lds)), level, (lw, h))
         if f > 1:
             ph, pw = math.ceil(h / f) * f, ow * f
             padded = np.full((ph, pw, 3), 255, np.uint8)
@@ -98,7 +98,7 @@ def tissue_mask(
         otsu = params.min_saturation
     thr = float(np.clip(otsu, params.min_saturation, max(_OTSU_CAP, params.min_saturation)))
     mask = (sat > thr) & (val >= params.min_value) & (val <= params.max_value)
-    r = int(round(params.closing_um / mask_mpp / 2))
+    r = round(params.closing_um / mask_mpp / 2)
     if r >= 1:
         mask = morphology.closing(np.pad(mask, r), morphology.disk(r))[r:-r, r:-r]
     px_area = mask_mpp * mask_mpp

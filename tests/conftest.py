@@ -49,8 +49,9 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def planted_ome(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ome")
-    spec = DemoSlideSpec(name="ome", width=4096, height=3072, fmt="ome",
-                         regions=(Region(2, 2000, 1500, 1400, 1000),), seed=1)  # fmt: skip
+    spec = DemoSlideSpec(
+        name="ome", width=4096, height=3072, fmt="ome", regions=(Region(2, 2000, 1500, 1400, 1000),), seed=1
+    )
     return write_slide(spec, d / "ome.ome.tiff")
 
 

@@ -21,16 +21,24 @@ def unit(x: NDArray[np.float64]) -> NDArray[np.float32]:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def make_text(classes: Sequence[str] = ("TUM", "STR", "NORM"), *, per_class: int = 8, seed: int = 0,
-              encoder: str = "demo", sha: str = SHA, scale: float = 50.0) -> TextEmbeddings:  # fmt: skip
+def make_text(
+    classes: Sequence[str] = ("TUM", "STR", "NORM"),
+    *,
+    per_class: int = 8,
+    seed: int = 0,
+    encoder: str = "demo",
+    sha: str = SHA,
+    scale: float = 50.0,
+) -> TextEmbeddings:
     rng = np.random.default_rng(seed)
     centres = unit(rng.normal(size=(len(classes), D)))
     emb, cls = [], []
     for k in range(len(classes)):
         emb.append(unit(centres[k] + 0.3 * rng.normal(size=(per_class, D)) / np.sqrt(D)))
         cls += [k] * per_class
-    et = EncoderText(encoder, np.concatenate(emb), np.array(cls, np.int32), tuple(["name"] * len(cls)), sha,
-                     scale, False)  # fmt: skip
+    et = EncoderText(
+        encoder, np.concatenate(emb), np.array(cls, np.int32), tuple(["name"] * len(cls)), sha, scale, False
+    )
     colors = {c: (40 * i % 255, 100, 200) for i, c in enumerate(classes)}
     return TextEmbeddings("planted", "0" * 16, tuple(classes), colors, True, {encoder: et})
 
@@ -40,22 +48,36 @@ def class_vector(text: TextEmbeddings, k: int, encoder: str = "demo") -> NDArray
     return unit(t.emb[t.cls == k].mean(axis=0))
 
 
-def planted_features(text: TextEmbeddings, n: int, mix: Mapping[int, tuple[float, float]], *, seed: int,
-                     noise: float = 1.0, encoder: str = "demo") -> NDArray[np.float32]:  # fmt: skip
+def planted_features(
+    text: TextEmbeddings,
+    n: int,
+    mix: Mapping[int, tuple[float, float]],
+    *,
+    seed: int,
+    noise: float = 1.0,
+    encoder: str = "demo",
+) -> NDArray[np.float32]:
     """n tiles: for each class k, a fraction of tiles at ``signal * class_vector + noise``;
     the rest are pure noise (neutral)."""
     rng = np.random.default_rng(seed)
     x = noise * rng.normal(size=(n, D)) / np.sqrt(D)
     start = 0
     for k, (frac, signal) in mix.items():
-        m = int(round(frac * n))
+        m = round(frac * n)
         x[start : start + m] += signal * class_vector(text, k, encoder)
         start += m
     return unit(x)
 
 
-def build_store(path: Path, feats: Mapping[float, NDArray[np.float32]], *, slide_id: str = "s",
-                encoder: str = "demo", sha: str = SHA, order_seed: int | None = None) -> Path:  # fmt: skip
+def build_store(
+    path: Path,
+    feats: Mapping[float, NDArray[np.float32]],
+    *,
+    slide_id: str = "s",
+    encoder: str = "demo",
+    sha: str = SHA,
+    order_seed: int | None = None,
+) -> Path:
     """A feature store whose scale ``mpp`` has ``feats[mpp]`` (rows laid on a nested grid)."""
     mpps = sorted(feats)
     grids = []
@@ -64,22 +86,39 @@ def build_store(path: Path, feats: Mapping[float, NDArray[np.float32]], *, slide
         size = 448 * f
         n = len(feats[m])
         side = 64 // f
-        coords = np.array([((i % side) * size, (i // side) * size) for i in range(n)], np.int32).reshape(-1, 2)
+        coords = np.array([((i % side) * size, (i // side) * size) for i in range(n)], np.int32).reshape(
+            -1, 2
+        )
         grids.append(ScaleGrid(m, size, coords, np.ones(n, np.float32)))
     for j, g in enumerate(grids):
         for c in grids[j + 1 :]:
             lookup = {tuple(xy): i for i, xy in enumerate(c.coords.tolist())}
-            g.parents[c.name] = np.array([lookup.get(((x // c.size0) * c.size0, (y // c.size0) * c.size0), -1)
-                                          for x, y in g.coords.tolist()], np.int32)  # fmt: skip
+            g.parents[c.name] = np.array(
+                [
+                    lookup.get(((x // c.size0) * c.size0, (y // c.size0) * c.size0), -1)
+                    for x, y in g.coords.tolist()
+                ],
+                np.int32,
+            )
     tiling = Tiling(0.25, (64 * 448, 64 * 448), 224, 0.25, tuple(grids))
-    write_tiling(path, tiling, slide_attrs={"id": slide_id, "path": f"{slide_id}.svs", "level0_dims": [28672, 28672],
-                                            "mpp": 0.25}, tissue_attrs={}, config_hash="x")  # fmt: skip
+    write_tiling(
+        path,
+        tiling,
+        slide_attrs={"id": slide_id, "path": f"{slide_id}.svs", "level0_dims": [28672, 28672], "mpp": 0.25},
+        tissue_attrs={},
+        config_hash="x",
+    )
     import zarr
 
     root = zarr.open_group(path, mode="r+")
     for m, g in zip(mpps, grids, strict=True):
-        arr = create_features(root[f"scales/{g.name}/features"], encoder, len(g), D,  # type: ignore[arg-type]
-                              {"encoder": encoder, "weights_sha256": sha, "embedding_dim": D, "normalized": True})  # fmt: skip
+        arr = create_features(
+            root[f"scales/{g.name}/features"],
+            encoder,
+            len(g),
+            D,  # type: ignore[arg-type]
+            {"encoder": encoder, "weights_sha256": sha, "embedding_dim": D, "normalized": True},
+        )
         if len(g):
             arr[...] = feats[m].astype(np.float16)
     assert open_store(path).validate() == []

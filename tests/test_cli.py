@@ -20,8 +20,23 @@ from .conftest import shared
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cli")
-    assert main(["make-demo-slides", str(d / "slides"), "--n", "2", "--width", "6144", "--height", "4608",
-                 "--ome-every", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "make-demo-slides",
+                str(d / "slides"),
+                "--n",
+                "2",
+                "--width",
+                "6144",
+                "--height",
+                "4608",
+                "--ome-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -48,16 +63,57 @@ def test_full_cli_chain(cohort: Path, capsys: pytest.CaptureFixture[str]) -> Non
     for sid, name in [("demo_01", "demo_01.svs"), ("demo_02", "demo_02.ome.tiff")]:
         slide = str(cohort / "slides" / name)
         assert main(["tissue", slide, "--out", str(r / "tissue" / f"{sid}.png")]) == 0
-        assert main(["tile", slide, "--tissue", str(r / "tissue" / f"{sid}.png"), "--out", str(r / "tiles" / f"{sid}.zarr")]) == 0
-        assert main(["encode", str(r / "tiles" / f"{sid}.zarr"), "--slide", slide, "--out", str(r / "features" / f"{sid}.zarr")]) == 0
+        assert (
+            main(
+                [
+                    "tile",
+                    slide,
+                    "--tissue",
+                    str(r / "tissue" / f"{sid}.png"),
+                    "--out",
+                    str(r / "tiles" / f"{sid}.zarr"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "encode",
+                    str(r / "tiles" / f"{sid}.zarr"),
+                    "--slide",
+                    slide,
+                    "--out",
+                    str(r / "features" / f"{sid}.zarr"),
+                ]
+            )
+            == 0
+        )
         stores.append(str(r / "features" / f"{sid}.zarr"))
     assert main(["embed-prompts", "--out", str(r / "text.npz"), "--cache", str(r / "cache")]) == 0
-    assert main(["calibrate", *stores, "--text", str(r / "text.npz"), "--out", str(r / "calibration.json")]) == 0
+    assert (
+        main(["calibrate", *stores, "--text", str(r / "text.npz"), "--out", str(r / "calibration.json")]) == 0
+    )
     cal = json.loads((r / "calibration.json").read_text())
     assert set(cal) == {"0.50mpp", "1.00mpp", "2.00mpp"} and len(cal["0.50mpp"]) == 9
     labels = cohort / "slides_truth" / "labels.csv"
-    assert main(["score", *stores, "--text", str(r / "text.npz"), "--calibration", str(r / "calibration.json"),
-                 "--out", str(r), "--labels", str(labels)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "score",
+                *stores,
+                "--text",
+                str(r / "text.npz"),
+                "--calibration",
+                str(r / "calibration.json"),
+                "--out",
+                str(r),
+                "--labels",
+                str(labels),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(r / "predictions.csv")
     assert list(table["slide_id"]) == ["demo_01", "demo_02"] and table["untrained"].all()
     probs = table[[c for c in table.columns if c.startswith("prob_")]].to_numpy()
@@ -69,11 +125,36 @@ def test_full_cli_chain(cohort: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["summarize", str(r / "predictions" / "demo_01.json"), "--out", str(r / "one.csv")]) == 0
     assert len(pd.read_csv(r / "one.csv")) == 1
     for sid, name in [("demo_01", "demo_01.svs"), ("demo_02", "demo_02.ome.tiff")]:
-        assert main(["heatmap", str(r / "tile_scores" / f"{sid}.parquet"), "--prediction", str(r / "predictions" / f"{sid}.json"),
-                     "--slide", str(cohort / "slides" / name), "--out", str(r / "heatmaps" / sid)]) == 0  # fmt: skip
-        assert main(["export-geojson", str(r / "tile_scores" / f"{sid}.parquet"), "--prediction",
-                     str(r / "predictions" / f"{sid}.json"), "--store", str(r / "tiles" / f"{sid}.zarr"),
-                     "--out", str(r / "geojson" / f"{sid}.geojson")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "heatmap",
+                    str(r / "tile_scores" / f"{sid}.parquet"),
+                    "--prediction",
+                    str(r / "predictions" / f"{sid}.json"),
+                    "--slide",
+                    str(cohort / "slides" / name),
+                    "--out",
+                    str(r / "heatmaps" / sid),
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "export-geojson",
+                    str(r / "tile_scores" / f"{sid}.parquet"),
+                    "--prediction",
+                    str(r / "predictions" / f"{sid}.json"),
+                    "--store",
+                    str(r / "tiles" / f"{sid}.zarr"),
+                    "--out",
+                    str(r / "geojson" / f"{sid}.geojson"),
+                ]
+            )
+            == 0
+        )
     assert main(["report", str(r / "predictions.csv"), "--out", str(r / "report.html")]) == 0
     html = (r / "report.html").read_text()
     assert "demo_01" in html and "untrained-warning" in html and "Metrics" in html
@@ -92,12 +173,35 @@ def test_classify_patches_on_real_crc_patches(tmp_path: Path, capsys: pytest.Cap
 def test_classify_patches_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = shared("patches", "lc25000_lung_224px")
     (tmp_path / "map.yaml").write_text("lung_aca: LUAD\nlung_scc: LUSC\n")
-    code = main(["classify-patches", str(root), "--out", str(tmp_path / "o"), "--mapping", str(tmp_path / "map.yaml"),
-                 "--set", "prompt_bag=nsclc"])  # fmt: skip
+    code = main(
+        [
+            "classify-patches",
+            str(root),
+            "--out",
+            str(tmp_path / "o"),
+            "--mapping",
+            str(tmp_path / "map.yaml"),
+            "--set",
+            "prompt_bag=nsclc",
+        ]
+    )
     assert code == 2 and "lung_n" in capsys.readouterr().err
     (tmp_path / "map.yaml").write_text("lung_aca: LUAD\nlung_scc: LUSC\nlung_n: LUAD\n")
-    assert main(["classify-patches", str(root), "--out", str(tmp_path / "o"), "--mapping", str(tmp_path / "map.yaml"),
-                 "--set", "prompt_bag=nsclc"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "classify-patches",
+                str(root),
+                "--out",
+                str(tmp_path / "o"),
+                "--mapping",
+                str(tmp_path / "map.yaml"),
+                "--set",
+                "prompt_bag=nsclc",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["n"] == 150
 
 

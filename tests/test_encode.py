@@ -29,8 +29,21 @@ def tiles(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def features(planted: tuple[Path, Path], tiles: Path) -> Path:
     out = tiles.parent / "features.zarr"
-    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out),
-                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encode",
+                str(tiles),
+                "--slide",
+                str(planted[0]),
+                "--out",
+                str(out),
+                "--set",
+                "encode.batch_size=48",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -74,15 +87,29 @@ def test_features_match_per_tile_encoding(features: Path, planted: tuple[Path, P
 
 def test_rerun_gives_identical_features(features: Path, tiles: Path, planted: tuple[Path, Path]) -> None:
     again = tiles.parent / "again.zarr"
-    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(again),
-                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encode",
+                str(tiles),
+                "--slide",
+                str(planted[0]),
+                "--out",
+                str(again),
+                "--set",
+                "encode.batch_size=48",
+            ]
+        )
+        == 0
+    )
     a, b = open_store(features), open_store(again)
     for name in a.scale_names:
         np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
 
 
-def test_kill_during_encoding_leaves_nothing_complete(tiles: Path, planted: tuple[Path, Path],
-                                                      features: Path, tmp_path: Path) -> None:  # fmt: skip
+def test_kill_during_encoding_leaves_nothing_complete(
+    tiles: Path, planted: tuple[Path, Path], features: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "killed.zarr"
     code = (
         "import time, histoalign_wsi.encoding as e\n"
@@ -101,8 +128,21 @@ def test_kill_during_encoding_leaves_nothing_complete(tiles: Path, planted: tupl
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # only the temporary name, never the final one
-    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out),
-                 "--set", "encode.batch_size=48"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encode",
+                str(tiles),
+                "--slide",
+                str(planted[0]),
+                "--out",
+                str(out),
+                "--set",
+                "encode.batch_size=48",
+            ]
+        )
+        == 0
+    )
     a, b = open_store(features), open_store(out)
     for name in a.scale_names:
         np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
@@ -111,15 +151,21 @@ def test_kill_during_encoding_leaves_nothing_complete(tiles: Path, planted: tupl
 def test_zero_tile_slide_gives_empty_valid_store(tmp_path: Path) -> None:
     p = write_slide(DemoSlideSpec(name="blank", width=2048, height=2048, regions=()), tmp_path / "blank.svs")
     assert main(["tile", str(p), "--out", str(tmp_path / "t.zarr")]) == 0
-    assert main(["encode", str(tmp_path / "t.zarr"), "--slide", str(p), "--out", str(tmp_path / "f.zarr")]) == 0
+    assert (
+        main(["encode", str(tmp_path / "t.zarr"), "--slide", str(p), "--out", str(tmp_path / "f.zarr")]) == 0
+    )
     st = open_store(tmp_path / "f.zarr")
     assert st.validate() == []
     assert all(st.features_array(n, "demo").shape == (0, 64) for n in st.scale_names)
 
 
-def test_read_failure_mid_slide_names_coordinates(tiles: Path, planted: tuple[Path, Path], tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_read_failure_mid_slide_names_coordinates(
+    tiles: Path,
+    planted: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     orig = Slide.read_region
     calls = {"n": 0}
 
@@ -137,8 +183,19 @@ def test_read_failure_mid_slide_names_coordinates(tiles: Path, planted: tuple[Pa
     assert not out.exists() and not list(tmp_path.glob(".f.zarr*"))
 
 
-def test_unknown_encoder_is_refused(tiles: Path, planted: tuple[Path, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    code = main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(tmp_path / "x.zarr"),
-                 "--set", "encoders=[nonesuch]"])  # fmt: skip
+def test_unknown_encoder_is_refused(
+    tiles: Path, planted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "encode",
+            str(tiles),
+            "--slide",
+            str(planted[0]),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--set",
+            "encoders=[nonesuch]",
+        ]
+    )
     assert code == 2 and "nonesuch" in capsys.readouterr().err

@@ -67,8 +67,16 @@ def tiny_model() -> torch.nn.Module:
 
 def test_registry_has_the_required_entries() -> None:
     reg = load_registry()
-    for name in ("demo", "plip", "quiltnet-b32", "quiltnet-b16", "biomedclip", "openai-vit-b16",
-                 "openai-vit-b32", "conch"):  # fmt: skip
+    for name in (
+        "demo",
+        "plip",
+        "quiltnet-b32",
+        "quiltnet-b16",
+        "biomedclip",
+        "openai-vit-b16",
+        "openai-vit-b32",
+        "conch",
+    ):
         assert name in reg
     assert reg["plip"].weights["hf_hub"] == "vinid/plip" and reg["plip"].kind == "hf_clip"
     assert reg["quiltnet-b32"].weights["hf_hub"] == "wisdomik/QuiltNet-B-32"
@@ -77,7 +85,7 @@ def test_registry_has_the_required_entries() -> None:
 
 
 def test_unknown_encoder_lists_known_ones() -> None:
-    with pytest.raises(EncoderError, match="unknown encoder 'nope'.*demo.*plip"):
+    with pytest.raises(EncoderError, match=r"unknown encoder 'nope'.*demo.*plip"):
         get_entry("nope", load_registry())
 
 
@@ -97,9 +105,19 @@ def test_open_clip_state_dict_file(tiny_model: torch.nn.Module, tmp_path: Path, 
 
 def test_user_entry_from_registry_file(tiny_model: torch.nn.Module, tmp_path: Path) -> None:
     torch.save(tiny_model.state_dict(), tmp_path / "w.pt")
-    (tmp_path / "reg.yaml").write_text(json.dumps(
-        {"mine": {"kind": "open_clip", "embed_dim": 32, "model_cfg": TINY, "preprocess": PRE,
-                  "weights": {"path": "w.pt"}}}))  # fmt: skip
+    (tmp_path / "reg.yaml").write_text(
+        json.dumps(
+            {
+                "mine": {
+                    "kind": "open_clip",
+                    "embed_dim": 32,
+                    "model_cfg": TINY,
+                    "preprocess": PRE,
+                    "weights": {"path": "w.pt"},
+                }
+            }
+        )
+    )
     reg = load_registry(tmp_path / "reg.yaml")
     _check(load_encoder(reg["mine"]), tiny_model)
 
@@ -109,7 +127,10 @@ def _hub_folder(model: torch.nn.Module, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY, "preprocess_cfg": PRE}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     return folder
 
 
@@ -119,8 +140,9 @@ def test_hf_hub_style_folder(tiny_model: torch.nn.Module, tmp_path: Path) -> Non
     _check(enc, tiny_model)
 
 
-def test_hf_hub_id_resolved_from_local_cache(tiny_model: torch.nn.Module, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_hf_hub_id_resolved_from_local_cache(
+    tiny_model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub.constants as c
 
     cache = tmp_path / "hub"
@@ -136,31 +158,54 @@ def test_hf_hub_id_resolved_from_local_cache(tiny_model: torch.nn.Module, tmp_pa
 
 
 def test_hf_clipmodel_folder(tmp_path: Path) -> None:
+    import open_clip
     from transformers import CLIPConfig, CLIPModel
 
-    import open_clip
-
     cfg = CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": 49407},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 64, "patch_size": 16},
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 16,
+        },
         projection_dim=32,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = CLIPModel(cfg).eval()
     model.save_pretrained(tmp_path / "plip-tiny")
-    enc = load_encoder(EncoderEntry.parse("plip-tiny", {"kind": "hf_clip", "embed_dim": 32, "preprocess": PRE,
-                                                        "weights": {"path": str(tmp_path / "plip-tiny")}}))  # fmt: skip
+    enc = load_encoder(
+        EncoderEntry.parse(
+            "plip-tiny",
+            {
+                "kind": "hf_clip",
+                "embed_dim": 32,
+                "preprocess": PRE,
+                "weights": {"path": str(tmp_path / "plip-tiny")},
+            },
+        )
+    )
     x = torch.randn(2, 3, 64, 64)
     ids = open_clip.tokenizer.SimpleTokenizer(context_length=77)(TEXTS)
+
     def pooled(out: object) -> torch.Tensor:  # transformers 5 returns an output object
         return out if isinstance(out, torch.Tensor) else out.pooler_output  # type: ignore[attr-defined]
 
     with torch.no_grad():
         ref_img = torch.nn.functional.normalize(pooled(model.get_image_features(pixel_values=x)), dim=-1)
         ref_txt = torch.nn.functional.normalize(
-            pooled(model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long())), dim=-1)
+            pooled(model.get_text_features(input_ids=ids, attention_mask=(ids != 0).long())), dim=-1
+        )
     torch.testing.assert_close(enc.encode_image(x), ref_img, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(enc.encode_text(TEXTS), ref_txt, atol=1e-5, rtol=1e-4)
 
@@ -174,7 +219,7 @@ def test_arbitrary_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.bin"
     with path.open("wb") as fh:
         pickle.dump({"weight": _Evil()}, fh)
-    with pytest.raises(WeightsError, match="refused.*unpickling"):
+    with pytest.raises(WeightsError, match=r"refused.*unpickling"):
         load_encoder(_entry("evil", model_cfg=TINY, weights={"path": str(path)}))
 
 
@@ -190,14 +235,27 @@ def test_missing_weights_offline_names_places(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(WeightsError) as err:
         load_encoder(entry, offline=True)
     msg = str(err.value)
-    assert "quiltnet-b32" in msg and "wisdomik/QuiltNet-B-32" in msg and "offline" in msg and "weights.path" in msg
+    assert (
+        "quiltnet-b32" in msg
+        and "wisdomik/QuiltNet-B-32" in msg
+        and "offline" in msg
+        and "weights.path" in msg
+    )
 
 
 def test_dimension_mismatch(tiny_model: torch.nn.Module, tmp_path: Path) -> None:
     torch.save(tiny_model.state_dict(), tmp_path / "w.bin")
-    e = EncoderEntry.parse("wrong", {"kind": "open_clip", "embed_dim": 512, "model_cfg": TINY,
-                                     "preprocess": PRE, "weights": {"path": str(tmp_path / "w.bin")}})  # fmt: skip
-    with pytest.raises(EncoderError, match="embed_dim 512.*32-dimensional"):
+    e = EncoderEntry.parse(
+        "wrong",
+        {
+            "kind": "open_clip",
+            "embed_dim": 512,
+            "model_cfg": TINY,
+            "preprocess": PRE,
+            "weights": {"path": str(tmp_path / "w.bin")},
+        },
+    )
+    with pytest.raises(EncoderError, match=r"embed_dim 512.*32-dimensional"):
         load_encoder(e)
 
 

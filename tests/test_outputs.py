@@ -18,10 +18,10 @@ from PIL import Image
 
 from histoalign_wsi.cli import main
 from histoalign_wsi.errors import HistoAlignError
+from histoalign_wsi.evaluation import dice_iou
 from histoalign_wsi.geojson_export import export_geojson
 from histoalign_wsi.heatmaps import safe_filename, write_heatmaps
 from histoalign_wsi.report import write_report
-from histoalign_wsi.evaluation import dice_iou
 from histoalign_wsi.segmentation import _rasterize, evaluate_segmentation, load_truth
 from histoalign_wsi.slide import open_slide
 from histoalign_wsi.store import open_store
@@ -31,7 +31,9 @@ COLORS = {"TUM": (200, 40, 60), "STR": (240, 130, 190), "LYM & <other>": (60, 80
 
 
 @pytest.fixture(scope="module")
-def planted_scores(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def planted_scores(
+    planted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, Path]:
     """Tile scores whose probabilities are the planted truth at each tile's centre."""
     d = tmp_path_factory.mktemp("out")
     slide, masks = planted
@@ -49,7 +51,9 @@ def planted_scores(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPath
         p[truth["STR"][cy, cx], 1] = 0.9
         p[truth["LYM"][cy, cx], 2] = 0.9
         p /= p.sum(axis=1, keepdims=True)
-        df = pd.DataFrame({"scale": name, "mpp": sv.mpp, "x": sv.coords[:, 0], "y": sv.coords[:, 1], "size0": sv.size0})
+        df = pd.DataFrame(
+            {"scale": name, "mpp": sv.mpp, "x": sv.coords[:, 0], "y": sv.coords[:, 1], "size0": sv.size0}
+        )
         for k, c in enumerate(CLASSES):
             df[f"prob_{c}"] = p[:, k]
         rows.append(df)
@@ -61,8 +65,23 @@ def planted_scores(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPath
 
 def _geo(planted_scores: tuple[Path, Path, Path], name: str = "p.geojson") -> dict:
     scores, pred, d = planted_scores
-    assert main(["export-geojson", str(scores), "--prediction", str(pred), "--store", str(d / "tiles.zarr"),
-                 "--tissue", str(d / "tissue.json"), "--out", str(d / name)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "export-geojson",
+                str(scores),
+                "--prediction",
+                str(pred),
+                "--store",
+                str(d / "tiles.zarr"),
+                "--tissue",
+                str(d / "tissue.json"),
+                "--out",
+                str(d / name),
+            ]
+        )
+        == 0
+    )
     opener = gzip.open if name.endswith(".gz") else open
     with opener(d / name, "rt") as fh:  # type: ignore[operator]
         return json.load(fh)  # type: ignore[no-any-return]
@@ -82,12 +101,20 @@ def test_geojson_is_what_qupath_reads(planted_scores: tuple[Path, Path, Path]) -
         props = f["properties"]
         assert props["objectType"] in {"tile", "annotation"} and props["isLocked"] is True
         cl = props["classification"]
-        assert isinstance(cl["name"], str) and len(cl["color"]) == 3 and all(isinstance(v, int) for v in cl["color"])
+        assert (
+            isinstance(cl["name"], str)
+            and len(cl["color"]) == 3
+            and all(isinstance(v, int) for v in cl["color"])
+        )
         geom = shapely.geometry.shape(f["geometry"])
         assert geom.is_valid and not geom.is_empty
         minx, miny, maxx, maxy = geom.bounds
         assert minx >= 0 and miny >= 0 and maxx <= 8192 and maxy <= 6144
-        rings = [f["geometry"]["coordinates"]] if f["geometry"]["type"] == "Polygon" else f["geometry"]["coordinates"]
+        rings = (
+            [f["geometry"]["coordinates"]]
+            if f["geometry"]["type"] == "Polygon"
+            else f["geometry"]["coordinates"]
+        )
         for poly in rings:
             for ring in poly:
                 assert ring[0] == ring[-1]
@@ -99,16 +126,26 @@ def test_geojson_is_what_qupath_reads(planted_scores: tuple[Path, Path, Path]) -
         assert sum(m.values()) == pytest.approx(1.0, abs=1e-5)
         (x0, y0), (x1, _), (_, y2) = t["geometry"]["coordinates"][0][:3]
         assert (x0, y0) in expected and x1 - x0 == 448 and y2 - y0 == 448
-    names = {f["properties"]["classification"]["name"] for f in gj["features"] if f["properties"]["objectType"] == "annotation"}
+    names = {
+        f["properties"]["classification"]["name"]
+        for f in gj["features"]
+        if f["properties"]["objectType"] == "annotation"
+    }
     assert {"TUM", "STR", "Tissue"} <= names
 
 
-def test_region_annotations_reach_dice_09(planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path]) -> None:
+def test_region_annotations_reach_dice_09(
+    planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path]
+) -> None:
     gj = _geo(planted_scores)
     truth, scale = load_truth(planted[1])
     for cls in ("TUM", "STR"):
-        region = next(shapely.geometry.shape(f["geometry"]) for f in gj["features"]
-                      if f["properties"]["objectType"] == "annotation" and f["properties"]["classification"]["name"] == cls)
+        region = next(
+            shapely.geometry.shape(f["geometry"])
+            for f in gj["features"]
+            if f["properties"]["objectType"] == "annotation"
+            and f["properties"]["classification"]["name"] == cls
+        )
         # rasterised back onto the ground truth's own grid (4 level-0 px per pixel): a scale
         # or x/y swap anywhere in the export would wreck the overlap
         dice = dice_iou(_rasterize(region, truth[cls].shape, scale), truth[cls])["dice"]
@@ -120,10 +157,25 @@ def test_gzip_and_streaming(planted_scores: tuple[Path, Path, Path]) -> None:
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) > 10
 
 
-def test_heatmap_size_and_hot_pixels(planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path]) -> None:
+def test_heatmap_size_and_hot_pixels(
+    planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path]
+) -> None:
     scores, pred, d = planted_scores
-    assert main(["heatmap", str(scores), "--prediction", str(pred), "--slide", str(planted[0]),
-                 "--out", str(d / "hm")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "heatmap",
+                str(scores),
+                "--prediction",
+                str(pred),
+                "--slide",
+                str(planted[0]),
+                "--out",
+                str(d / "hm"),
+            ]
+        )
+        == 0
+    )
     thumb = Image.open(d / "hm" / "thumbnail.png")
     for f in ("TUM.png", "STR.png", f"{safe_filename(CLASSES[2])}.png", "argmax.png"):
         assert Image.open(d / "hm" / f).size == thumb.size
@@ -132,8 +184,10 @@ def test_heatmap_size_and_hot_pixels(planted_scores: tuple[Path, Path, Path], pl
 
         scale = max(s.dimensions) / thumb.size[0]
     df = pd.read_parquet(scores)
-    probs, count = probability_raster(df[df["mpp"] == 0.5], CLASSES, shape=(thumb.size[1], thumb.size[0]), scale=scale)
-    truth, tscale = load_truth(planted[1])
+    probs, count = probability_raster(
+        df[df["mpp"] == 0.5], CLASSES, shape=(thumb.size[1], thumb.size[0]), scale=scale
+    )
+    truth, _tscale = load_truth(planted[1])
     str_truth = np.asarray(Image.fromarray(truth["STR"]).resize(thumb.size, Image.Resampling.NEAREST))
     hot = probs[1] > 0.5
     assert (hot & str_truth).sum() / hot.sum() > 0.8
@@ -144,37 +198,66 @@ def test_heatmap_size_and_hot_pixels(planted_scores: tuple[Path, Path, Path], pl
     assert img[inside].mean() > img[outside].mean() + 30
 
 
-def test_segmentation_evaluation_cli(planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path],
-                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_segmentation_evaluation_cli(
+    planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     scores, pred, d = planted_scores
     res = evaluate_segmentation(scores, planted[1], classes=CLASSES)
     assert res["per_class"]["TUM"]["dice"] > 0.85 and res["per_class"]["STR"]["dice"] > 0.8
-    assert main(["evaluate-segmentation", str(scores), "--prediction", str(pred), "--truth", str(planted[1]),
-                 "--out", str(d / "seg.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate-segmentation",
+                str(scores),
+                "--prediction",
+                str(pred),
+                "--truth",
+                str(planted[1]),
+                "--out",
+                str(d / "seg.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((d / "seg.json").read_text())["per_class"]["TUM"]["iou"] > 0.7
 
 
 def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path], tmp_path: Path) -> None:
     cols = {"scale": [], "mpp": [], "x": [], "y": [], "size0": []} | {f"prob_{c}": [] for c in CLASSES}
     pd.DataFrame(cols).to_parquet(tmp_path / "empty.parquet")
-    export_geojson(tmp_path / "empty.parquet", tmp_path / "e.geojson", slide_id="blank", classes=CLASSES,
-                   colors=COLORS, level0_dims=(8192, 6144))  # fmt: skip
+    export_geojson(
+        tmp_path / "empty.parquet",
+        tmp_path / "e.geojson",
+        slide_id="blank",
+        classes=CLASSES,
+        colors=COLORS,
+        level0_dims=(8192, 6144),
+    )
     gj = json.loads((tmp_path / "e.geojson").read_text())
     assert gj == {"type": "FeatureCollection", "features": []}
     with open_slide(planted[0]) as s:
-        write_heatmaps(s, pd.read_parquet(tmp_path / "empty.parquet"), CLASSES, COLORS, tmp_path / "hm", slide_id="blank")
+        write_heatmaps(
+            s, pd.read_parquet(tmp_path / "empty.parquet"), CLASSES, COLORS, tmp_path / "hm", slide_id="blank"
+        )
     img = np.asarray(Image.open(tmp_path / "hm" / "argmax.png").convert("RGB")).astype(int)
     assert np.abs(img[..., 0] - img[..., 2]).mean() < 10  # grey
 
 
-def test_nan_probabilities_are_refused(planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path],
-                                       tmp_path: Path) -> None:  # fmt: skip
+def test_nan_probabilities_are_refused(
+    planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path], tmp_path: Path
+) -> None:
     df = pd.read_parquet(planted_scores[0])
     df.loc[df.index[3], "prob_TUM"] = np.nan
     df.to_parquet(tmp_path / "nan.parquet")
-    with pytest.raises(HistoAlignError, match="'planted'.*NaN"):
-        export_geojson(tmp_path / "nan.parquet", tmp_path / "x.geojson", slide_id="planted", classes=CLASSES,
-                       colors=COLORS, level0_dims=(8192, 6144))  # fmt: skip
+    with pytest.raises(HistoAlignError, match=r"'planted'.*NaN"):
+        export_geojson(
+            tmp_path / "nan.parquet",
+            tmp_path / "x.geojson",
+            slide_id="planted",
+            classes=CLASSES,
+            colors=COLORS,
+            level0_dims=(8192, 6144),
+        )
     assert not (tmp_path / "x.geojson").exists()
     with open_slide(planted[0]) as s, pytest.raises(HistoAlignError, match="NaN"):
         write_heatmaps(s, df, CLASSES, COLORS, tmp_path / "hm", slide_id="planted")
@@ -183,16 +266,37 @@ def test_nan_probabilities_are_refused(planted_scores: tuple[Path, Path, Path], 
 def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> Path:
     res = tmp_path / "results"
     (res / "predictions").mkdir(parents=True)
-    pred = {"slide_id": "s<1>", "classes": CLASSES, "colors": {c: list(v) for c, v in COLORS.items()},
-            "predicted_class": "LYM & <other>", "status": "ok", "untrained": True,
-            "probabilities": {"TUM": 0.2, "STR": 0.1, "LYM & <other>": 0.7},
-            "prompt_bag": {"name": "bag \"x\"", "hash": "abc"},
-            "encoders": [{"name": "demo", "weights_sha256": "demo-untrained-123", "weight": 1.0, "untrained": True}],
-            "per_scale": {"0.50mpp": {"n_tiles": 3}}}  # fmt: skip
+    pred = {
+        "slide_id": "s<1>",
+        "classes": CLASSES,
+        "colors": {c: list(v) for c, v in COLORS.items()},
+        "predicted_class": "LYM & <other>",
+        "status": "ok",
+        "untrained": True,
+        "probabilities": {"TUM": 0.2, "STR": 0.1, "LYM & <other>": 0.7},
+        "prompt_bag": {"name": 'bag "x"', "hash": "abc"},
+        "encoders": [
+            {"name": "demo", "weights_sha256": "demo-untrained-123", "weight": 1.0, "untrained": True}
+        ],
+        "per_scale": {"0.50mpp": {"n_tiles": 3}},
+    }
     (res / "predictions" / "s_1_.json").write_text(json.dumps(pred))
-    pd.DataFrame([{"slide_id": "s<1>", "predicted_class": "LYM & <other>", "status": "ok", "untrained": True,
-                   "prob_TUM": 0.2, "prob_STR": 0.1, "prob_LYM & <other>": 0.7}]).to_csv(res / "predictions.csv", index=False)
-    shutil.copytree(planted_scores[2] / "hm", res / "heatmaps" / "s<1>") if (planted_scores[2] / "hm").exists() else None
+    pd.DataFrame(
+        [
+            {
+                "slide_id": "s<1>",
+                "predicted_class": "LYM & <other>",
+                "status": "ok",
+                "untrained": True,
+                "prob_TUM": 0.2,
+                "prob_STR": 0.1,
+                "prob_LYM & <other>": 0.7,
+            }
+        ]
+    ).to_csv(res / "predictions.csv", index=False)
+    shutil.copytree(planted_scores[2] / "hm", res / "heatmaps" / "s<1>") if (
+        planted_scores[2] / "hm"
+    ).exists() else None
     return res
 
 
@@ -203,7 +307,7 @@ def test_report_escapes_and_warns(planted_scores: tuple[Path, Path, Path], tmp_p
     assert "id='untrained-warning'" in html and "untrained demo encoder" in html
     assert "LYM &amp; &lt;other&gt;" in html and "<other>" not in html
     assert "s&lt;1&gt;" in html and "demo-untrained-123" in html
-    assert "src=\"http" not in html  # self-contained
+    assert 'src="http' not in html  # self-contained
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -215,13 +319,30 @@ def test_report_renders_in_chromium(planted_scores: tuple[Path, Path, Path], tmp
     res = _report_results(tmp_path, planted_scores)
     write_report(res / "predictions.csv", res / "report.html")
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-                    (res / "report.html").as_uri()], check=True, timeout=120, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            (res / "report.html").as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.std() > 10  # not blank
     # the red warning banner is rendered near the top
     top = img[:300]
-    assert ((top[..., 0] > 180) & (top[..., 1] < 120) & (top[..., 2] < 120)).sum() > 100 or \
-           ((abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)).sum() > 1000
+    assert ((top[..., 0] > 180) & (top[..., 1] < 120) & (top[..., 2] < 120)).sum() > 100 or (
+        (abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)
+    ).sum() > 1000

@@ -85,8 +85,9 @@ def test_best_level() -> None:
         ("empty", "empty file"),
     ],
 )
-def test_bad_slides_fail_clearly(make: str, problem: str, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_bad_slides_fail_clearly(
+    make: str, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if make == "truncated":
         p = tmp_path / "trunc.svs"
         p.write_bytes(CMU.read_bytes()[:30000])

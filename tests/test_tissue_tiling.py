@@ -45,7 +45,10 @@ def test_background_only_slide_gives_empty_mask_and_zero_tiles(tmp_path: Path) -
     assert main(["tissue", str(p), "--out", str(tmp_path / "blank.png")]) == 0
     mask = np.asarray(Image.open(tmp_path / "blank.png"))
     assert mask.max() == 0
-    assert main(["tile", str(p), "--tissue", str(tmp_path / "blank.png"), "--out", str(tmp_path / "b.zarr")]) == 0
+    assert (
+        main(["tile", str(p), "--tissue", str(tmp_path / "blank.png"), "--out", str(tmp_path / "b.zarr")])
+        == 0
+    )
     store = open_store(tmp_path / "b.zarr")
     assert all(len(store.scale(n).coords) == 0 for n in store.scale_names)
     assert store.validate() == []
@@ -70,8 +73,9 @@ def test_kept_tiles_pass_threshold_and_counts_match_area(tiled: tuple[Path, Path
     for name in store.scale_names:
         sv = store.scale(name)
         assert len(sv.coords) > 0
-        recomputed = tissue_fractions(mask, scale, sv.coords[:, 0].astype(np.int64),
-                                      sv.coords[:, 1].astype(np.int64), sv.size0)  # fmt: skip
+        recomputed = tissue_fractions(
+            mask, scale, sv.coords[:, 0].astype(np.int64), sv.coords[:, 1].astype(np.int64), sv.size0
+        )
         assert (recomputed >= thr - 1e-6).all()
         np.testing.assert_allclose(sv.tissue_fraction.astype(np.float32), recomputed, atol=2e-3)
         assert (sv.coords[:, 0] + sv.size0 <= 8192).all() and (sv.coords[:, 1] + sv.size0 <= 6144).all()
@@ -125,7 +129,9 @@ def test_tile_at_1mpp_is_2x2_downsample_of_05mpp_tiles(planted: tuple[Path, Path
         quad = np.zeros((448, 448, 3), np.uint8)
         for dy in (0, 1):
             for dx in (0, 1):
-                quad[dy * 224:(dy + 1) * 224, dx * 224:(dx + 1) * 224] = s.read_scaled((x + dx * 448, y + dy * 448), 448, 224)
+                quad[dy * 224 : (dy + 1) * 224, dx * 224 : (dx + 1) * 224] = s.read_scaled(
+                    (x + dx * 448, y + dy * 448), 448, 224
+                )
         down = quad.reshape(224, 2, 224, 2, 3).astype(np.float32).mean(axis=(1, 3)).round().astype(np.uint8)
         assert s.best_level(4.0) == 1 and s.best_level(2.0) == 0
         jpeg_close(coarse, down)
@@ -137,8 +143,9 @@ def test_slide_smaller_than_a_coarse_tile(tmp_path: Path) -> None:
     cfg = load_config()
     with open_slide(p) as s:
         res = detect_tissue(s, cfg.tissue)
-        t = tile_slide(res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions,
-                       params=TilingParams())  # fmt: skip
+        t = tile_slide(
+            res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions, params=TilingParams()
+        )
     counts = {g.name: len(g) for g in t.scales}
     assert counts["2.00mpp"] == 0  # a 1792 px tile does not fit in 1600 x 1500
     assert counts["0.50mpp"] > 0 and counts["1.00mpp"] > 0

@@ -23,13 +23,27 @@ from .conftest import CMU, REPO
 pytestmark = pytest.mark.slow
 
 
-def smk(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def smk(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -45,8 +59,13 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def write_config(workdir: Path, **kw: object) -> None:
-    cfg = {"slides": "slides", "results": "results", "labels": "slides_truth/labels.csv",
-           "encode": {"batch_size": 32}, "heatmap": {"max_size": 512}} | kw  # fmt: skip
+    cfg = {
+        "slides": "slides",
+        "results": "results",
+        "labels": "slides_truth/labels.csv",
+        "encode": {"batch_size": 32},
+        "heatmap": {"max_size": 512},
+    } | kw
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -136,14 +155,30 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     assert "broken" in failed and "broken.svs" in failed
 
 
-def test_kill_during_encoding_then_rerun_gives_same_features(slides: Path, done: Path, tmp_path: Path) -> None:
+def test_kill_during_encoding_then_rerun_gives_same_features(
+    slides: Path, done: Path, tmp_path: Path
+) -> None:
     w = _workdir(tmp_path, slides)
     write_config(w, encode={"batch_size": 4})
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-                             str(w), "--cores", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(w),
+            "--cores",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     feats = w / "results" / "features"
     deadline = time.time() + 300
     while time.time() < deadline and not (feats.is_dir() and any(feats.glob(".*.tmp-*"))):
@@ -184,15 +219,21 @@ def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path
     if setup == "missing_folder":
         kw["slides"] = "no_such_folder"
     elif setup.startswith("sheet"):
-        rows = {"sheet_missing_path": "slide_id,path\na,nowhere.svs\n",
-                "sheet_duplicate": f"slide_id,path\na,{CMU}\na,{CMU}\n",
-                "sheet_unsafe_id": f"slide_id,path\nbad id!,{CMU}\n"}[setup]  # fmt: skip
+        rows = {
+            "sheet_missing_path": "slide_id,path\na,nowhere.svs\n",
+            "sheet_duplicate": f"slide_id,path\na,{CMU}\na,{CMU}\n",
+            "sheet_unsafe_id": f"slide_id,path\nbad id!,{CMU}\n",
+        }[setup]
         sheet.write_text(rows)
         kw["slides"] = "sheet.csv"
     elif setup.startswith("scales") or setup.startswith("unknown"):
         shutil.copy(CMU, w / "slides" / CMU.name)
-        kw |= {"scales_empty": {"scales_mpp": []}, "scales_descending": {"scales_mpp": [1.0, 0.5]},
-               "unknown_encoder": {"encoders": ["plipp"]}, "unknown_bag": {"prompt_bag": "crcc"}}[setup]  # fmt: skip
+        kw |= {
+            "scales_empty": {"scales_mpp": []},
+            "scales_descending": {"scales_mpp": [1.0, 0.5]},
+            "unknown_encoder": {"encoders": ["plipp"]},
+            "unknown_bag": {"prompt_bag": "crcc"},
+        }[setup]
     write_config(w, **kw)
     out = smk(w, "-n", check=False)
     assert out.returncode != 0

@@ -10,7 +10,6 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,18 +50,25 @@ class LoadedEncoder:
         return torch.nn.functional.normalize(out, dim=-1)
 
     def attrs(self) -> dict[str, Any]:
-        return self.entry.as_attrs() | {"weights_sha256": self.weights_sha256, "normalized": True,
-                                        "logit_scale": self.logit_scale}  # fmt: skip
+        return self.entry.as_attrs() | {
+            "weights_sha256": self.weights_sha256,
+            "normalized": True,
+            "logit_scale": self.logit_scale,
+        }
 
     def pil_transform(self) -> Callable[[Any], torch.Tensor]:
         """The encoder's own PIL preprocessing (reference for the GPU path)."""
         import open_clip
 
         p = self.entry.preprocess
-        return open_clip.image_transform(  # type: ignore[return-value]
-            p.size, is_train=False, mean=p.mean, std=p.std, interpolation=p.interpolation,
+        return open_clip.image_transform(
+            p.size,
+            is_train=False,
+            mean=p.mean,
+            std=p.std,
+            interpolation=p.interpolation,
             resize_mode="shortest",
-        )  # fmt: skip
+        )
 
 
 def build_open_clip_from_cfg(model_cfg: dict[str, Any], *, quick_gelu: bool = False) -> nn.Module:
@@ -78,7 +84,9 @@ def build_open_clip_from_cfg(model_cfg: dict[str, Any], *, quick_gelu: bool = Fa
     return model
 
 
-def _open_clip_tokenizer(model_cfg: dict[str, Any], entry: EncoderEntry) -> Callable[[Sequence[str]], torch.Tensor]:
+def _open_clip_tokenizer(
+    model_cfg: dict[str, Any], entry: EncoderEntry
+) -> Callable[[Sequence[str]], torch.Tensor]:
     import open_clip
 
     text_cfg = model_cfg.get("text_cfg", {})
@@ -87,19 +95,22 @@ def _open_clip_tokenizer(model_cfg: dict[str, Any], entry: EncoderEntry) -> Call
         tok: Any = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)
     else:
         tok = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-    return tok  # type: ignore[no-any-return]
+    return tok
 
 
-def _finish_open_clip(entry: EncoderEntry, model: nn.Module, model_cfg: dict[str, Any], sha: str,
-                      device: torch.device) -> LoadedEncoder:  # fmt: skip
+def _finish_open_clip(
+    entry: EncoderEntry, model: nn.Module, model_cfg: dict[str, Any], sha: str, device: torch.device
+) -> LoadedEncoder:
     model.eval().to(device)
     tok = _open_clip_tokenizer(model_cfg, entry)
 
-    def text_fn(texts: Sequence[str]) -> torch.Tensor:
-        return model.encode_text(tok(texts).to(device))  # type: ignore[operator,no-any-return]
+    clip: Any = model
 
-    scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
-    return LoadedEncoder(entry, model, model.encode_image, text_fn, sha, scale, device)  # type: ignore[arg-type]
+    def text_fn(texts: Sequence[str]) -> torch.Tensor:
+        return clip.encode_text(tok(texts).to(device))
+
+    scale = float(clip.logit_scale.exp().item()) if hasattr(clip, "logit_scale") else 100.0
+    return LoadedEncoder(entry, model, clip.encode_image, text_fn, sha, scale, device)
 
 
 def _demo(entry: EncoderEntry, device: torch.device) -> LoadedEncoder:
@@ -127,7 +138,9 @@ def _open_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) ->
 
         got = open_clip.get_model_config(entry.architecture)
         if got is None:
-            raise EncoderError(f"encoder {entry.name!r}: open_clip has no architecture {entry.architecture!r}")
+            raise EncoderError(
+                f"encoder {entry.name!r}: open_clip has no architecture {entry.architecture!r}"
+            )
         cfg = dict(got)
     else:
         raise EncoderError(
@@ -152,7 +165,9 @@ def _hf_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> L
     try:
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=None)
     except Exception as exc:
-        raise WeightsError(f"encoder {entry.name!r}: cannot load CLIPModel from {str(folder)!r}: {exc}") from exc
+        raise WeightsError(
+            f"encoder {entry.name!r}: cannot load CLIPModel from {str(folder)!r}: {exc}"
+        ) from exc
     model.eval().to(device)
     ctx = int(entry.text.get("context_length", 77))
     if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
@@ -161,8 +176,9 @@ def _hf_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> L
         hf_tok = AutoTokenizer.from_pretrained(str(folder))
 
         def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
-            enc = hf_tok(list(texts), padding="max_length", truncation=True, max_length=ctx,
-                         return_tensors="pt")  # fmt: skip
+            enc = hf_tok(
+                list(texts), padding="max_length", truncation=True, max_length=ctx, return_tensors="pt"
+            )
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     else:
         # CLIP's BPE vocabulary is the one open_clip ships; PLIP uses it unchanged
@@ -195,10 +211,10 @@ def _conch(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> Loa
     tok = get_tokenizer()
 
     def image_fn(x: torch.Tensor) -> torch.Tensor:
-        return model.encode_image(x, proj_contrast=True, normalize=False)  # type: ignore[no-any-return]
+        return model.encode_image(x, proj_contrast=True, normalize=False)
 
     def text_fn(texts: Sequence[str]) -> torch.Tensor:
-        return model.encode_text(tokenize(texts=list(texts), tokenizer=tok).to(device))  # type: ignore[no-any-return]
+        return model.encode_text(tokenize(texts=list(texts), tokenizer=tok).to(device))
 
     scale = float(model.logit_scale.exp().item())
     return LoadedEncoder(entry, model, image_fn, text_fn, w.sha256, scale, device)
@@ -208,7 +224,9 @@ def conch_available() -> bool:
     return importlib.util.find_spec("conch") is not None
 
 
-def load_encoder(entry: EncoderEntry, *, offline: bool = True, device: str | torch.device = "cpu") -> LoadedEncoder:
+def load_encoder(
+    entry: EncoderEntry, *, offline: bool = True, device: str | torch.device = "cpu"
+) -> LoadedEncoder:
     """Build the encoder of ``entry`` with its weights.
 
     Raises
@@ -240,5 +258,3 @@ def load_encoder(entry: EncoderEntry, *, offline: bool = True, device: str | tor
 
 def _probe_dim(enc: LoadedEncoder) -> int:
     return int(enc.encode_text(["a"]).shape[-1])
-
-

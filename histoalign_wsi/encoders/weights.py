@@ -111,9 +111,7 @@ def resolve_weights(entry: EncoderEntry, *, offline: bool) -> ResolvedWeights:
             try:
                 folder = Path(snapshot_download(repo))
             except Exception as exc:
-                raise WeightsError(
-                    f"encoder {entry.name!r}: download of {repo!r} failed: {exc}"
-                ) from exc
+                raise WeightsError(f"encoder {entry.name!r}: download of {repo!r} failed: {exc}") from exc
             w = _folder_weight(folder)
             if w is not None:
                 return ResolvedWeights(folder, "download", file_sha256(w))
@@ -150,7 +148,9 @@ def load_state_dict(path: Path, *, encoder: str) -> dict[str, torch.Tensor]:
             "Convert it to safetensors or a plain state dict."
         ) from exc
     except Exception as exc:
-        raise WeightsError(f"encoder {encoder!r}: checkpoint {str(path)!r} is corrupt or unreadable: {exc}") from exc
+        raise WeightsError(
+            f"encoder {encoder!r}: checkpoint {str(path)!r} is corrupt or unreadable: {exc}"
+        ) from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
