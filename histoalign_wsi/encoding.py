@@ -87,6 +87,42 @@ def preprocess_on_device(tiles: torch.Tensor, enc: LoadedEncoder) -> torch.Tenso
     return (x - mean) / std
 
 
+class _BlockPyramid:
+    """Every scale's tiles from one block read: the block is area-downsampled once per
+    scale (cascading when the factors nest), then tiles are plain crops of that image."""
+
+    def __init__(self, img: torch.Tensor, tile_px: int) -> None:
+        self.img = img
+        self.tile_px = tile_px
+        self.cache: dict[int, torch.Tensor] = {1: img}
+
+    def _down(self, r: int) -> torch.Tensor:
+        if r not in self.cache:
+            base = max((k for k in self.cache if r % k == 0), default=1)
+            self.cache[r] = F.avg_pool2d(self.cache[base], r // base)
+        return self.cache[r]
+
+    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
+        """Tiles of ``size_px`` block pixels at level-0 ``coords``, resized to ``tile_px``."""
+        t = self.tile_px
+        ratio = size_px / t
+        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
+            r = round(ratio)
+            img = self._down(r)
+            crops = []
+            for x, y in coords:
+                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
+                crops.append(img[..., oy : oy + t, ox : ox + t])
+            return torch.cat(crops)
+        # non-integer factor (slides whose MPP does not divide the scale): crop, then resize
+        sz = max(1, round(size_px))
+        crops = []
+        for x, y in coords:
+            ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
+            crops.append(self.img[..., oy : oy + sz, ox : ox + sz])
+        return F.interpolate(torch.cat(crops), size=(t, t), mode="area")
+
+
 class _Forward:
     """Runs an encoder on a batch, halving the batch and retrying on out-of-memory."""
 
@@ -221,18 +257,12 @@ def run_pipeline(
             if dev.type == "cuda":
                 src = src.pin_memory()
             img = src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+            pyramid = _BlockPyramid(img, settings.tile_px)
             for s, (lo, hi) in enumerate(b.rows):
                 if hi <= lo:
                     continue
                 sv = scales[s]
-                sz = max(1, round(sv.size0 / lds))
-                crops = []
-                for x, y in sv.coords[lo:hi]:
-                    ox, oy = round((int(x) - b.x0) / lds), round((int(y) - b.y0) / lds)
-                    crops.append(img[..., oy : oy + sz, ox : ox + sz])
-                tiles = torch.cat(crops)
-                if sz != settings.tile_px:
-                    tiles = F.interpolate(tiles, size=(settings.tile_px, settings.tile_px), mode="area")
+                tiles = pyramid.tiles(sv.coords[lo:hi], b.x0, b.y0, sv.size0 / lds, 1.0 / lds)
                 pending[s].append(tiles)
                 counts[s] += hi - lo
                 if sum(t.shape[0] for t in pending[s]) >= settings.batch_size:

@@ -149,6 +149,11 @@ def _levels(width: int, height: int) -> list[int]:
     return ds
 
 
+def _bbox_hits(r: Region, x0: float, x1: float, y0: float, y1: float) -> bool:
+    rad = max(r.rx, r.ry)  # the rotated ellipse lies inside this square
+    return not (x1 < r.cx - rad or x0 > r.cx + rad or y1 < r.cy - rad or y0 > r.cy + rad)
+
+
 def _encode(tile: NDArray[np.uint8], quality: int) -> bytes:
     # the same JPEG flavour tifffile writes for photometric='rgb': YCbCr, 2x2 subsampling
     data = imagecodecs.jpeg8_encode(
@@ -165,6 +170,13 @@ def _level_tiles(spec: DemoSlideSpec, d: int, textures: dict[int, NDArray[np.uin
         ys = (np.arange(ty, ty + TILE) + 0.5) * d
         for tx in range(0, lw, TILE):
             xs = (np.arange(tx, tx + TILE) + 0.5) * d
+            x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
+            near = [r for r in spec.regions if _bbox_hits(r, x0, x1, y0, y1)]
+            if not near:  # far from every region: background, no per-pixel work
+                if BACKGROUND not in cache:
+                    cache[BACKGROUND] = _encode(texs[BACKGROUND], spec.quality)
+                yield cache[BACKGROUND]
+                continue
             labels = render_labels(spec.regions, xs, ys)
             # pixels past the slide edge are background
             labels[:, xs >= spec.width] = BACKGROUND

@@ -14,7 +14,7 @@ import numpy as np
 import shapely
 from numpy.typing import NDArray
 from PIL import Image
-from skimage import color, filters, morphology
+from skimage import filters, morphology
 
 from ._atomic import atomic_file
 from .config import TissueParams
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 #: saturation thresholds above this are a split inside tissue, not tissue vs glass
 _OTSU_CAP = 0.2
-_STRIP_ROWS = 2048
+_STRIP_PIXELS = 1 << 22  # pixels per strip read: memory stays flat in slide size
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8]
     lw, lh = slide.level_dimensions[level]
     ow, oh = math.ceil(lw / f), math.ceil(lh / f)
     out = np.empty((oh, ow, 3), np.uint8)
-    rows = max(f, (_STRIP_ROWS // f) * f)
+    rows = max(f, (_STRIP_PIXELS // max(lw, 1) // f) * f)
     for y in range(0, lh, rows):
         h = min(rows, lh - y)
         strip = slide.read_region((0, round(y * lds)), level, (lw, h))
@@ -65,7 +65,8 @@ def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8]
             ph, pw = math.ceil(h / f) * f, ow * f
             padded = np.full((ph, pw, 3), 255, np.uint8)
             padded[:h, :lw] = strip
-            strip = padded.reshape(ph // f, f, ow, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            sums = padded.reshape(ph // f, f, ow, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+            strip = ((sums + (f * f) // 2) // (f * f)).astype(np.uint8)
         out[y // f : y // f + strip.shape[0]] = strip
     return out, lds * f
 
@@ -89,15 +90,19 @@ def tissue_mask(
     """Boolean tissue mask of an RGB thumbnail whose pixels are ``mask_mpp`` µm wide."""
     if rgb.size == 0:
         return np.zeros(rgb.shape[:2], bool), params.min_saturation
-    hsv = color.rgb2hsv(rgb)
-    sat, val = hsv[..., 1], hsv[..., 2]
+    # HSV saturation and value without materialising float HSV (memory: one float32 plane)
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    sat = np.where(mx > 0, (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32), 0.0)
+    sat = sat.astype(np.float32)
+    val = mx
     sat = filters.median(sat, morphology.disk(1)) if min(sat.shape) >= 3 else sat
     try:
         otsu = float(filters.threshold_otsu(sat))
     except ValueError:  # constant image
         otsu = params.min_saturation
     thr = float(np.clip(otsu, params.min_saturation, max(_OTSU_CAP, params.min_saturation)))
-    mask = (sat > thr) & (val >= params.min_value) & (val <= params.max_value)
+    mask = (sat > thr) & (val >= params.min_value * 255) & (val <= params.max_value * 255)
     r = round(params.closing_um / mask_mpp / 2)
     if r >= 1:
         mask = morphology.closing(np.pad(mask, r), morphology.disk(r))[r:-r, r:-r]

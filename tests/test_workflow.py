@@ -113,8 +113,12 @@ def test_second_run_has_nothing_to_do(done: Path) -> None:
 
 def test_editing_the_prompt_bag_reruns_only_downstream_of_encoding(done: Path) -> None:
     bag = done / "bag.yaml"
-    bag.write_text(bag.read_text().replace("a blank white or light grey area", "a blank white area"))
-    out = smk(done, "--cores", "2", "-n")
+    original = bag.read_text()
+    bag.write_text(original.replace("a blank white or light grey area", "a blank white area"))
+    try:
+        out = smk(done, "--cores", "2", "-n")
+    finally:
+        bag.write_text(original)
     counts = job_counts(out.stdout + out.stderr)
     assert counts.get("embed_prompts") == 1 and counts.get("score") == 3
     assert {"tissue", "tile", "encode"}.isdisjoint(counts), counts
@@ -239,3 +243,41 @@ def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path
     assert out.returncode != 0
     assert needle in out.stderr + out.stdout, out.stderr[-2000:]
     assert not (w / "results").exists()
+
+
+@pytest.mark.slurm
+def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Path) -> None:
+    from . import slurm_cluster
+
+    why = slurm_cluster.available()
+    if why:
+        pytest.skip(why)
+    (tmp_path / "wd").mkdir()
+    w = _workdir(tmp_path / "wd", slides)
+    shutil.copy(done / "bag.yaml", w / "bag.yaml")
+    write_config(w, prompt_bag="bag.yaml")
+    with slurm_cluster.slurm_cluster(tmp_path / "slurm") as ctl_log:
+        out = smk(
+            w, "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
+            "--set-resources", "encode:gpu=0",  # the test node has no GPU
+            "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2",
+            "--latency-wait", "10", "--jobs", "4", timeout=1500,
+        )  # fmt: skip
+        submitted = ctl_log.read_text().count("_slurm_rpc_submit_batch_job")
+    text = out.stdout + out.stderr
+    assert "executor: slurm" in text.lower() or "submitted with slurm jobid" in text.lower()
+    # grouping: 3 slides x 6 per-slide rules + 3 cohort rules = 21 jobs, far fewer cluster jobs
+    assert 4 <= submitted <= 12, submitted
+    a, b = done / "results", w / "results"
+    for sid in ("CMU-1-Small-Region", "demo_01", "demo_02"):
+        fa, fb = open_store(a / "features" / f"{sid}.zarr"), open_store(b / "features" / f"{sid}.zarr")
+        for s in fa.scale_names:
+            np.testing.assert_array_equal(fa.features(s, "demo"), fb.features(s, "demo"))
+        assert (a / "predictions" / f"{sid}.json").read_text() == (
+            b / "predictions" / f"{sid}.json"
+        ).read_text()
+        assert (a / "geojson" / f"{sid}.geojson").read_bytes() == (
+            b / "geojson" / f"{sid}.geojson"
+        ).read_bytes()
+    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+    assert (b / "report.html").is_file()

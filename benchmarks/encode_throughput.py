@@ -1,0 +1,220 @@
+"""Encode throughput on one generated 40x slide, four ways in one run:
+
+  (a) our pipeline end to end: block read -> 3 scales on the device -> every encoder -> zarr store
+  (b) a CLAM-style loop: per-tile read_region in DataLoader workers, per-tile PIL preprocessing,
+      one scale per pass, each encoder separately
+  (c) the model-forward ceiling: random tensors already on the device
+  (d) the CPU decode ceiling: reading the same blocks without encoding
+
+Prints tiles/s (tiles x encoders per second, i.e. embeddings/s) and a/b, a/min(c, d);
+writes JSON.
+
+    python benchmarks/encode_throughput.py                       # CPU, demo encoder
+    python benchmarks/encode_throughput.py --arch ViT-B-16 ViT-B-32 --device cuda --size 40000
+
+``--arch`` builds open_clip architectures with random weights (fine for speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import report  # noqa: E402
+
+from histoalign_wsi.config import load_config  # noqa: E402
+from histoalign_wsi.encoders import EncoderEntry, load_encoder, load_registry  # noqa: E402
+from histoalign_wsi.encoding import EncodeSettings, _read_blocks, plan_blocks, run_pipeline  # noqa: E402
+from histoalign_wsi.slide import open_slide  # noqa: E402
+from histoalign_wsi.stages import run_tile  # noqa: E402
+from histoalign_wsi.store import copy_geometry, create_features, open_store  # noqa: E402
+from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide  # noqa: E402
+
+
+def encoders_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.arch:
+        return [load_encoder(load_registry()["demo"], device=args.device)]
+    import open_clip
+
+    out = []
+    for arch in args.arch:
+        cfg = open_clip.get_model_config(arch)
+        entry = EncoderEntry.parse(
+            arch, {"kind": "demo", "embed_dim": cfg["embed_dim"], "model_cfg": cfg, "untrained": True}
+        )
+        out.append(load_encoder(entry, device=args.device))
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def clam_style(slide_path: Path, scales, encoders, device: str, workers: int, batch: int) -> float:  # type: ignore[no-untyped-def]
+    from torch.utils.data import DataLoader, Dataset
+
+    class Tiles(Dataset):  # type: ignore[type-arg]
+        def __init__(self, coords: np.ndarray, size0: int, tf) -> None:  # type: ignore[no-untyped-def]
+            self.coords, self.size0, self.tf, self.slide = coords, size0, tf, None
+
+        def __len__(self) -> int:
+            return len(self.coords)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            import openslide
+            from PIL import Image
+
+            if self.slide is None:
+                self.slide = openslide.OpenSlide(str(slide_path))
+            x, y = (int(v) for v in self.coords[i])
+            img = self.slide.read_region((x, y), 0, (self.size0, self.size0)).convert("RGB")
+            return self.tf(img.resize((224, 224), Image.Resampling.BILINEAR))  # type: ignore[no-any-return]
+
+    t = time.perf_counter()
+    n = 0
+    for enc in encoders:
+        for sv in scales:  # one scale per pass, as CLAM-style extractors do
+            dl = DataLoader(
+                Tiles(sv.coords, sv.size0, enc.pil_transform()),
+                batch_size=batch,
+                num_workers=workers,
+                persistent_workers=False,
+            )
+            for x in dl:
+                with torch.inference_mode():
+                    enc.encode_image(x.to(device))
+                n += x.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def forward_ceiling(encoders, device: str, batch: int, n: int) -> float:  # type: ignore[no-untyped-def]
+    total, elapsed = 0, 0.0
+    for enc in encoders:
+        size = enc.entry.preprocess.size
+        x = torch.randn(batch, 3, size, size, device=device)
+        ctx = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.startswith("cuda")
+            else torch.autocast("cpu", enabled=False)
+        )
+        with ctx:
+            enc.encode_image(x)  # warm-up
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(max(1, n // batch)):
+                enc.encode_image(x)
+            sync(device)
+        elapsed += time.perf_counter() - t
+        total += max(1, n // batch) * batch
+    return total / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=12000, help="slide side in level-0 px (40x, 0.25 µm/px)")
+    ap.add_argument("--arch", nargs="*", default=[], help="open_clip architectures with random weights")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", type=Path)
+    args = ap.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="encode-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    s = float(args.size)
+    slide_path = work / f"enc_{args.size}.svs"
+    if not slide_path.exists():
+        write_slide(
+            DemoSlideSpec(
+                name="enc",
+                width=args.size,
+                height=args.size,
+                regions=(
+                    Region(1, s / 2, s / 2, 0.4 * s, 0.35 * s),
+                    Region(2, 0.6 * s, 0.4 * s, 0.1 * s, 0.1 * s),
+                ),
+            ),
+            slide_path,
+        )
+    cfg = load_config(overrides={"encode": {"batch_size": args.batch, "readers": args.workers}})
+    run_tile(slide_path, work / "tiles.zarr", cfg)
+    src = open_store(work / "tiles.zarr")
+    scales = [src.scale(n) for n in src.scale_names]
+    n_tiles = sum(len(sv.coords) for sv in scales)
+    encoders = encoders_for(args)
+    settings = EncodeSettings(
+        tile_px=224, batch_size=args.batch, readers=args.workers, prefetch=4, device=args.device
+    )
+
+    with open_slide(slide_path) as slide:
+        # (d) decode ceiling: the same block reads, nothing else
+        blocks = plan_blocks(scales, block_size0=scales[-1].size0)
+        level = slide.best_level(scales[0].size0 / 224)
+        t = time.perf_counter()
+        for _ in _read_blocks(slide, blocks, level, settings):
+            pass
+        decode_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
+        # (a) our pipeline, written to a real store
+        t = time.perf_counter()
+        with copy_geometry(src, work / "features.zarr") as root:
+            arrays = {
+                (i, e.name): create_features(
+                    root[f"scales/{sv.name}/features"],
+                    e.name,
+                    len(sv.coords),  # type: ignore[arg-type]
+                    e.entry.embed_dim,
+                    e.attrs(),
+                )
+                for i, sv in enumerate(scales)
+                for e in encoders
+            }
+            run_pipeline(slide, scales, encoders, arrays, settings)
+        sync(args.device)
+        ours_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
+    clam_tps = clam_style(slide_path, scales, encoders, args.device, args.workers, args.batch)
+    fwd_tps = forward_ceiling(encoders, args.device, args.batch, min(n_tiles, 512)) / 1.0
+    # the forward ceiling of several encoders on the same tiles: one tile costs every encoder
+    fwd_tiles_tps = (
+        1.0
+        / sum(1.0 / forward_ceiling([e], args.device, args.batch, min(n_tiles, 512)) for e in encoders)
+        * len(encoders)
+    )
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows = [
+        {
+            "device": device_name,
+            "encoders": "+".join(e.name for e in encoders),
+            "scales": len(scales),
+            "tiles": n_tiles,
+            "a_ours_emb_per_s": ours_tps,
+            "b_clam_emb_per_s": clam_tps,
+            "c_forward_emb_per_s": fwd_tiles_tps,
+            "d_decode_emb_per_s": decode_tps,
+            "a/b": ours_tps / clam_tps,
+            "a/min(c,d)": ours_tps / min(fwd_tiles_tps, decode_tps),
+        }
+    ]
+    _ = fwd_tps
+    report(
+        "encode_throughput",
+        rows,
+        list(rows[0]),
+        {
+            "targets (H100, 3 scales, 2 encoders)": {"a/b": ">= 3", "a/min(c,d)": ">= 0.9"},
+            "slide_px": args.size,
+            "batch": args.batch,
+            "workers": args.workers,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
