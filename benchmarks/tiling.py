@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import report, run_child  # noqa: E402
+from _common import report, run_child
 
-from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide  # noqa: E402
+from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide
 
 TISSUE_TILE = """
 import json, resource, time
