@@ -26,6 +26,37 @@ def as_multipolygon(geom: BaseGeometry) -> MultiPolygon:
     return MultiPolygon(polys)
 
 
+def _largest_polygon(geom: BaseGeometry) -> Polygon:
+    polys = list(as_multipolygon(geom).geoms)
+    return max(polys, key=lambda p: p.area) if polys else Polygon()
+
+
+def _nest(rings: list[Polygon]) -> MultiPolygon:
+    """Rings that do not cross -> polygons with holes, by nesting depth (even: outer
+    boundary, odd: hole of its innermost container). An STR tree keeps it O(n log n)."""
+    if not rings:
+        return MultiPolygon()
+    tree = shapely.STRtree(rings)
+    areas = np.array([r.area for r in rings])
+    # pairs (i, j): ring i lies within ring j
+    inner, outer = tree.query(rings, predicate="within")
+    keep = inner != outer
+    inner, outer = inner[keep], outer[keep]
+    depth = np.bincount(inner, minlength=len(rings))
+    parent = np.full(len(rings), -1)
+    for i, j in zip(inner, outer, strict=True):
+        if parent[i] < 0 or areas[j] < areas[parent[i]]:
+            parent[i] = j
+    holes: dict[int, list[Polygon]] = {}
+    for i in np.nonzero(depth % 2 == 1)[0]:
+        holes.setdefault(int(parent[i]), []).append(rings[i])
+    polys = [
+        Polygon(rings[i].exterior.coords, [h.exterior.coords for h in holes.get(int(i), [])])
+        for i in np.nonzero(depth % 2 == 0)[0]
+    ]
+    return as_multipolygon(shapely.make_valid(MultiPolygon(polys)))
+
+
 def mask_to_polygons(
     mask: NDArray[np.bool_],
     *,
@@ -49,12 +80,12 @@ def mask_to_polygons(
     Notes
     -----
     Contours at the 0.5 level of a binary image never cross, so the region is the
-    even-odd combination (symmetric difference) of all closed contours.
+    even-odd combination of all closed contours (nesting depth decides outer or hole).
     """
     m = np.pad(np.asarray(mask, dtype=np.float32), 1)
     if not m.any():
         return MultiPolygon()
-    rings = []
+    rings: list[Polygon] = []
     for c in measure.find_contours(m, 0.5):
         if len(c) < 4:
             continue
@@ -62,13 +93,10 @@ def mask_to_polygons(
         xy = np.column_stack([(c[:, 1] - 1 + 0.5) * scale, (c[:, 0] - 1 + 0.5) * scale])
         poly = Polygon(xy)
         if not poly.is_valid:
-            poly = shapely.make_valid(poly)
+            poly = _largest_polygon(shapely.make_valid(poly))
         if not poly.is_empty and poly.area > 0:
             rings.append(poly)
-    rings.sort(key=lambda p: -p.area)
-    region: BaseGeometry = Polygon()
-    for r in rings:
-        region = region.symmetric_difference(r)
+    region: BaseGeometry = _nest(rings)
     if simplify > 0:
         region = region.simplify(simplify * scale, preserve_topology=True)
     region = shapely.make_valid(region)

@@ -1,0 +1,75 @@
+"""QuPath GeoJSON export of many tiles: wall time, peak RSS and file size, for growing
+tile counts in one run (each export in its own process so its memory is its own).
+
+    python benchmarks/geojson_export.py [--tiles 10000 100000]
+
+Target: 100k tiles export within bounded memory (the file streams; RSS does not grow
+with the number of tiles beyond the tile-score table itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import pandas as pd
+from _common import report, run_child
+
+CLASSES = ["TUM", "STR", "LYM", "NORM"]
+
+EXPORT = """
+import json, resource, time
+from histoalign_wsi.geojson_export import export_geojson
+t = time.perf_counter()
+export_geojson({scores!r}, {out!r}, slide_id="bench", classes={classes!r},
+               colors={{c: (10 * i, 100, 200) for i, c in enumerate({classes!r})}},
+               level0_dims=({dim}, {dim}))
+print(json.dumps({{"export_s": time.perf_counter() - t,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def make_scores(n: int, path: Path) -> int:
+    side = int(np.ceil(np.sqrt(n)))
+    size = 448
+    i = np.arange(n)
+    x, y = (i % side) * size, (i // side) * size
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(n, len(CLASSES))) + 3 * np.sin(x / 20000.0)[:, None] * np.eye(len(CLASSES))[0]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    df = pd.DataFrame({"scale": "0.50mpp", "mpp": 0.5, "x": x, "y": y, "size0": size})
+    for k, c in enumerate(CLASSES):
+        df[f"prob_{c}"] = p[:, k].astype(np.float32)
+    df.to_parquet(path)
+    return int(side * size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1000, 10000, 100000])
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="geojson-bench-"))
+    rows = []
+    for n in args.tiles:
+        scores, out = work / f"s{n}.parquet", work / f"g{n}.geojson"
+        dim = make_scores(n, scores)
+        r = run_child(EXPORT.format(scores=str(scores), out=str(out), classes=CLASSES, dim=dim))
+        rows.append(
+            {
+                "tiles": n,
+                "export_s": r["export_s"],
+                "peak_rss_mib": r["peak_rss_mib"],
+                "file_mib": out.stat().st_size / 2**20,
+                "tiles_per_s": n / r["export_s"],
+            }
+        )
+    report("geojson_export", rows, list(rows[0]), {"target": "bounded memory at 100k tiles"})
+
+
+if __name__ == "__main__":
+    main()
