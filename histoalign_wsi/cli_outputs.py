@@ -66,7 +66,10 @@ def _cmd_evaluate_seg(a: argparse.Namespace, cfg: Config) -> int:
     from .segmentation import evaluate_segmentation
 
     p = _pred(a.prediction)
-    res = evaluate_segmentation(a.tile_scores, a.truth, classes=p["classes"], threshold=cfg.geojson.threshold)
+    dims = tuple(a.dims) if a.dims else None
+    res = evaluate_segmentation(
+        a.tile_scores, a.truth, classes=p["classes"], threshold=cfg.geojson.threshold, dims=dims
+    )
     print(json.dumps(res, indent=2))
     if a.out:
         write_json(res, a.out)
@@ -102,6 +105,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], reg: Any)
     p.add_argument(
         "--truth", type=Path, required=True, help="masks.json (PNG masks at a stated scale) or a GeoJSON"
     )
+    p.add_argument("--dims", type=int, nargs=2, metavar=("W", "H"), help="level-0 size (GeoJSON truth)")
     p.add_argument("--out", type=Path)
 
     p = reg(sub, "report", _cmd_report, "one self-contained HTML report for the cohort")

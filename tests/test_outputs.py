@@ -346,3 +346,35 @@ def test_report_renders_in_chromium(planted_scores: tuple[Path, Path, Path], tmp
     assert ((top[..., 0] > 180) & (top[..., 1] < 120) & (top[..., 2] < 120)).sum() > 100 or (
         (abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)
     ).sum() > 1000
+
+
+def test_segmentation_against_geojson_polygons(
+    planted_scores: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ground truth given as QuPath-style GeoJSON annotations (here: the planted regions)."""
+    scores, pred, d = planted_scores
+    _geo(planted_scores)
+    gj = json.loads((d / "p.geojson").read_text())
+    truth = {
+        "type": "FeatureCollection",
+        "features": [f for f in gj["features"] if f["properties"]["objectType"] == "annotation"],
+    }
+    (d / "truth.geojson").write_text(json.dumps(truth))
+    assert (
+        main(
+            [
+                "evaluate-segmentation",
+                str(scores),
+                "--prediction",
+                str(pred),
+                "--truth",
+                str(d / "truth.geojson"),
+                "--dims",
+                "8192",
+                "6144",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)["per_class"]
+    assert res["TUM"]["dice"] > 0.9 and res["STR"]["dice"] > 0.9

@@ -296,3 +296,21 @@ def test_conch_protocol_needs_names_only_text(tmp_path: Path) -> None:
     )
     with pytest.raises(StoreError, match="conch_protocol"):
         score_store(st, text, _cfg(pooling={"conch_protocol": True}))
+
+
+def test_conch_protocol_scores_with_centroid_and_topk(tmp_path: Path) -> None:
+    import dataclasses
+
+    text = dataclasses.replace(make_text(), descriptions=False)
+    fine = planted_features(text, 400, {2: (0.05, 1.2), 1: (0.95, 0.25)}, seed=11)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
+    pred = score_store(
+        st,
+        text,
+        _cfg(
+            alignment={"rule": "mean"},
+            pooling={"conch_protocol": True, "method": "mean", "topk": 0.05, "scale_weights": [1, 0, 0]},
+        ),
+    ).prediction
+    assert pred["alignment"]["rule"] == "centroid" and pred["pooling"]["method"] == "topk"
+    assert pred["predicted_class"] == "NORM"
