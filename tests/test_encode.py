@@ -26,25 +26,25 @@ def tiles(planted: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     return d / "tiles.zarr"
 
 
-@pytest.fixture(scope="module")
-def features(planted: tuple[Path, Path], tiles: Path) -> Path:
-    out = tiles.parent / "features.zarr"
+def encode(tiles: Path, slide: Path, out: Path) -> Path:
     assert (
         main(
-            [
-                "encode",
-                str(tiles),
-                "--slide",
-                str(planted[0]),
-                "--out",
-                str(out),
-                "--set",
-                "encode.batch_size=48",
-            ]
+            ["encode", str(tiles), "--slide", str(slide), "--out", str(out), "--set", "encode.batch_size=48"]
         )
         == 0
     )
     return out
+
+
+def assert_same_features(a_path: Path, b_path: Path) -> None:
+    a, b = open_store(a_path), open_store(b_path)
+    for name in a.scale_names:
+        np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
+
+
+@pytest.fixture(scope="module")
+def features(planted: tuple[Path, Path], tiles: Path) -> Path:
+    return encode(tiles, planted[0], tiles.parent / "features.zarr")
 
 
 def test_store_is_valid_and_complete(features: Path, tiles: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,24 +87,7 @@ def test_features_match_per_tile_encoding(features: Path, planted: tuple[Path, P
 
 def test_rerun_gives_identical_features(features: Path, tiles: Path, planted: tuple[Path, Path]) -> None:
     again = tiles.parent / "again.zarr"
-    assert (
-        main(
-            [
-                "encode",
-                str(tiles),
-                "--slide",
-                str(planted[0]),
-                "--out",
-                str(again),
-                "--set",
-                "encode.batch_size=48",
-            ]
-        )
-        == 0
-    )
-    a, b = open_store(features), open_store(again)
-    for name in a.scale_names:
-        np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
+    assert_same_features(features, encode(tiles, planted[0], again))
 
 
 def test_kill_during_encoding_leaves_nothing_complete(
@@ -128,24 +111,7 @@ def test_kill_during_encoding_leaves_nothing_complete(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # only the temporary name, never the final one
-    assert (
-        main(
-            [
-                "encode",
-                str(tiles),
-                "--slide",
-                str(planted[0]),
-                "--out",
-                str(out),
-                "--set",
-                "encode.batch_size=48",
-            ]
-        )
-        == 0
-    )
-    a, b = open_store(features), open_store(out)
-    for name in a.scale_names:
-        np.testing.assert_array_equal(a.features(name, "demo"), b.features(name, "demo"))
+    assert_same_features(features, encode(tiles, planted[0], out))
 
 
 def test_zero_tile_slide_gives_empty_valid_store(tmp_path: Path) -> None:

@@ -23,27 +23,27 @@ from .conftest import CMU, REPO
 pytestmark = pytest.mark.slow
 
 
+def smk_command(workdir: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The snakemake command line on the repo's Snakefile, and an env that finds the CLI."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+    ]
+    return [*cmd, *args], env
+
+
 def smk(
     workdir: Path, *args: str, check: bool = True, timeout: int = 900
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+    cmd, env = smk_command(workdir, *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -164,24 +164,9 @@ def test_kill_during_encoding_then_rerun_gives_same_features(
 ) -> None:
     w = _workdir(tmp_path, slides)
     write_config(w, encode={"batch_size": 4})
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    cmd, env = smk_command(w, "--cores", "1")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(w),
-            "--cores",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     feats = w / "results" / "features"
     deadline = time.time() + 300
