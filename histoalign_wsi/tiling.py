@@ -68,13 +68,16 @@ class Tiling:
         return grid.size0 * self.slide_mpp / self.tile_px
 
 
-def _sat(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
-    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
-    s[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
+def summed_area(mask: NDArray[np.bool_]) -> NDArray[np.int64]:
+    """Summed-area table (exact integers; int32 when the mask is small enough)."""
+    dt = np.int32 if mask.size < 2**31 else np.int64
+    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dt)
+    np.cumsum(mask, axis=0, dtype=dt, out=s[1:, 1:])
+    np.cumsum(s[1:, 1:], axis=1, dtype=dt, out=s[1:, 1:])
     return s
 
 
-def _sat_at(s: NDArray[np.float64], x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
+def _sat_at(s: NDArray[np.int64], x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
     """Mask area in [0, x) x [0, y) (mask-pixel units); exact for a piecewise-constant mask,
     since the integral is bilinear inside each pixel."""
     h, w = s.shape[0] - 1, s.shape[1] - 1
@@ -92,12 +95,18 @@ def _sat_at(s: NDArray[np.float64], x: NDArray[np.float64], y: NDArray[np.float6
 
 
 def tissue_fractions(
-    mask: NDArray[np.bool_], mask_scale: float, xs: NDArray[np.int64], ys: NDArray[np.int64], size0: int
+    mask: NDArray[np.bool_],
+    mask_scale: float,
+    xs: NDArray[np.int64],
+    ys: NDArray[np.int64],
+    size0: int,
+    *,
+    sat: NDArray[np.int64] | None = None,
 ) -> NDArray[np.float64]:
     """Exact tissue area fraction of level-0 squares ``(x, y, size0)``."""
     if mask.size == 0 or len(xs) == 0:
         return np.zeros(len(xs))
-    s = _sat(mask)
+    s = summed_area(mask) if sat is None else sat
     x0, y0 = xs / mask_scale, ys / mask_scale
     x1, y1 = (xs + size0) / mask_scale, (ys + size0) / mask_scale
     area = _sat_at(s, x1, y1) - _sat_at(s, x0, y1) - _sat_at(s, x1, y0) + _sat_at(s, x0, y0)
@@ -120,11 +129,12 @@ def tile_slide(
     # per scale: grid shape and the dense "keep" table
     keep: list[NDArray[np.bool_]] = []
     frac: list[NDArray[np.float64]] = []
+    sat = summed_area(mask) if mask.size else None
     for f in factors:
         size = t0 * f
         nx, ny = w // size, h // size
         gy, gx = np.mgrid[0:ny, 0:nx]
-        fr = tissue_fractions(mask, mask_scale, gx.ravel() * size, gy.ravel() * size, size)
+        fr = tissue_fractions(mask, mask_scale, gx.ravel() * size, gy.ravel() * size, size, sat=sat)
         fr = fr.reshape(ny, nx)
         frac.append(fr)
         keep.append((fr >= params.min_tissue_fraction) & (fr > 0))
