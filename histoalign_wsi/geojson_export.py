@@ -170,7 +170,7 @@ def _write(
         }
         emit(_feature(_id(slide_id, "region", c), mapping(region), props))
     if tissue:
-        geom = shapely.geometry.shape(tissue)
+        geom = shapely.geometry.shape(dict(tissue))
         geom = shapely.make_valid(geom).intersection(shapely.box(0, 0, dims[0], dims[1]))
         if not geom.is_empty:
             props = {
