@@ -111,7 +111,9 @@ def test_kill_during_encoding_leaves_nothing_complete(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # only the temporary name, never the final one
+    assert list(tmp_path.glob(".killed.zarr.tmp-*"))
     assert_same_features(features, encode(tiles, planted[0], out))
+    assert not list(tmp_path.glob(".killed.zarr.tmp-*"))  # the dead writer's temporary is cleaned up
 
 
 def test_zero_tile_slide_gives_empty_valid_store(tmp_path: Path) -> None:
