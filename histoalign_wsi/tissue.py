@@ -90,19 +90,19 @@ def tissue_mask(
     """Boolean tissue mask of an RGB thumbnail whose pixels are ``mask_mpp`` µm wide."""
     if rgb.size == 0:
         return np.zeros(rgb.shape[:2], bool), params.min_saturation
-    # HSV saturation and value without materialising float HSV (memory: one float32 plane)
+    # HSV saturation (x255) and value as uint8 planes: no float HSV image is materialised,
+    # so memory is a few bytes per mask pixel
     mx = rgb.max(axis=2)
     mn = rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32), 0.0)
-    sat = sat.astype(np.float32)
+    sat = ((mx - mn).astype(np.uint16) * 255 // np.maximum(mx, 1)).astype(np.uint8)
     val = mx
     sat = filters.median(sat, morphology.disk(1)) if min(sat.shape) >= 3 else sat
     try:
-        otsu = float(filters.threshold_otsu(sat))
+        otsu = float(filters.threshold_otsu(sat)) / 255
     except ValueError:  # constant image
         otsu = params.min_saturation
     thr = float(np.clip(otsu, params.min_saturation, max(_OTSU_CAP, params.min_saturation)))
-    mask = (sat > thr) & (val >= params.min_value * 255) & (val <= params.max_value * 255)
+    mask = (sat > thr * 255) & (val >= params.min_value * 255) & (val <= params.max_value * 255)
     r = round(params.closing_um / mask_mpp / 2)
     if r >= 1:
         mask = morphology.closing(np.pad(mask, r), morphology.disk(r))[r:-r, r:-r]
