@@ -65,12 +65,12 @@ def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    remove_stale(dst)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Like :func:`atomic_file` for a directory (a zarr store, a folder of PNGs)."""
+    """Like :func:`atomic_file` for a directory (a zarr store, a folder of PNGs); on success
+    it also removes large temporaries of the same target left by killed writers."""
     dst = Path(target)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(dst)

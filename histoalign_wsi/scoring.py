@@ -62,7 +62,7 @@ def check_compatible(store: FeatureStore, text: TextEmbeddings, scales: list[str
 def tile_logits(store: FeatureStore, scale: str, text: TextEmbeddings, cfg: Config) -> NDArray[np.float32]:
     """Fused class logits [N, K] of one scale's tiles."""
     k = len(text.classes)
-    n = len(store.scale(scale).coords)
+    n = store.features_array(scale, next(iter(text.encoders))).shape[0]
     if n == 0:
         return np.zeros((0, k), np.float32)
     rule = "centroid" if cfg.pooling.conch_protocol else cfg.alignment.rule
