@@ -1,15 +1,13 @@
 # histoalign-wsi: zero-shot whole-slide histopathology with vision-language models.
-# Reads config.yaml, validates it, includes one rule file per stage, declares `rule all`.
+# Reads config.yaml, validates it (with the cohort, encoders, prompt bag and labels) before
+# any job runs, includes one rule file per stage, declares `rule all`.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.0")
 
 
 configfile: "config.yaml"
-
-
-validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
@@ -26,11 +24,11 @@ wildcard_constraints:
 
 rule all:
     input:
-        all_outputs(),
+        WF.final_outputs(),
     default_target: True
 
 
 onerror:
     # with --keep-going: the cohort table of the slides that completed, and
     # failed_slides.tsv naming the others with the error from their logs
-    write_partial_summary(R, SLIDES)
+    write_partial_summary(R, WF.slides)

@@ -30,12 +30,13 @@ import torch
 from _common import report
 
 from histoalign_wsi.config import load_config
-from histoalign_wsi.encoders import EncoderEntry, load_encoder, load_registry
-from histoalign_wsi.encoding import EncodeSettings, _read_blocks, plan_blocks, run_pipeline
-from histoalign_wsi.slide import open_slide
+from histoalign_wsi.features import EncoderEntry, load_registry
+from histoalign_wsi.features.adapters import load_encoder
+from histoalign_wsi.features.encode import EncodeSettings, _read_blocks, plan_blocks, run_pipeline
+from histoalign_wsi.features.store import copy_geometry, create_features, open_store
+from histoalign_wsi.slides.reader import open_slide
+from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
 from histoalign_wsi.stages import run_tile
-from histoalign_wsi.store import copy_geometry, create_features, open_store
-from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide
 
 
 def encoders_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -20,13 +20,16 @@ import numpy as np
 import pandas as pd
 from _common import report, run_child
 
+from histoalign_wsi.zeroshot import tile_scores
+from histoalign_wsi.zeroshot.tile_scores import TileScores, class_columns
+
 CLASSES = ["TUM", "STR", "LYM", "NORM"]
 
 EXPORT = """
 import json, resource, time
-from histoalign_wsi.geojson_export import export_geojson
+from histoalign_wsi.outputs.geojson import export_geojson
 t = time.perf_counter()
-export_geojson({scores!r}, {out!r}, slide_id="bench", classes={classes!r},
+export_geojson({scores!r}, {out!r},
                colors={{c: (10 * i, 100, 200) for i, c in enumerate({classes!r})}},
                level0_dims=({dim}, {dim}))
 print(json.dumps({{"export_s": time.perf_counter() - t,
@@ -42,10 +45,12 @@ def make_scores(n: int, path: Path) -> int:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(n, len(CLASSES))) + 3 * np.sin(x / 20000.0)[:, None] * np.eye(len(CLASSES))[0]
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    df = pd.DataFrame({"scale": "0.50mpp", "mpp": 0.5, "x": x, "y": y, "size0": size})
-    for k, c in enumerate(CLASSES):
-        df[f"prob_{c}"] = p[:, k].astype(np.float32)
-    df.to_parquet(path)
+    df = pd.DataFrame(
+        {"scale": "0.50mpp", "mpp": 0.5, "x": x, "y": y, "size0": size, "tissue_fraction": np.float32(1)}
+    )
+    probs = pd.DataFrame(p.astype(np.float32), columns=class_columns(CLASSES, "prob"))
+    logits_df = pd.DataFrame(logits.astype(np.float32), columns=class_columns(CLASSES, "logit"))
+    tile_scores.write(TileScores("bench", tuple(CLASSES), pd.concat([df, probs, logits_df], axis=1)), path)
     return int(side * size)
 
 

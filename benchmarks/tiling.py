@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import report, run_child
 
-from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide
+from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
 
 TISSUE_TILE = """
 import json, resource, time
 from histoalign_wsi.config import load_config
-from histoalign_wsi.slide import open_slide
-from histoalign_wsi.tiling import tile_slide
-from histoalign_wsi.tissue import detect_tissue
+from histoalign_wsi.slides.reader import open_slide
+from histoalign_wsi.slides.tiling import tile_slide
+from histoalign_wsi.slides.tissue import detect_tissue
 cfg = load_config()
 t = time.perf_counter()
 with open_slide({path!r}) as s:

@@ -1,27 +1,147 @@
-"""The one command-line entry point, ``histoalign-wsi``, with a subcommand per stage."""
+"""The one command-line entry point, ``histoalign-wsi``: builds the parser. Each
+subcommand's handler (``set_defaults(handler=...)``) turns its arguments into one call of
+a ``stages.run_*`` function and holds no pipeline logic."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from . import __version__
+from . import __version__, stages
 from .config import Config, load_config, parse_overrides
 from .errors import HistoAlignError
 
 __all__ = ["build_parser", "main"]
 
-log = logging.getLogger("histoalign_wsi")
-
 Handler = Callable[[argparse.Namespace, Config], int]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
+
+
+# --- handlers: arguments in, one stage call, exit status out ----------------------------
+
+
+def _info(a: argparse.Namespace, cfg: Config) -> int:
+    _print_json(stages.run_info(a.slide, cfg, mpp=a.mpp))
+    return 0
+
+
+def _make_demo(a: argparse.Namespace, cfg: Config) -> int:
+    paths = stages.run_make_demo_slides(
+        a.outdir, truth=a.truth, n=a.n, width=a.width, height=a.height, seed=a.seed, ome_every=a.ome_every
+    )
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def _tissue(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_tissue(a.slide, a.out, cfg, mpp=a.mpp)
+    return 0
+
+
+def _tile(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_tile(a.slide, a.out, cfg, tissue_png=a.tissue, slide_id=a.slide_id, mpp=a.mpp)
+    return 0
+
+
+def _encode(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_encode(a.tiles, a.slide, a.out, cfg)
+    return 0
+
+
+def _encoders(a: argparse.Namespace, cfg: Config) -> int:
+    rows = stages.run_encoders(cfg)
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['name']:<16} {r['kind']:<10} dim={r['embed_dim']:<5} {r['status']}")
+    return 0
+
+
+def _inspect(a: argparse.Namespace, cfg: Config) -> int:
+    summary = stages.run_inspect(a.store)
+    _print_json(summary)
+    return 1 if summary["problems"] else 0
+
+
+def _embed_prompts(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_embed_prompts(a.out, cfg, cache=a.cache)
+    return 0
+
+
+def _calibrate(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_calibrate(a.stores, a.text, a.out, cfg)
+    return 0
+
+
+def _score(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_score(
+        a.stores,
+        cfg,
+        text_path=a.text,
+        out=a.out,
+        prediction=a.prediction,
+        tile_scores=a.tile_scores,
+        calibration=a.calibration,
+        labels=a.labels,
+    )
+    return 0
+
+
+def _summarize(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_summarize(a.predictions, a.out, labels=a.labels, metrics=a.metrics, confusion=a.confusion)
+    return 0
+
+
+def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
+    m = stages.run_classify_patches(a.dir, a.out, cfg, text_path=a.text, mapping=a.mapping)
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr", "untrained")
+    _print_json({k: m[k] for k in keys})
+    return 0
+
+
+def _heatmap(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_heatmap(a.tile_scores, a.prediction, a.slide, a.out, cfg)
+    return 0
+
+
+def _export(a: argparse.Namespace, cfg: Config) -> int:
+    dims = tuple(a.dims) if a.dims else None
+    stages.run_export_geojson(
+        a.tile_scores, a.prediction, a.out, cfg, store=a.store, dims=dims, tissue=a.tissue, gzip=a.gzip
+    )
+    return 0
+
+
+def _evaluate_seg(a: argparse.Namespace, cfg: Config) -> int:
+    dims = tuple(a.dims) if a.dims else None
+    _print_json(
+        stages.run_evaluate_segmentation(a.tile_scores, a.truth, cfg, mode=a.mode, dims=dims, out=a.out)
+    )
+    return 0
+
+
+def _report(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_report(a.predictions, a.out, results=a.results)
+    return 0
+
+
+# --- the parser -------------------------------------------------------------------------
+
+
+def _add(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(handler=handler)
     p.add_argument("--config", type=Path, help="config.yaml (defaults apply without one)")
     p.add_argument(
         "--set",
@@ -31,89 +151,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key (dotted for nested keys); repeatable",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-
-def _cmd_info(a: argparse.Namespace, cfg: Config) -> int:
-    from .stages import open_for
-
-    with open_for(a.slide, cfg, mpp=a.mpp) as s:
-        print(json.dumps(dataclasses.asdict(s.info()), indent=2))
-    return 0
-
-
-def _cmd_tissue(a: argparse.Namespace, cfg: Config) -> int:
-    from .stages import run_tissue
-
-    run_tissue(a.slide, a.out, cfg, mpp=a.mpp)
-    return 0
-
-
-def _cmd_tile(a: argparse.Namespace, cfg: Config) -> int:
-    from .stages import run_tile
-
-    run_tile(a.slide, a.out, cfg, tissue_png=a.tissue, slide_id=a.slide_id, mpp=a.mpp)
-    return 0
-
-
-def _cmd_make_demo(a: argparse.Namespace, cfg: Config) -> int:
-    from .synthetic import make_demo_cohort
-
-    paths = make_demo_cohort(
-        a.outdir,
-        n=a.n,
-        width=a.width,
-        height=a.height,
-        seed=a.seed,
-        masks_dir=a.truth,
-        ome_every=a.ome_every,
-    )
-    for p in paths:
-        print(p)
-    return 0
-
-
-_COMMANDS: dict[str, Handler] = {}
-
-
-def _register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
-) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help)
-    _common(p)
-    _COMMANDS[name] = handler
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="histoalign-wsi",
-        description="Zero-shot whole-slide histopathology with vision-language models.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = _register(sub, "info", _cmd_info, "print slide metadata as JSON")
+def _slide_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "info", _info, "print slide metadata as JSON")
     p.add_argument("slide", type=Path)
     p.add_argument("--mpp", type=float, help="level-0 MPP to use instead of the metadata's")
 
-    p = _register(sub, "tissue", _cmd_tissue, "detect tissue: mask PNG (+ JSON with scale, polygons)")
-    p.add_argument("slide", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="mask PNG path")
-    p.add_argument("--mpp", type=float)
-
-    p = _register(sub, "tile", _cmd_tile, "lay nested multi-scale tiles and write the tile store")
-    p.add_argument("slide", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="tile store (.zarr)")
-    p.add_argument("--tissue", type=Path, help="mask PNG from 'tissue' (detected anew if absent)")
-    p.add_argument("--slide-id", help="id recorded in the store (default: from the file name)")
-    p.add_argument("--mpp", type=float)
-
-    p = _register(
-        sub,
-        "make-demo-slides",
-        _cmd_make_demo,
-        "write generated pyramidal slides with planted regions and their masks",
+    p = _add(
+        sub, "make-demo-slides", _make_demo, "write generated pyramidal slides with planted regions and masks"
     )
     p.add_argument("outdir", type=Path)
     p.add_argument("--n", type=int, default=4)
@@ -123,15 +171,119 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ome-every", type=int, default=4, help="every Nth slide is OME-TIFF (0: none)")
     p.add_argument("--truth", type=Path, help="folder for masks and labels.csv")
 
-    from . import cli_more
+    p = _add(sub, "tissue", _tissue, "detect tissue: mask PNG (+ JSON with scale, polygons)")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="mask PNG path")
+    p.add_argument("--mpp", type=float)
 
-    cli_more.register(sub, _register)
+    p = _add(sub, "tile", _tile, "lay nested multi-scale tiles and write the tile store")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="tile store (.zarr)")
+    p.add_argument("--tissue", type=Path, help="mask PNG from 'tissue' (detected anew if absent)")
+    p.add_argument("--slide-id", help="id recorded in the store (default: from the file name)")
+    p.add_argument("--mpp", type=float)
+
+
+def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "encode", _encode, "encode tiles at every scale with every configured encoder")
+    p.add_argument("tiles", type=Path, help="tile store from 'tile'")
+    p.add_argument("--slide", type=Path, required=True, help="the slide the tiles came from")
+    p.add_argument("--out", type=Path, required=True, help="feature store (.zarr)")
+
+    p = _add(sub, "encoders", _encoders, "list the encoder registry and what is available here")
+    p.add_argument("--json", action="store_true")
+
+    p = _add(sub, "inspect", _inspect, "validate a feature store against the schema and summarise it")
+    p.add_argument("store", type=Path)
+
+
+def _zeroshot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "embed-prompts", _embed_prompts, "embed the prompt bag with each encoder's text tower")
+    p.add_argument("--out", type=Path, required=True, help="text embeddings (.npz)")
+    p.add_argument("--cache", type=Path, help="cache folder (default {results}/cache/text)")
+
+    p = _add(sub, "calibrate", _calibrate, "per-class mean tile logit over the cohort (dask, out of core)")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--text", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="calibration JSON")
+
+    p = _add(sub, "score", _score, "score feature stores: per-slide predictions and tile scores")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--text", type=Path, help="text embeddings from embed-prompts (made now if absent)")
+    p.add_argument("--out", type=Path, help="results folder: predictions/, tile_scores/, predictions.csv")
+    p.add_argument("--prediction", type=Path, help="one slide's prediction JSON")
+    p.add_argument("--tile-scores", type=Path, help="one slide's tile-score table (.parquet)")
+    p.add_argument("--calibration", type=Path, help="calibration JSON from 'calibrate'")
+    p.add_argument("--labels", type=Path, help="label sheet slide_id,label (metrics)")
+
+    p = _add(
+        sub, "classify-patches", _classify_patches, "zero-shot on a folder of patches (class = sub-folder)"
+    )
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--mapping", type=Path, help="folder -> class (YAML mapping or CSV folder,class)")
+    p.add_argument("--text", type=Path)
+
+
+def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "summarize", _summarize, "cohort predictions.csv, and metrics when labels are given")
+    p.add_argument("predictions", type=Path, nargs="+", help="prediction JSONs")
+    p.add_argument("--out", type=Path, required=True, help="predictions.csv")
+    p.add_argument("--labels", type=Path)
+    p.add_argument("--metrics", type=Path, help="metrics.json (needs --labels)")
+    p.add_argument("--confusion", type=Path, help="confusion-matrix PNG (needs --labels)")
+
+    p = _add(sub, "heatmap", _heatmap, "per-class probability heatmaps and an argmax map (PNG)")
+    p.add_argument("tile_scores", type=Path)
+    p.add_argument("--prediction", type=Path, required=True, help="the slide's prediction JSON (colours)")
+    p.add_argument("--slide", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+    p = _add(sub, "export-geojson", _export, "QuPath GeoJSON: tiles, class regions, tissue")
+    p.add_argument("tile_scores", type=Path)
+    p.add_argument("--prediction", type=Path, required=True, help="the slide's prediction JSON (colours)")
+    p.add_argument("--store", type=Path, help="feature store (for the slide's dimensions)")
+    p.add_argument("--dims", type=int, nargs=2, metavar=("W", "H"), help="level-0 size if no --store")
+    p.add_argument("--tissue", type=Path, help="tissue JSON from 'tissue' (exported as annotation)")
+    p.add_argument("--gzip", action="store_true", help="write gzip (also implied by a .gz name)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = _add(sub, "evaluate-segmentation", _evaluate_seg, "Dice and IoU per class against ground truth")
+    p.add_argument("tile_scores", type=Path)
+    p.add_argument(
+        "--truth", type=Path, required=True, help="masks.json (PNG masks at a stated scale) or a GeoJSON"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("argmax", "threshold"),
+        default="argmax",
+        help="argmax map or p >= geojson.threshold",
+    )
+    p.add_argument("--dims", type=int, nargs=2, metavar=("W", "H"), help="level-0 size (GeoJSON truth)")
+    p.add_argument("--out", type=Path)
+
+    p = _add(sub, "report", _report, "one self-contained HTML report for the cohort")
+    p.add_argument("predictions", type=Path, help="predictions.csv")
+    p.add_argument("--results", type=Path, help="results folder (default: the CSV's folder)")
+    p.add_argument("--out", type=Path, required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="histoalign-wsi",
+        description="Zero-shot whole-slide histopathology with vision-language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _slide_commands(sub)
+    _feature_commands(sub)
+    _zeroshot_commands(sub)
+    _output_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -139,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))
-        return _COMMANDS[args.command](args, cfg)
+        code: int = args.handler(args, cfg)
+        return code
     except HistoAlignError as exc:
         print(f"histoalign-wsi {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
+    "STAGE_KEYS",
     "AlignmentParams",
     "Config",
     "EncodeParams",
@@ -54,6 +55,9 @@ def _default_filling_validator() -> type[jsonschema.protocols.Validator]:
     return jsonschema.validators.extend(base, {"properties": set_defaults})
 
 
+_NULLABLE = ("labels", "encoder_registry", "mpp_override")
+
+
 def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``raw`` against the schema, fill defaults, and check cross-field rules.
 
@@ -63,6 +67,11 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         Naming the offending key and value.
     """
     cfg = json.loads(json.dumps(dict(raw)))
+    for key in _NULLABLE:
+        # `--config labels=null` reaches us from snakemake as the string "null"; an empty
+        # value (`labels=`) clears a key too
+        if isinstance(cfg.get(key), str) and cfg[key].strip().lower() in ("", "null", "none", "~"):
+            cfg[key] = None
     validator = _default_filling_validator()(load_schema("config"))
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
@@ -109,61 +118,64 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
+# The dataclasses carry no defaults: every default lives in the schema, which fills it in
+# before :meth:`Config.from_validated` runs.
+
+
 @dataclass(frozen=True)
 class TissueParams:
-    mask_mpp: float = 8.0
-    min_saturation: float = 0.07
-    max_value: float = 0.98
-    min_value: float = 0.08
-    closing_um: float = 32.0
-    min_area_um2: float = 20000.0
-    max_hole_um2: float = 20000.0
+    mask_mpp: float
+    min_saturation: float
+    max_value: float
+    min_value: float
+    closing_um: float
+    min_area_um2: float
+    max_hole_um2: float
 
 
 @dataclass(frozen=True)
 class TilingParams:
-    scales_mpp: tuple[float, ...] = (0.5, 1.0, 2.0)
-    tile_px: int = 224
-    min_tissue_fraction: float = 0.25
+    scales_mpp: tuple[float, ...]
+    tile_px: int
+    min_tissue_fraction: float
 
 
 @dataclass(frozen=True)
 class EncodeParams:
-    batch_size: int = 128
-    readers: int = 2
-    prefetch: int = 4
-    block_tiles: int = 1
+    batch_size: int
+    readers: int
+    prefetch: int
 
 
 @dataclass(frozen=True)
 class AlignmentParams:
-    rule: str = "centroid"
-    temperature: float = 0.05
-    topk: int = 5
+    rule: str
+    temperature: float
+    topk: int
 
 
 @dataclass(frozen=True)
 class PoolingParams:
-    method: str = "topk"
-    topk: float = 0.05
-    soft_temperature: float = 1.0
-    scale_weights: tuple[float, ...] | None = None
-    parent_context: float = 0.0
-    conch_protocol: bool = False
-    top_tiles: int = 10
+    method: str
+    topk: float
+    soft_temperature: float
+    scale_weights: tuple[float, ...] | None
+    parent_context: float
+    conch_protocol: bool
+    top_tiles: int
 
 
 @dataclass(frozen=True)
 class HeatmapParams:
-    max_size: int = 1024
-    alpha: float = 0.55
+    max_size: int
+    alpha: float
 
 
 @dataclass(frozen=True)
 class GeoJSONParams:
-    threshold: float = 0.5
-    simplify_px: float = 1.0
-    gzip: bool = False
+    threshold: float
+    simplify_px: float
+    gzip: bool
 
 
 @dataclass(frozen=True)
@@ -171,24 +183,25 @@ class Config:
     """The validated configuration; build it with :func:`load_config`."""
 
     slides: str
-    results: str = "results"
-    labels: str | None = None
-    reader: str = "auto"
-    mpp_override: float | None = None
-    encoders: tuple[str, ...] = ("demo",)
-    encoder_weights: Mapping[str, float] = field(default_factory=dict)
-    encoder_registry: str | None = None
-    prompt_bag: str = "crc"
-    offline: bool = True
-    device: str = "auto"
-    tissue: TissueParams = TissueParams()
-    tiling: TilingParams = TilingParams()
-    encode: EncodeParams = EncodeParams()
-    alignment: AlignmentParams = AlignmentParams()
-    pooling: PoolingParams = PoolingParams()
-    calibration: bool = False
-    heatmap: HeatmapParams = HeatmapParams()
-    geojson: GeoJSONParams = GeoJSONParams()
+    results: str
+    labels: str | None
+    reader: str
+    mpp_override: float | None
+    encoders: tuple[str, ...]
+    encoder_weights: Mapping[str, float]
+    encoder_registry: str | None
+    prompt_bag: str
+    offline: bool
+    device: str
+    tissue: TissueParams
+    tiling: TilingParams
+    encode: EncodeParams
+    alignment: AlignmentParams
+    pooling: PoolingParams
+    calibration: bool
+    calibration_weighting: str
+    heatmap: HeatmapParams
+    geojson: GeoJSONParams
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -218,6 +231,7 @@ class Config:
             alignment=AlignmentParams(**cfg["alignment"]),
             pooling=PoolingParams(**pool),
             calibration=cfg["calibration"],
+            calibration_weighting=cfg["calibration_weighting"],
             heatmap=HeatmapParams(**cfg["heatmap"]),
             geojson=GeoJSONParams(**cfg["geojson"]),
             raw=cfg,
@@ -252,7 +266,22 @@ def load_config(
     return Config.from_validated(validate_config(raw))
 
 
-def config_hash(cfg: Config, keys: Iterable[str]) -> str:
-    """Short hash of the named top-level keys: it ties an output to the settings that made it."""
-    sub = {k: cfg.raw.get(k) for k in sorted(keys)}
+#: The top-level config keys each stage reads: the workflow hands a rule exactly these
+#: (so that editing, say, the prompt bag reruns only the stages that read it), and a
+#: stage's outputs record the hash of these.
+STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "tissue": ("reader", "mpp_override", "tissue"),
+    "tile": ("reader", "mpp_override", "tissue", "scales_mpp", "tile_px", "tiling"),
+    "encode": ("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
+    "embed_prompts": ("encoders", "encoder_registry", "offline", "device", "prompt_bag", "pooling"),
+    "calibrate": ("scales_mpp", "alignment", "pooling", "encoder_weights", "calibration_weighting"),
+    "score": ("scales_mpp", "alignment", "pooling", "encoder_weights"),
+    "heatmap": ("reader", "mpp_override", "heatmap"),
+    "export_geojson": ("geojson",),
+}
+
+
+def config_hash(cfg: Config, stage: str) -> str:
+    """Short hash of the keys ``stage`` reads: it ties an output to the settings that made it."""
+    sub = {k: cfg.raw.get(k) for k in sorted(STAGE_KEYS[stage])}
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,32 +1,53 @@
-"""Stage entry points shared by the CLI and the workflow: open inputs, call the
-library, write outputs atomically. Each function is one pipeline stage."""
+"""The stages: one ``run_*`` per CLI subcommand. Each opens its inputs, calls the library
+and writes its outputs through their owner modules (atomically). The CLI only parses
+arguments and calls one of these; the workflow's rules only call the CLI.
+
+Heavy modules (torch, the encode pipeline) are imported inside the stages that need
+them, so that light subcommands start fast.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import zarr
-
 from . import __version__
-from .cohort import slide_id_for
 from .config import Config, config_hash
-from .errors import SlideError
-from .slide import Slide, open_slide
-from .store import write_tiling
-from .tiling import tile_slide
-from .tissue import detect_tissue, load_tissue, save_tissue
+from .errors import ConfigError, SlideError
+from .slides.cohort import read_labels, slide_id_for
+from .slides.reader import Slide, open_slide
 
 if TYPE_CHECKING:
-    from .encoders import LoadedEncoder
+    from .zeroshot.text import TextEmbeddings
 
-__all__ = ["load_encoders", "open_for", "run_encode", "run_tile", "run_tissue", "slide_attrs"]
+__all__ = [
+    "open_for",
+    "run_calibrate",
+    "run_classify_patches",
+    "run_embed_prompts",
+    "run_encode",
+    "run_encoders",
+    "run_evaluate_segmentation",
+    "run_export_geojson",
+    "run_heatmap",
+    "run_info",
+    "run_inspect",
+    "run_make_demo_slides",
+    "run_report",
+    "run_score",
+    "run_summarize",
+    "run_tile",
+    "run_tissue",
+]
 
 log = logging.getLogger(__name__)
 
-TILE_KEYS = ("scales_mpp", "tile_px", "tiling", "tissue", "reader", "mpp_override")
+
+# --- shared helpers -------------------------------------------------------------------
 
 
 def open_for(path: str | Path, cfg: Config, *, mpp: float | None = None) -> Slide:
@@ -34,23 +55,38 @@ def open_for(path: str | Path, cfg: Config, *, mpp: float | None = None) -> Slid
     return open_slide(path, reader=cfg.reader, mpp_override=mpp, mpp_default=cfg.mpp_override)
 
 
-def slide_attrs(slide: Slide, slide_id: str) -> dict[str, Any]:
-    return {
-        "id": slide_id,
-        "path": str(slide.path),
-        "size_bytes": slide.path.stat().st_size,
-        "level0_dims": list(slide.dimensions),
-        "mpp": slide.mpp,
-        "mpp_source": slide.mpp_source,
-        "vendor": slide.vendor,
-        "reader": slide.reader,
-        "level_dimensions": [list(d) for d in slide.level_dimensions],
-        "level_downsamples": slide.level_downsamples,
-    }
+def _text(cfg: Config, text_path: Path | None, cache: Path | None) -> TextEmbeddings:
+    """Text embeddings from ``text_path``, or embedded now from the configured bag."""
+    from .features.adapters import load_encoders, resolve_device
+    from .zeroshot.prompts import load_bag
+    from .zeroshot.text import embed_bag, load_text
+
+    if text_path is not None:
+        return load_text(text_path)
+    encs = load_encoders(cfg, device=resolve_device(cfg.device))
+    return embed_bag(
+        load_bag(cfg.prompt_bag), encs, descriptions=not cfg.pooling.conch_protocol, cache_dir=cache
+    )
+
+
+# --- slides ---------------------------------------------------------------------------
+
+
+def run_info(slide_path: Path, cfg: Config, *, mpp: float | None = None) -> dict[str, Any]:
+    with open_for(slide_path, cfg, mpp=mpp) as s:
+        return dataclasses.asdict(s.info())
+
+
+def run_make_demo_slides(outdir: Path, *, truth: Path | None = None, **spec: Any) -> list[Path]:
+    from .slides.synthetic import make_demo_cohort
+
+    return make_demo_cohort(outdir, masks_dir=truth, **spec)
 
 
 def run_tissue(slide_path: str | Path, out_png: str | Path, cfg: Config, *, mpp: float | None = None) -> Path:
     """Detect tissue and write ``out_png`` (+ ``.json`` with scale and polygons)."""
+    from .slides.tissue import detect_tissue, save_tissue
+
     with open_for(slide_path, cfg, mpp=mpp) as slide:
         result = detect_tissue(slide, cfg.tissue)
         log.info("%s: tissue covers %.1f%% of the slide", slide.path.name, 100 * result.area_fraction)
@@ -67,6 +103,10 @@ def run_tile(
     mpp: float | None = None,
 ) -> Path:
     """Lay the nested grids and write the tile store (the feature-store layout)."""
+    from .features.store import write_tiling
+    from .slides.tiling import tile_slide
+    from .slides.tissue import detect_tissue, load_tissue
+
     sid = slide_id or slide_id_for(slide_path)
     with open_for(slide_path, cfg, mpp=mpp) as slide:
         if tissue_png is not None:
@@ -76,55 +116,33 @@ def run_tile(
         else:
             res = detect_tissue(slide, cfg.tissue)
             mask, scale = res.mask, res.scale
-            tissue_attrs = {
-                "threshold": res.threshold,
-                "tissue_fraction": res.area_fraction,
-                "params": cfg.raw["tissue"],
-            }
+            tissue_attrs = {"threshold": res.threshold, "tissue_fraction": res.area_fraction}
+            tissue_attrs["params"] = cfg.raw["tissue"]
         tissue_attrs["level0_px_per_mask_px"] = scale
         tiling = tile_slide(
-            mask,
-            mask_scale=scale,
-            slide_mpp=slide.mpp,
-            level0_dims=slide.dimensions,
-            params=cfg.tiling,
+            mask, mask_scale=scale, slide_mpp=slide.mpp, level0_dims=slide.dimensions, params=cfg.tiling
         )
         for g in tiling.scales:
             log.info("%s: %s: %d tiles", sid, g.name, len(g))
         return write_tiling(
             out,
             tiling,
-            slide_attrs=slide_attrs(slide, sid) | {"package_version": __version__},
+            slide_attrs=slide.attrs(sid) | {"package_version": __version__},
             tissue_attrs=tissue_attrs,
-            config_hash=config_hash(cfg, TILE_KEYS),
+            config_hash=config_hash(cfg, "tile"),
         )
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def load_encoders(
-    cfg: Config, names: Sequence[str] | None = None, *, device: str = "cpu"
-) -> list[LoadedEncoder]:
-    """The configured encoders, loaded (unknown names and missing weights are errors)."""
-    from .encoders import get_entry, load_encoder, load_registry
-
-    registry = load_registry(cfg.encoder_registry)
-    return [
-        load_encoder(get_entry(n, registry), offline=cfg.offline, device=device)
-        for n in (names or cfg.encoders)
-    ]
+# --- features -------------------------------------------------------------------------
 
 
 def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, cfg: Config) -> Path:
     """Copy the tile geometry into a new feature store and add every encoder's features."""
-    from .encoding import EncodeSettings, run_pipeline
-    from .store import copy_geometry, create_features, open_store
+    import zarr
+
+    from .features.adapters import load_encoders, resolve_device
+    from .features.encode import EncodeSettings, run_pipeline
+    from .features.store import copy_geometry, create_features, open_store
 
     src = open_store(tile_store)
     device = resolve_device(cfg.device)
@@ -149,14 +167,10 @@ def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, 
             arrays: dict[tuple[int, str], Any] = {}
             for s, sv in enumerate(scales):
                 fg = root[f"scales/{sv.name}/features"]
-                assert isinstance(fg, zarr.Group)
+                assert isinstance(fg, zarr.Group)  # copy_geometry made it
                 for enc in encoders:
                     arrays[(s, enc.name)] = create_features(
-                        fg,
-                        enc.name,
-                        len(sv.coords),
-                        enc.entry.embed_dim,
-                        enc.attrs(),
+                        fg, enc.name, len(sv.coords), enc.entry.embed_dim, enc.attrs()
                     )
             n = run_pipeline(slide, scales, encoders, arrays, settings)
             root.attrs.update(
@@ -166,11 +180,209 @@ def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, 
                     "encode_device": device,
                 }
             )
-            log.info(
-                "%s: encoded %d tiles with %s on %s",
-                meta["id"],
-                n,
-                ", ".join(e.name for e in encoders),
-                device,
-            )
+            names = ", ".join(e.name for e in encoders)
+            log.info("%s: encoded %d tiles with %s on %s", meta["id"], n, names, device)
     return Path(out)
+
+
+def run_encoders(cfg: Config) -> list[dict[str, Any]]:
+    """The registry: one row per encoder with where its weights are (or why not)."""
+    from .features import availability, load_registry
+
+    return [
+        {
+            "name": e.name,
+            "kind": e.kind,
+            "source": dict(e.weights) or "built in",
+            "embed_dim": e.embed_dim,
+            "status": availability(e, offline=cfg.offline),
+            "description": e.description,
+        }
+        for e in load_registry(cfg.encoder_registry).values()
+    ]
+
+
+def run_inspect(store: Path) -> dict[str, Any]:
+    from .features.store import open_store
+
+    return open_store(store).summary()
+
+
+# --- zero-shot ------------------------------------------------------------------------
+
+
+def run_embed_prompts(out: Path, cfg: Config, *, cache: Path | None = None) -> Path:
+    from .zeroshot.text import save_text
+
+    return save_text(_text(cfg, None, cache or Path(cfg.results) / "cache" / "text"), out)
+
+
+def run_calibrate(stores: Sequence[Path], text_path: Path, out: Path, cfg: Config) -> Path:
+    from .zeroshot.calibration import cohort_offsets
+    from .zeroshot.text import load_text
+
+    return cohort_offsets(stores, load_text(text_path), cfg).write(out)
+
+
+def run_score(
+    stores: Sequence[Path],
+    cfg: Config,
+    *,
+    text_path: Path | None = None,
+    out: Path | None = None,
+    prediction: Path | None = None,
+    tile_scores: Path | None = None,
+    calibration: Path | None = None,
+    labels: Path | None = None,
+) -> list[Path]:
+    """Score stores into ``out`` (predictions/, tile_scores/, predictions.csv), or one
+    store into the paths ``prediction`` and ``tile_scores``."""
+    from .features.store import open_store
+    from .zeroshot.calibration import CalibrationOffsets
+    from .zeroshot.scoring import score_store, write_scores
+
+    if (prediction or tile_scores) and len(stores) != 1:
+        raise ConfigError("--prediction/--tile-scores name one slide's outputs: give exactly one store")
+    if not (prediction and tile_scores) and out is None:
+        raise ConfigError("give --out DIR, or both --prediction and --tile-scores")
+    text = _text(cfg, text_path, Path(out or ".") / "cache" / "text")
+    calib = CalibrationOffsets.read(calibration) if calibration else None
+    written = []
+    for sp in stores:
+        store = open_store(sp)
+        sid = store.slide_id
+        pj = prediction or Path(str(out)) / "predictions" / f"{sid}.json"
+        tp = tile_scores or Path(str(out)) / "tile_scores" / f"{sid}.parquet"
+        write_scores(score_store(store, text, cfg, calibration=calib), pj, tp)
+        written.append(pj)
+    if out is not None and prediction is None:
+        sheet = labels or (Path(cfg.labels) if cfg.labels else None)
+        run_summarize(
+            written,
+            out / "predictions.csv",
+            labels=sheet,
+            metrics=out / "metrics.json",
+            confusion=out / "confusion_matrix.png",
+        )
+    return written
+
+
+def run_classify_patches(
+    root: Path, out: Path, cfg: Config, *, text_path: Path | None = None, mapping: Path | None = None
+) -> dict[str, Any]:
+    """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG."""
+    from ._atomic import atomic_file
+    from .features.adapters import load_encoders, resolve_device
+    from .outputs.metrics import classification_metrics, plot_confusion, write_json
+    from .zeroshot.alignment import AlignmentSpec
+    from .zeroshot.patches import classify_patches, read_mapping
+
+    text = _text(cfg, text_path, out / "cache")
+    encs = load_encoders(cfg, device=resolve_device(cfg.device))
+    res = classify_patches(
+        root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
+    )
+    with atomic_file(out / "predictions.csv") as tmp:
+        res.table().to_csv(tmp, index=False)
+    m = classification_metrics(res.labels, res.predicted, res.probs.astype("float64"), res.classes)
+    m["untrained"] = any(e.entry.untrained for e in encs)
+    m["encoders"] = {e.name: e.weights_sha256 for e in encs}
+    write_json(m, out / "metrics.json")
+    plot_confusion(m["confusion_matrix"], out / "confusion_matrix.png")
+    return m
+
+
+# --- outputs --------------------------------------------------------------------------
+
+
+def run_summarize(
+    predictions: Sequence[Path],
+    out: Path,
+    *,
+    labels: Path | None = None,
+    metrics: Path | None = None,
+    confusion: Path | None = None,
+) -> Path:
+    from .outputs.predictions import summarize
+    from .zeroshot.prediction import load_predictions
+
+    sheet = read_labels(labels) if labels else None
+    summarize(load_predictions(predictions), out, labels=sheet, metrics_json=metrics, confusion_png=confusion)
+    return out
+
+
+def run_heatmap(tile_scores_path: Path, prediction: Path, slide_path: Path, out: Path, cfg: Config) -> Path:
+    from .outputs.heatmaps import write_heatmaps
+    from .zeroshot import tile_scores
+    from .zeroshot.prediction import Prediction
+
+    pred = Prediction.read(prediction)
+    with open_for(slide_path, cfg) as slide:
+        return write_heatmaps(
+            slide,
+            tile_scores.read(tile_scores_path),
+            pred.colors,
+            out,
+            max_size=cfg.heatmap.max_size,
+            alpha=cfg.heatmap.alpha,
+        )
+
+
+def run_export_geojson(
+    tile_scores_path: Path,
+    prediction: Path,
+    out: Path,
+    cfg: Config,
+    *,
+    store: Path | None = None,
+    dims: tuple[int, int] | None = None,
+    tissue: Path | None = None,
+    gzip: bool = False,
+) -> Path:
+    from .features.store import open_store
+    from .outputs.geojson import export_geojson
+    from .zeroshot.prediction import Prediction
+
+    if store is not None:
+        w, h = open_store(store).attrs["slide"]["level0_dims"]
+        dims = (int(w), int(h))
+    if dims is None:
+        raise ConfigError("export-geojson needs --store or --dims for the slide's size")
+    polygons = json.loads(Path(tissue).read_text())["polygons"] if tissue else None
+    return export_geojson(
+        tile_scores_path,
+        out,
+        colors=Prediction.read(prediction).colors,
+        level0_dims=dims,
+        tissue_polygons=polygons,
+        threshold=cfg.geojson.threshold,
+        simplify_px=cfg.geojson.simplify_px,
+        gzip_output=True if gzip or cfg.geojson.gzip else None,
+    )
+
+
+def run_evaluate_segmentation(
+    tile_scores_path: Path,
+    truth: Path,
+    cfg: Config,
+    *,
+    mode: str = "argmax",
+    dims: tuple[int, int] | None = None,
+    out: Path | None = None,
+) -> Mapping[str, Any]:
+    from .outputs.metrics import write_json
+    from .outputs.segmentation import evaluate_segmentation
+    from .zeroshot import tile_scores
+
+    res = evaluate_segmentation(
+        tile_scores.read(tile_scores_path), truth, mode=mode, threshold=cfg.geojson.threshold, dims=dims
+    )
+    if out is not None:
+        write_json(res, out)
+    return res
+
+
+def run_report(predictions_csv: Path, out: Path, *, results: Path | None = None) -> Path:
+    from .outputs.report import write_report
+
+    return write_report(predictions_csv, out, results=results)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from histoalign_wsi.config import Config, load_config
-from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_masks, write_slide
+from histoalign_wsi.slides.reader import Slide
+from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_masks, write_slide
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -66,3 +68,14 @@ def jpeg_close(a: np.ndarray, b: np.ndarray, *, mean_tol: float = 6.0, p99_tol: 
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert d.mean() < mean_tol, d.mean()
     assert np.percentile(d, 99) < p99_tol, np.percentile(d, 99)
+
+
+def read_scaled(slide: Slide, location: tuple[int, int], size0: int, out_px: int) -> np.ndarray:
+    """Reference reader: one tile of ``size0`` level-0 px, read alone and resampled to
+    ``out_px`` (area average) with Pillow; independent of the encode pipeline."""
+    level = slide.best_level(size0 / out_px)
+    n = max(1, round(size0 / slide.level_downsamples[level]))
+    arr = slide.read_region(location, level, (n, n))
+    if n == out_px:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((out_px, out_px), Image.Resampling.BOX))

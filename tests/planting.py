@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 
-from histoalign_wsi.store import create_features, open_store, write_tiling
-from histoalign_wsi.text import EncoderText, TextEmbeddings
-from histoalign_wsi.tiling import ScaleGrid, Tiling
+from histoalign_wsi.features.store import create_features, open_store, write_tiling
+from histoalign_wsi.slides.tiling import ScaleGrid, Tiling
+from histoalign_wsi.zeroshot.prediction import Prediction
+from histoalign_wsi.zeroshot.text import EncoderText, TextEmbeddings
+from histoalign_wsi.zeroshot.tile_scores import class_columns
 
 D = 32
 SHA = "f" * 64
@@ -123,3 +127,51 @@ def build_store(
             arr[...] = feats[m].astype(np.float16)
     assert open_store(path).validate() == []
     return path
+
+
+def planted_table(
+    scale: str,
+    mpp: float,
+    coords: NDArray[np.int32],
+    size0: int,
+    probs: NDArray[np.floating],
+    classes: Sequence[str],
+) -> pd.DataFrame:
+    """A tile-score table of one scale with planted probabilities (logits = log p)."""
+    df = pd.DataFrame(
+        {
+            "scale": scale,
+            "mpp": mpp,
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+            "size0": size0,
+            "tissue_fraction": np.ones(len(coords), np.float32),
+        }
+    )
+    p = np.asarray(probs, np.float32).reshape(-1, len(classes))
+    probs_df = pd.DataFrame(p, columns=class_columns(classes, "prob"))
+    logits_df = pd.DataFrame(np.log(np.maximum(p, 1e-9)), columns=class_columns(classes, "logit"))
+    return pd.concat([df, probs_df, logits_df], axis=1)
+
+
+def make_prediction(
+    slide_id: str, classes: Sequence[str], colors: Mapping[str, tuple[int, int, int]], **kw: Any
+) -> Prediction:
+    """A prediction with neutral defaults for every field not given."""
+    fields: dict[str, Any] = {
+        "slide_id": slide_id,
+        "slide_path": f"{slide_id}.svs",
+        "classes": tuple(classes),
+        "colors": dict(colors),
+        "status": "ok",
+        "predicted_class": classes[0],
+        "probabilities": {c: 1 / len(classes) for c in classes},
+        "prompt_bag": {"name": "planted", "hash": "0"},
+        "encoders": [],
+        "untrained": False,
+        "alignment": {"rule": "centroid"},
+        "pooling": {"method": "topk"},
+        "calibrated": False,
+        "per_scale": {},
+    }
+    return Prediction(**(fields | kw))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from histoalign_wsi.cli import main
-from histoalign_wsi.slide import open_slide
+from histoalign_wsi.slides.reader import open_slide
 
 from .conftest import shared
 
@@ -95,7 +95,8 @@ def test_full_cli_chain(cohort: Path, capsys: pytest.CaptureFixture[str]) -> Non
         main(["calibrate", *stores, "--text", str(r / "text.npz"), "--out", str(r / "calibration.json")]) == 0
     )
     cal = json.loads((r / "calibration.json").read_text())
-    assert set(cal) == {"0.50mpp", "1.00mpp", "2.00mpp"} and len(cal["0.50mpp"]) == 9
+    assert set(cal["offsets"]) == {"0.50mpp", "1.00mpp", "2.00mpp"} and len(cal["offsets"]["0.50mpp"]) == 9
+    assert cal["weighting"] == "slide" and cal["n_slides"] == 2 and len(cal["classes"]) == 9
     labels = cohort / "slides_truth" / "labels.csv"
     assert (
         main(

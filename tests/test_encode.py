@@ -14,9 +14,11 @@ import pytest
 
 from histoalign_wsi.cli import main
 from histoalign_wsi.errors import SlideError
-from histoalign_wsi.slide import Slide
-from histoalign_wsi.store import open_store
-from histoalign_wsi.synthetic import DemoSlideSpec, write_slide
+from histoalign_wsi.features.store import open_store
+from histoalign_wsi.slides.reader import Slide
+from histoalign_wsi.slides.synthetic import DemoSlideSpec, write_slide
+
+from .conftest import read_scaled
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,10 @@ def test_features_match_per_tile_encoding(features: Path, planted: tuple[Path, P
     """Block reads + device resizing give the same features as reading each tile alone."""
     import torch
 
-    from histoalign_wsi.encoders import load_encoder, load_registry
-    from histoalign_wsi.encoding import preprocess_on_device
-    from histoalign_wsi.slide import open_slide
+    from histoalign_wsi.features import load_registry
+    from histoalign_wsi.features.adapters import load_encoder
+    from histoalign_wsi.features.encode import preprocess_on_device
+    from histoalign_wsi.slides.reader import open_slide
 
     st = open_store(features)
     enc = load_encoder(load_registry()["demo"])
@@ -77,7 +80,7 @@ def test_features_match_per_tile_encoding(features: Path, planted: tuple[Path, P
         for name in st.scale_names:
             sv = st.scale(name)
             idx = np.linspace(0, len(sv.coords) - 1, 4).astype(int)
-            tiles = np.stack([s.read_scaled(tuple(sv.coords[i]), sv.size0, 224) for i in idx])
+            tiles = np.stack([read_scaled(s, tuple(sv.coords[i]), sv.size0, 224) for i in idx])
             x = preprocess_on_device(torch.from_numpy(tiles.copy()).permute(0, 3, 1, 2).float(), enc)
             ref = enc.encode_image(x).numpy()
             got = st.features(name, "demo")[idx]
@@ -95,7 +98,7 @@ def test_kill_during_encoding_leaves_nothing_complete(
 ) -> None:
     out = tmp_path / "killed.zarr"
     code = (
-        "import time, histoalign_wsi.encoding as e\n"
+        "import time, histoalign_wsi.features.encode as e\n"
         "orig = e._Forward.__call__\n"
         "def slow(self, t):\n    time.sleep(0.5)\n    return orig(self, t)\n"
         "e._Forward.__call__ = slow\n"

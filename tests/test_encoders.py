@@ -13,16 +13,15 @@ import torch
 from PIL import Image
 
 from histoalign_wsi.cli import main
-from histoalign_wsi.encoders import (
+from histoalign_wsi.errors import EncoderError, WeightsError
+from histoalign_wsi.features import (
     EncoderEntry,
     availability,
     get_entry,
-    load_encoder,
     load_registry,
 )
-from histoalign_wsi.encoders.adapters import build_open_clip_from_cfg
-from histoalign_wsi.encoding import preprocess_on_device
-from histoalign_wsi.errors import EncoderError, WeightsError
+from histoalign_wsi.features.adapters import build_open_clip_from_cfg, load_encoder
+from histoalign_wsi.features.encode import preprocess_on_device
 
 TINY = {
     "embed_dim": 32,

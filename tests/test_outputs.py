@@ -18,13 +18,17 @@ from PIL import Image
 
 from histoalign_wsi.cli import main
 from histoalign_wsi.errors import HistoAlignError
-from histoalign_wsi.evaluation import dice_iou
-from histoalign_wsi.geojson_export import export_geojson
-from histoalign_wsi.heatmaps import safe_filename, write_heatmaps
-from histoalign_wsi.report import write_report
-from histoalign_wsi.segmentation import _rasterize, evaluate_segmentation, load_truth
-from histoalign_wsi.slide import open_slide
-from histoalign_wsi.store import open_store
+from histoalign_wsi.features.store import open_store
+from histoalign_wsi.outputs.geojson import export_geojson
+from histoalign_wsi.outputs.heatmaps import safe_filename, write_heatmaps
+from histoalign_wsi.outputs.metrics import dice_iou
+from histoalign_wsi.outputs.report import write_report
+from histoalign_wsi.outputs.segmentation import _rasterize, evaluate_segmentation, load_truth
+from histoalign_wsi.slides.reader import open_slide
+from histoalign_wsi.zeroshot import tile_scores
+from histoalign_wsi.zeroshot.tile_scores import TileScores
+
+from .planting import make_prediction, planted_table
 
 CLASSES = ["TUM", "STR", "LYM & <other>"]
 COLORS = {"TUM": (200, 40, 60), "STR": (240, 130, 190), "LYM & <other>": (60, 80, 200)}
@@ -51,15 +55,9 @@ def planted_scores(
         p[truth["STR"][cy, cx], 1] = 0.9
         p[truth["LYM"][cy, cx], 2] = 0.9
         p /= p.sum(axis=1, keepdims=True)
-        df = pd.DataFrame(
-            {"scale": name, "mpp": sv.mpp, "x": sv.coords[:, 0], "y": sv.coords[:, 1], "size0": sv.size0}
-        )
-        for k, c in enumerate(CLASSES):
-            df[f"prob_{c}"] = p[:, k]
-        rows.append(df)
-    pd.concat(rows).to_parquet(d / "scores.parquet")
-    pred = {"slide_id": "planted", "classes": CLASSES, "colors": {c: list(v) for c, v in COLORS.items()}}
-    (d / "pred.json").write_text(json.dumps(pred))
+        rows.append(planted_table(name, sv.mpp, sv.coords, sv.size0, p, CLASSES))
+    tile_scores.write(TileScores("planted", tuple(CLASSES), pd.concat(rows)), d / "scores.parquet")
+    make_prediction("planted", CLASSES, COLORS).write(d / "pred.json")
     return d / "scores.parquet", d / "pred.json", d
 
 
@@ -180,12 +178,11 @@ def test_heatmap_size_and_hot_pixels(
     for f in ("TUM.png", "STR.png", f"{safe_filename(CLASSES[2])}.png", "argmax.png"):
         assert Image.open(d / "hm" / f).size == thumb.size
     with open_slide(planted[0]) as s:
-        from histoalign_wsi.raster import probability_raster
+        from histoalign_wsi.outputs.raster import probability_raster
 
         scale = max(s.dimensions) / thumb.size[0]
-    df = pd.read_parquet(scores)
     probs, count = probability_raster(
-        df[df["mpp"] == 0.5], CLASSES, shape=(thumb.size[1], thumb.size[0]), scale=scale
+        tile_scores.read(scores), shape=(thumb.size[1], thumb.size[0]), scale=scale
     )
     truth, _tscale = load_truth(planted[1])
     str_truth = np.asarray(Image.fromarray(truth["STR"]).resize(thumb.size, Image.Resampling.NEAREST))
@@ -201,16 +198,14 @@ def test_heatmap_size_and_hot_pixels(
 def test_segmentation_evaluation_cli(
     planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    scores, pred, d = planted_scores
-    res = evaluate_segmentation(scores, planted[1], classes=CLASSES)
+    scores, _pred, d = planted_scores
+    res = evaluate_segmentation(tile_scores.read(scores), planted[1])
     assert res["per_class"]["TUM"]["dice"] > 0.85 and res["per_class"]["STR"]["dice"] > 0.8
     assert (
         main(
             [
                 "evaluate-segmentation",
                 str(scores),
-                "--prediction",
-                str(pred),
                 "--truth",
                 str(planted[1]),
                 "--out",
@@ -223,22 +218,15 @@ def test_segmentation_evaluation_cli(
 
 
 def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path], tmp_path: Path) -> None:
-    cols = {"scale": [], "mpp": [], "x": [], "y": [], "size0": []} | {f"prob_{c}": [] for c in CLASSES}
-    pd.DataFrame(cols).to_parquet(tmp_path / "empty.parquet")
+    empty = planted_table("0.50mpp", 0.5, np.zeros((0, 2), np.int32), 448, np.zeros((0, 3)), CLASSES)
+    tile_scores.write(TileScores("blank", tuple(CLASSES), empty), tmp_path / "empty.parquet")
     export_geojson(
-        tmp_path / "empty.parquet",
-        tmp_path / "e.geojson",
-        slide_id="blank",
-        classes=CLASSES,
-        colors=COLORS,
-        level0_dims=(8192, 6144),
+        tmp_path / "empty.parquet", tmp_path / "e.geojson", colors=COLORS, level0_dims=(8192, 6144)
     )
     gj = json.loads((tmp_path / "e.geojson").read_text())
     assert gj == {"type": "FeatureCollection", "features": []}
     with open_slide(planted[0]) as s:
-        write_heatmaps(
-            s, pd.read_parquet(tmp_path / "empty.parquet"), CLASSES, COLORS, tmp_path / "hm", slide_id="blank"
-        )
+        write_heatmaps(s, tile_scores.read(tmp_path / "empty.parquet"), COLORS, tmp_path / "hm")
     img = np.asarray(Image.open(tmp_path / "hm" / "argmax.png").convert("RGB")).astype(int)
     assert np.abs(img[..., 0] - img[..., 2]).mean() < 10  # grey
 
@@ -246,41 +234,33 @@ def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path]
 def test_nan_probabilities_are_refused(
     planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    df = pd.read_parquet(planted_scores[0])
+    ts = tile_scores.read(planted_scores[0], finest=False)
+    df = ts.table.copy()
     df.loc[df.index[3], "prob_TUM"] = np.nan
-    df.to_parquet(tmp_path / "nan.parquet")
+    tile_scores.write(TileScores("planted", ts.classes, df), tmp_path / "nan.parquet")
     with pytest.raises(HistoAlignError, match=r"'planted'.*NaN"):
         export_geojson(
-            tmp_path / "nan.parquet",
-            tmp_path / "x.geojson",
-            slide_id="planted",
-            classes=CLASSES,
-            colors=COLORS,
-            level0_dims=(8192, 6144),
+            tmp_path / "nan.parquet", tmp_path / "x.geojson", colors=COLORS, level0_dims=(8192, 6144)
         )
     assert not (tmp_path / "x.geojson").exists()
     with open_slide(planted[0]) as s, pytest.raises(HistoAlignError, match="NaN"):
-        write_heatmaps(s, df, CLASSES, COLORS, tmp_path / "hm", slide_id="planted")
+        write_heatmaps(s, TileScores("planted", ts.classes, df), COLORS, tmp_path / "hm")
 
 
 def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> Path:
     res = tmp_path / "results"
     (res / "predictions").mkdir(parents=True)
-    pred = {
-        "slide_id": "s<1>",
-        "classes": CLASSES,
-        "colors": {c: list(v) for c, v in COLORS.items()},
-        "predicted_class": "LYM & <other>",
-        "status": "ok",
-        "untrained": True,
-        "probabilities": {"TUM": 0.2, "STR": 0.1, "LYM & <other>": 0.7},
-        "prompt_bag": {"name": 'bag "x"', "hash": "abc"},
-        "encoders": [
-            {"name": "demo", "weights_sha256": "demo-untrained-123", "weight": 1.0, "untrained": True}
-        ],
-        "per_scale": {"0.50mpp": {"n_tiles": 3}},
-    }
-    (res / "predictions" / "s_1_.json").write_text(json.dumps(pred))
+    make_prediction(
+        "s<1>",
+        CLASSES,
+        COLORS,
+        predicted_class="LYM & <other>",
+        untrained=True,
+        probabilities={"TUM": 0.2, "STR": 0.1, "LYM & <other>": 0.7},
+        prompt_bag={"name": 'bag "x"', "hash": "abc"},
+        encoders=[{"name": "demo", "weights_sha256": "demo-untrained-123", "weight": 1.0, "untrained": True}],
+        per_scale={"0.50mpp": {"n_tiles": 3}},
+    ).write(res / "predictions" / "s_1_.json")
     pd.DataFrame(
         [
             {
@@ -352,7 +332,7 @@ def test_segmentation_against_geojson_polygons(
     planted_scores: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ground truth given as QuPath-style GeoJSON annotations (here: the planted regions)."""
-    scores, pred, d = planted_scores
+    scores, _pred, d = planted_scores
     _geo(planted_scores)
     gj = json.loads((d / "p.geojson").read_text())
     truth = {
@@ -365,8 +345,6 @@ def test_segmentation_against_geojson_polygons(
             [
                 "evaluate-segmentation",
                 str(scores),
-                "--prediction",
-                str(pred),
                 "--truth",
                 str(d / "truth.geojson"),
                 "--dims",

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from histoalign_wsi.alignment import class_similarity
 from histoalign_wsi.config import load_config
 from histoalign_wsi.errors import ConfigError, PromptBagError, StoreError
-from histoalign_wsi.evaluation import classification_metrics
-from histoalign_wsi.predictions import summarize
-from histoalign_wsi.prompts import load_bag, parse_bag
-from histoalign_wsi.scoring import score_store, write_scores
-from histoalign_wsi.store import open_store
+from histoalign_wsi.features.store import open_store
+from histoalign_wsi.outputs.metrics import classification_metrics
+from histoalign_wsi.outputs.predictions import summarize
+from histoalign_wsi.zeroshot.alignment import class_similarity
+from histoalign_wsi.zeroshot.prediction import load_predictions
+from histoalign_wsi.zeroshot.prompts import load_bag, parse_bag
+from histoalign_wsi.zeroshot.scoring import score_store, write_scores
 
 from .planting import build_store, make_text, planted_features
 
@@ -46,8 +47,8 @@ def test_label_recovered_at_20_percent(tmp_path: Path, method: str, label: int) 
     fine = planted_features(text, 400, {label: (0.2, 1.0)}, seed=label)
     st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
     pred = score_store(st, text, _cfg(pooling={"method": method, "topk": 0.1})).prediction
-    assert pred["predicted_class"] == text.classes[label]
-    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert pred.predicted_class == text.classes[label]
+    assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_topk_finds_5_percent_tumour_where_mean_fails(tmp_path: Path) -> None:
@@ -57,8 +58,8 @@ def test_topk_finds_5_percent_tumour_where_mean_fails(tmp_path: Path) -> None:
     w = {"scale_weights": [1, 0, 0]}
     topk = score_store(st, text, _cfg(pooling={"method": "topk", "topk": 0.05} | w)).prediction
     mean = score_store(st, text, _cfg(pooling={"method": "mean"} | w)).prediction
-    assert topk["predicted_class"] == "TUM"
-    assert mean["predicted_class"] == "STR"
+    assert topk.predicted_class == "TUM"
+    assert mean.predicted_class == "STR"
 
 
 def test_coarse_only_class_needs_scale_aware_fusion(tmp_path: Path) -> None:
@@ -68,9 +69,9 @@ def test_coarse_only_class_needs_scale_aware_fusion(tmp_path: Path) -> None:
     st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine, coarse=coarse)))
     fine_only = score_store(st, text, _cfg(pooling={"method": "mean", "scale_weights": [1, 0, 0]})).prediction
     fused = score_store(st, text, _cfg(pooling={"method": "mean", "scale_weights": [1, 1, 1]})).prediction
-    assert fine_only["predicted_class"] == "STR"
-    assert fused["predicted_class"] == "NORM"
-    assert fused["per_scale"]["2.00mpp"]["n_tiles"] == 16
+    assert fine_only.predicted_class == "STR"
+    assert fused.predicted_class == "NORM"
+    assert fused.per_scale["2.00mpp"]["n_tiles"] == 16
 
 
 def test_tile_order_changes_nothing(tmp_path: Path) -> None:
@@ -81,9 +82,9 @@ def test_tile_order_changes_nothing(tmp_path: Path) -> None:
         cfg = _cfg(pooling={"method": method, "parent_context": 0.0})
         a = score_store(open_store(build_store(tmp_path / f"a{method}.zarr", feats)), text, cfg).prediction
         b = score_store(open_store(build_store(tmp_path / f"b{method}.zarr", perm)), text, cfg).prediction
-        assert a["predicted_class"] == b["predicted_class"]
+        assert a.predicted_class == b.predicted_class
         for c in text.classes:
-            assert a["probabilities"][c] == pytest.approx(b["probabilities"][c], abs=1e-5)
+            assert a.probabilities[c] == pytest.approx(b.probabilities[c], abs=1e-5)
 
 
 def test_zero_tiles_is_no_tissue_not_nan(tmp_path: Path) -> None:
@@ -91,12 +92,12 @@ def test_zero_tiles_is_no_tissue_not_nan(tmp_path: Path) -> None:
     empty = {m: np.zeros((0, 32), np.float32) for m in (0.5, 1.0, 2.0)}
     st = open_store(build_store(tmp_path / "e.zarr", empty))
     scores = score_store(st, text, _cfg())
-    assert scores.prediction["status"] == "no_tissue"
-    assert scores.prediction["predicted_class"] == "no tissue" and scores.prediction["probabilities"] is None
+    assert scores.prediction.status == "no_tissue"
+    assert scores.prediction.predicted_class == "no tissue" and scores.prediction.probabilities is None
     write_scores(scores, tmp_path / "p.json", tmp_path / "t.parquet")
     json.loads((tmp_path / "p.json").read_text())  # valid JSON: no NaN
     assert "NaN" not in (tmp_path / "p.json").read_text()
-    table = summarize([tmp_path / "p.json"], tmp_path / "predictions.csv")
+    table = summarize(load_predictions([tmp_path / "p.json"]), tmp_path / "predictions.csv")
     assert table.loc[0, "predicted_class"] == "no tissue"
 
 
@@ -105,8 +106,8 @@ def test_parent_context_moves_tile_scores_toward_parents(tmp_path: Path) -> None
     fine = planted_features(text, 256, {}, seed=4)
     coarse = planted_features(text, 16, {0: (1.0, 1.5)}, seed=5)
     st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine, coarse=coarse)))
-    no = score_store(st, text, _cfg(pooling={"parent_context": 0.0})).tiles
-    yes = score_store(st, text, _cfg(pooling={"parent_context": 0.5})).tiles
+    no = score_store(st, text, _cfg(pooling={"parent_context": 0.0})).tiles.table
+    yes = score_store(st, text, _cfg(pooling={"parent_context": 0.5})).tiles.table
     f0, f1 = no[no["scale"] == "0.50mpp"], yes[yes["scale"] == "0.50mpp"]
     assert f1["prob_TUM"].mean() > f0["prob_TUM"].mean() + 0.05
 
@@ -115,8 +116,9 @@ def test_centroid_equals_open_clip_zero_shot_classifier() -> None:
     import open_clip
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from histoalign_wsi.encoders import load_encoder, load_registry
-    from histoalign_wsi.text import embed_bag
+    from histoalign_wsi.features import load_registry
+    from histoalign_wsi.features.adapters import load_encoder
+    from histoalign_wsi.zeroshot.text import embed_bag
 
     enc = load_encoder(load_registry()["demo"])
     bag = parse_bag(
@@ -237,11 +239,13 @@ def test_label_sheet_with_unknown_slides_or_classes(tmp_path: Path) -> None:
     )
     write_scores(score_store(st, text, _cfg()), tmp_path / "s.json", tmp_path / "s.parquet")
     with pytest.raises(ConfigError, match="not scored: ghost"):
-        summarize([tmp_path / "s.json"], tmp_path / "p.csv", labels={"s": "TUM", "ghost": "TUM"})
+        summarize(
+            load_predictions([tmp_path / "s.json"]), tmp_path / "p.csv", labels={"s": "TUM", "ghost": "TUM"}
+        )
     with pytest.raises(ConfigError, match="not in the prompt bag: Tumour"):
-        summarize([tmp_path / "s.json"], tmp_path / "p.csv", labels={"s": "Tumour"})
+        summarize(load_predictions([tmp_path / "s.json"]), tmp_path / "p.csv", labels={"s": "Tumour"})
     summarize(
-        [tmp_path / "s.json"],
+        load_predictions([tmp_path / "s.json"]),
         tmp_path / "p.csv",
         labels={"s": "TUM"},
         metrics_json=tmp_path / "m.json",
@@ -271,22 +275,32 @@ def test_store_missing_a_configured_scale(tmp_path: Path) -> None:
 
 
 def test_cohort_calibration_out_of_core(tmp_path: Path) -> None:
-    from histoalign_wsi.calibration import cohort_offsets
-    from histoalign_wsi.scoring import tile_logits
+    from histoalign_wsi.zeroshot.alignment import AlignmentSpec
+    from histoalign_wsi.zeroshot.calibration import cohort_offsets
+    from histoalign_wsi.zeroshot.scoring import tile_logits
 
     text = make_text()
+    # slides of very different sizes: tile weighting and slide weighting must differ
     paths = [
         build_store(
-            tmp_path / f"s{i}.zarr", _three_scales(text, planted_features(text, 128, {i: (0.3, 1.0)}, seed=i))
+            tmp_path / f"s{i}.zarr",
+            _three_scales(text, planted_features(text, n, {i: (0.3, 1.0)}, seed=i)),
         )
-        for i in range(3)
+        for i, n in enumerate((1024, 128, 64))
     ]
-    cfg = _cfg()
-    off = cohort_offsets(paths, text, cfg)
-    direct = np.concatenate([tile_logits(open_store(p), "0.50mpp", text, cfg) for p in paths]).mean(axis=0)
-    np.testing.assert_allclose(off["0.50mpp"], direct, rtol=1e-4, atol=1e-4)
-    pred = score_store(open_store(paths[0]), text, cfg, calibration=off).prediction
-    assert pred["calibrated"] and sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    per_slide = [
+        tile_logits(open_store(p), "0.50mpp", text, AlignmentSpec.from_config(_cfg())) for p in paths
+    ]
+    by_tile = np.concatenate(per_slide).mean(axis=0)
+    by_slide = np.mean([lg.mean(axis=0) for lg in per_slide], axis=0)
+    assert np.abs(by_tile - by_slide).max() > 0.5  # the planted sizes make the two visible
+    off_tile = cohort_offsets(paths, text, _cfg(calibration_weighting="tile"))
+    np.testing.assert_allclose(off_tile.offset("0.50mpp"), by_tile, rtol=1e-4, atol=1e-4)
+    off = cohort_offsets(paths, text, _cfg())
+    assert off.weighting == "slide" and off.n_slides == 3
+    np.testing.assert_allclose(off.offset("0.50mpp"), by_slide, rtol=1e-4, atol=1e-4)
+    pred = score_store(open_store(paths[0]), text, _cfg(), calibration=off).prediction
+    assert pred.calibrated and sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_conch_protocol_needs_names_only_text(tmp_path: Path) -> None:
@@ -312,5 +326,5 @@ def test_conch_protocol_scores_with_centroid_and_topk(tmp_path: Path) -> None:
             pooling={"conch_protocol": True, "method": "mean", "topk": 0.05, "scale_weights": [1, 0, 0]},
         ),
     ).prediction
-    assert pred["alignment"]["rule"] == "centroid" and pred["pooling"]["method"] == "topk"
-    assert pred["predicted_class"] == "NORM"
+    assert pred.alignment["rule"] == "centroid" and pred.pooling["method"] == "topk"
+    assert pred.predicted_class == "NORM"

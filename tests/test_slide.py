@@ -10,7 +10,7 @@ import pytest
 
 from histoalign_wsi.cli import main
 from histoalign_wsi.errors import SlideError
-from histoalign_wsi.slide import open_slide
+from histoalign_wsi.slides.reader import open_slide
 
 from .conftest import CMU, shared
 

@@ -11,14 +11,14 @@ import zarr
 from PIL import Image
 
 from histoalign_wsi.cli import main
-from histoalign_wsi.config import TilingParams, TissueParams, load_config
-from histoalign_wsi.slide import open_slide
-from histoalign_wsi.store import open_store
-from histoalign_wsi.synthetic import DemoSlideSpec, Region, write_slide
-from histoalign_wsi.tiling import tile_slide, tissue_fractions
-from histoalign_wsi.tissue import detect_tissue
+from histoalign_wsi.config import load_config
+from histoalign_wsi.features.store import open_store
+from histoalign_wsi.slides.reader import open_slide
+from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
+from histoalign_wsi.slides.tiling import tile_slide, tissue_fractions
+from histoalign_wsi.slides.tissue import detect_tissue
 
-from .conftest import jpeg_close
+from .conftest import jpeg_close, read_scaled
 
 
 def _truth_at(masks_json: Path, name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -29,7 +29,7 @@ def _truth_at(masks_json: Path, name: str, shape: tuple[int, int]) -> np.ndarray
 
 def test_tissue_iou_against_ground_truth(planted: tuple[Path, Path]) -> None:
     with open_slide(planted[0]) as s:
-        res = detect_tissue(s, TissueParams())
+        res = detect_tissue(s, load_config().tissue)
     truth = _truth_at(planted[1], "tissue", res.mask.shape)
     iou = (truth & res.mask).sum() / (truth | res.mask).sum()
     assert iou >= 0.9
@@ -125,12 +125,12 @@ def test_store_layout_has_scale_tags(tiled: tuple[Path, Path]) -> None:
 def test_tile_at_1mpp_is_2x2_downsample_of_05mpp_tiles(planted: tuple[Path, Path]) -> None:
     with open_slide(planted[0]) as s:
         x, y = 3584, 2688  # inside tissue; 1.0 µm/px tile = 896 level-0 px, read from level 1
-        coarse = s.read_scaled((x, y), 896, 224)
+        coarse = read_scaled(s, (x, y), 896, 224)
         quad = np.zeros((448, 448, 3), np.uint8)
         for dy in (0, 1):
             for dx in (0, 1):
-                quad[dy * 224 : (dy + 1) * 224, dx * 224 : (dx + 1) * 224] = s.read_scaled(
-                    (x + dx * 448, y + dy * 448), 448, 224
+                quad[dy * 224 : (dy + 1) * 224, dx * 224 : (dx + 1) * 224] = read_scaled(
+                    s, (x + dx * 448, y + dy * 448), 448, 224
                 )
         down = quad.reshape(224, 2, 224, 2, 3).astype(np.float32).mean(axis=(1, 3)).round().astype(np.uint8)
         assert s.best_level(4.0) == 1 and s.best_level(2.0) == 0
@@ -144,7 +144,7 @@ def test_slide_smaller_than_a_coarse_tile(tmp_path: Path) -> None:
     with open_slide(p) as s:
         res = detect_tissue(s, cfg.tissue)
         t = tile_slide(
-            res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions, params=TilingParams()
+            res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions, params=cfg.tiling
         )
     counts = {g.name: len(g) for g in t.scales}
     assert counts["2.00mpp"] == 0  # a 1792 px tile does not fit in 1600 x 1500
@@ -154,7 +154,7 @@ def test_slide_smaller_than_a_coarse_tile(tmp_path: Path) -> None:
 
 def test_downsample_check_catches_a_misplaced_read(planted: tuple[Path, Path]) -> None:
     with open_slide(planted[0]) as s:
-        a = s.read_scaled((3584, 2688), 896, 224)
-        b = s.read_scaled((3584 + 300, 2688 + 500), 896, 224)
+        a = read_scaled(s, (3584, 2688), 896, 224)
+        b = read_scaled(s, (3584 + 300, 2688 + 500), 896, 224)
     with pytest.raises(AssertionError):
         jpeg_close(a, b)

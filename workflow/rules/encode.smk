@@ -1,11 +1,11 @@
 rule encode:
     input:
-        slide=slide_path,
+        slide=lambda w: WF.slide_path(w.slide),
         tiles=rules.tile.output.tiles,
     output:
         features=directory(f"{R}/features/{{slide}}.zarr"),
     params:
-        settings=settings("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
+        settings=WF.settings("encode"),
     log:
         f"{R}/logs/encode/{{slide}}.log",
     benchmark:

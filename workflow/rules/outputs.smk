@@ -1,13 +1,12 @@
 rule heatmap:
     input:
-        slide=slide_path,
+        slide=lambda w: WF.slide_path(w.slide),
         tiles=rules.score.output.tiles,
         prediction=rules.score.output.prediction,
     output:
         heatmaps=directory(f"{R}/heatmaps/{{slide}}"),
     params:
-        mpp=slide_mpp,
-        settings=settings("reader", "mpp_override", "heatmap"),
+        settings=WF.settings("heatmap"),
     log:
         f"{R}/logs/heatmap/{{slide}}.log",
     benchmark:
@@ -31,7 +30,7 @@ rule export_geojson:
     output:
         geojson=f"{R}/geojson/{{slide}}.geojson",
     params:
-        settings=settings("geojson"),
+        settings=WF.settings("export_geojson"),
     log:
         f"{R}/logs/export_geojson/{{slide}}.log",
     benchmark:
@@ -51,11 +50,11 @@ rule report:
     input:
         csv=rules.summarize.output.csv,
         metrics=rules.summarize.output.metrics,
-        heatmaps=expand(f"{R}/heatmaps/{{slide}}", slide=SLIDES),
+        heatmaps=expand(f"{R}/heatmaps/{{slide}}", slide=WF.slides),
     output:
         html=f"{R}/report.html",
     params:
-        results=lambda wildcards, input: os.path.dirname(input.csv),
+        results=folder_of("csv"),
     log:
         f"{R}/logs/report.log",
     benchmark:

@@ -1,11 +1,11 @@
 rule embed_prompts:
     input:
-        bag=prompt_bag_file(),
+        bag=bag_file(WF.config.prompt_bag),
     output:
         text=f"{R}/text_embeddings.npz",
     params:
         cache=f"{R}/cache/text",
-        settings=settings("encoders", "encoder_registry", "offline", "device", "prompt_bag", "pooling"),
+        settings=WF.settings("embed_prompts"),
     log:
         f"{R}/logs/embed_prompts.log",
     benchmark:
@@ -22,12 +22,12 @@ rule embed_prompts:
 
 rule calibrate:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=SLIDES),
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
         text=rules.embed_prompts.output.text,
     output:
         calibration=f"{R}/calibration.json",
     params:
-        settings=settings("scales_mpp", "alignment", "encoder_weights"),
+        settings=WF.settings("calibrate"),
     log:
         f"{R}/logs/calibrate.log",
     benchmark:
@@ -44,13 +44,13 @@ rule calibrate:
 
 rule score:
     input:
-        unpack(score_inputs),
+        unpack(lambda w: WF.score_inputs(w.slide)),
     output:
         prediction=f"{R}/predictions/{{slide}}.json",
         tiles=f"{R}/tile_scores/{{slide}}.parquet",
     params:
-        calibration=lambda wildcards, input: f"--calibration {input.calibration}" if "calibration" in input.keys() else "",
-        settings=settings("scales_mpp", "alignment", "pooling", "encoder_weights"),
+        calibration=lambda w, input: WF.calibration_flag(input),
+        settings=WF.settings("score"),
     log:
         f"{R}/logs/score/{{slide}}.log",
     benchmark:
@@ -67,13 +67,13 @@ rule score:
 
 rule summarize:
     input:
-        predictions=expand(f"{R}/predictions/{{slide}}.json", slide=SLIDES),
+        predictions=expand(f"{R}/predictions/{{slide}}.json", slide=WF.slides),
     output:
         csv=f"{R}/predictions.csv",
-        metrics=f"{R}/metrics.json" if labels_sheet() else [],
-        confusion=f"{R}/confusion_matrix.png" if labels_sheet() else [],
+        metrics=f"{R}/metrics.json" if WF.labels_sheet else [],
+        confusion=f"{R}/confusion_matrix.png" if WF.labels_sheet else [],
     params:
-        labels=f"--labels {shlex.quote(labels_sheet())} --metrics {R}/metrics.json --confusion {R}/confusion_matrix.png" if labels_sheet() else "",
+        labels=WF.labels_flags(),
     log:
         f"{R}/logs/summarize.log",
     benchmark:

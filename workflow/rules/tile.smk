@@ -1,12 +1,12 @@
 rule tile:
     input:
-        slide=slide_path,
+        slide=lambda w: WF.slide_path(w.slide),
         mask=rules.tissue.output.mask,
     output:
         tiles=directory(f"{R}/tiles/{{slide}}.zarr"),
     params:
-        mpp=slide_mpp,
-        settings=settings("reader", "mpp_override", "tissue", "scales_mpp", "tile_px", "tiling"),
+        mpp=lambda w: WF.mpp_flag(w.slide),
+        settings=WF.settings("tile"),
     log:
         f"{R}/logs/tile/{{slide}}.log",
     benchmark:

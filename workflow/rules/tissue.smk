@@ -1,12 +1,12 @@
 rule tissue:
     input:
-        slide=slide_path,
+        slide=lambda w: WF.slide_path(w.slide),
     output:
         mask=f"{R}/tissue/{{slide}}.png",
         meta=f"{R}/tissue/{{slide}}.json",
     params:
-        mpp=slide_mpp,
-        settings=settings("reader", "mpp_override", "tissue"),
+        mpp=lambda w: WF.mpp_flag(w.slide),
+        settings=WF.settings("tissue"),
     log:
         f"{R}/logs/tissue/{{slide}}.log",
     benchmark:

@@ -1,0 +1,103 @@
+"""Heatmap PNGs: per-class probability overlays on the slide thumbnail (with a colour bar
+and the class name drawn inside the image), and an argmax map with a legend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+
+from .._atomic import atomic_dir
+from ..slides.reader import Slide
+from ..slides.tissue import read_thumbnail
+from ..zeroshot.tile_scores import TileScores
+from .raster import probability_raster
+
+__all__ = ["safe_filename", "write_heatmaps"]
+
+
+def safe_filename(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()
+
+
+def _legend(img: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
+    d = ImageDraw.Draw(img)
+    f = _font()
+    row = 14
+    w = 20 + max((int(d.textlength(t, font=f)) for t, _ in entries), default=40)
+    d.rectangle([4, 4, 8 + w + 4, 8 + row * len(entries)], fill=(255, 255, 255))
+    for i, (t, c) in enumerate(entries):
+        y = 6 + i * row
+        d.rectangle([8, y + 2, 18, y + 12], fill=c)
+        d.text((22, y), t, fill=(0, 0, 0), font=f)
+
+
+def _colorbar(img: Image.Image, name: str, cmap: matplotlib.colors.Colormap) -> None:
+    d = ImageDraw.Draw(img)
+    f = _font()
+    w, h = img.size
+    bw, bh = max(60, min(160, w // 3)), 10
+    x0, y0 = 6, h - bh - 22
+    d.rectangle([x0 - 3, y0 - 16, x0 + bw + 3, h - 4], fill=(255, 255, 255))
+    d.text((x0, y0 - 14), name, fill=(0, 0, 0), font=f)
+    for i in range(bw):
+        r, g, b, _ = cmap(i / (bw - 1))
+        d.line([x0 + i, y0, x0 + i, y0 + bh], fill=(int(r * 255), int(g * 255), int(b * 255)))
+    d.text((x0, y0 + bh + 1), "0", fill=(0, 0, 0), font=f)
+    d.text((x0 + bw - 6, y0 + bh + 1), "1", fill=(0, 0, 0), font=f)
+
+
+def _blend(
+    base: NDArray[np.uint8], over: NDArray[np.float32], mask: NDArray[np.bool_], alpha: float
+) -> NDArray[np.uint8]:
+    out = base.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * over[mask]
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def write_heatmaps(
+    slide: Slide,
+    scores: TileScores,
+    colors: Mapping[str, tuple[int, int, int]],
+    outdir: str | Path,
+    *,
+    max_size: int = 1024,
+    alpha: float = 0.55,
+) -> Path:
+    """Write ``{class}.png`` per class, ``argmax.png`` and ``thumbnail.png`` into ``outdir``
+    from the finest scale of ``scores``."""
+    fine = scores.finest()
+    classes, slide_id = list(scores.classes), scores.slide_id
+    w, h = slide.dimensions
+    thumb, scale = read_thumbnail(slide, max(w, h) / max_size)
+    probs, count = probability_raster(fine, shape=thumb.shape[:2], scale=scale)
+    covered = count > 0.5
+    cmap = matplotlib.colormaps["inferno"]
+    with atomic_dir(outdir) as tmp:
+        Image.fromarray(thumb).save(tmp / "thumbnail.png")
+        if not covered.any():
+            grey = (0.35 * thumb.astype(np.float32) + 0.65 * 160).astype(np.uint8)
+            for c in [*classes, "argmax"]:
+                img = Image.fromarray(grey)
+                ImageDraw.Draw(img).text((8, 8), f"{slide_id}: no tissue tiles", fill=(0, 0, 0), font=_font())
+                img.save(tmp / f"{safe_filename(c)}.png")
+            return Path(outdir)
+        for k, c in enumerate(classes):
+            rgb = (cmap(probs[k])[..., :3] * 255).astype(np.float32)
+            img = Image.fromarray(_blend(thumb, rgb, covered, alpha))
+            _colorbar(img, f"P({c})", cmap)
+            img.save(tmp / f"{safe_filename(c)}.png")
+        arg = probs.argmax(axis=0)
+        pal = np.array([colors[c] for c in classes], np.float32)
+        img = Image.fromarray(_blend(thumb, pal[arg], covered, max(alpha, 0.7)))
+        _legend(img, [(c, tuple(colors[c])) for c in classes])  # type: ignore[misc]
+        img.save(tmp / "argmax.png")
+    return Path(outdir)

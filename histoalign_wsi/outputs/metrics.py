@@ -1,0 +1,139 @@
+"""Evaluation: classification metrics (against a label sheet) and segmentation Dice/IoU."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn import metrics as skm
+
+from .._atomic import atomic_file
+
+__all__ = ["classification_metrics", "dice_iou", "plot_confusion"]
+
+
+def _auc(pos: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
+    return float(skm.roc_auc_score(pos, score)) if 0 < pos.sum() < len(pos) else None
+
+
+def _auc_ovo(
+    yt: NDArray[np.str_], probs: NDArray[np.float64], classes: list[str], present: list[str]
+) -> float | None:
+    """Hand & Till's one-vs-one macro AUC over pairs of classes present in the labels:
+    per pair, the mean of AUC(a vs b by p_a) and AUC(b vs a by p_b)."""
+    pairs = []
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            m = (yt == a) | (yt == b)
+            ka, kb = classes.index(a), classes.index(b)
+            ab, ba = _auc(yt[m] == a, probs[m, ka]), _auc(yt[m] == b, probs[m, kb])
+            if ab is not None and ba is not None:
+                pairs.append((ab + ba) / 2)
+    return float(np.mean(pairs)) if pairs else None
+
+
+def classification_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], probs: NDArray[np.float64], classes: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro and weighted F1, per-class P/R/F1, one-vs-rest
+    and one-vs-one macro AUC, and the confusion matrix.
+
+    ``probs`` is [n, K] in the order of ``classes``. Every averaged metric runs over the
+    classes present in ``y_true`` (listed as ``classes_present``; the others as
+    ``classes_absent``), so a bag class nobody has neither drags F1 down nor is skipped
+    by one metric and counted by another. A prediction that is not a class (a slide
+    without tiles) counts as wrong and gets its own confusion-matrix column.
+    """
+    classes = list(classes)
+    yt, yp = np.asarray(list(y_true), dtype=str), np.asarray(list(y_pred), dtype=str)
+    present = [c for c in classes if c in set(yt.tolist())]
+    absent = [c for c in classes if c not in present]
+    extra = sorted(set(yp.tolist()) - set(classes))
+    base: dict[str, Any] = {
+        "n": len(yt),
+        "classes_present": present,
+        "classes_absent": absent,
+        "confusion_matrix": {
+            "labels": classes + extra,
+            "matrix": skm.confusion_matrix(yt, yp, labels=classes + extra).tolist() if len(yt) else [],
+        },
+    }
+    if len(yt) == 0:
+        keys = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo")
+        return base | dict.fromkeys(keys) | {"per_class": {}, "note": "no labelled slide was scored"}
+    p, r, f, s = skm.precision_recall_fscore_support(yt, yp, labels=classes, zero_division=0)
+    aucs = {c: _auc(yt == c, probs[:, k]) if c in present else None for k, c in enumerate(classes)}
+    valid = [v for v in aucs.values() if v is not None]
+    return base | {
+        "accuracy": float(np.mean(yt == yp)),
+        "balanced_accuracy": float(np.mean([r[classes.index(c)] for c in present])),
+        "macro_f1": float(skm.f1_score(yt, yp, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(skm.f1_score(yt, yp, labels=present, average="weighted", zero_division=0)),
+        "per_class": {
+            c: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(s[k]),
+                "auc_ovr": aucs[c],
+            }
+            for k, c in enumerate(classes)
+        },
+        "auc_macro_ovr": float(np.mean(valid)) if valid else None,
+        "auc_macro_ovo": _auc_ovo(yt, probs, classes, present),
+    }
+
+
+def plot_confusion(cm: dict[str, Any], out_png: str | Path, *, title: str = "Confusion matrix") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, mat = cm["labels"], np.asarray(cm["matrix"])
+    size = 1.2 + 0.6 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(mat, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels=labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels=labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(mat[i, j]),
+                ha="center",
+                va="center",
+                color="white" if mat[i, j] > mat.max() / 2 else "black",
+            )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def dice_iou(pred: NDArray[np.bool_], truth: NDArray[np.bool_]) -> dict[str, float]:
+    """Dice and IoU of two boolean masks of the same shape (1.0 when both are empty)."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} vs {truth.shape}")
+    inter = float(np.logical_and(pred, truth).sum())
+    a, b = float(pred.sum()), float(truth.sum())
+    union = a + b - inter
+    if a + b == 0:
+        return {"dice": 1.0, "iou": 1.0}
+    return {"dice": 2 * inter / (a + b), "iou": inter / union}
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
+    return Path(path)

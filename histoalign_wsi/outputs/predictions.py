@@ -1,0 +1,101 @@
+"""The cohort table (``predictions.csv``) from per-slide predictions, and metrics against
+a label sheet."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._atomic import atomic_file
+from ..errors import ConfigError
+from ..zeroshot.prediction import Prediction
+from ..zeroshot.tile_scores import class_columns
+from .metrics import classification_metrics, plot_confusion, write_json
+
+__all__ = ["check_labels", "cohort_table", "summarize"]
+
+
+def cohort_table(preds: Sequence[Prediction]) -> pd.DataFrame:
+    """One row per slide: id, prediction, status, untrained, ``prob_*`` per class, tiles."""
+    classes: tuple[str, ...] = preds[0].classes if preds else ()
+    cols = class_columns(classes, "prob")
+    rows = []
+    for p in preds:
+        if p.classes != classes:
+            raise ConfigError(
+                f"slide {p.slide_id!r} was scored with classes {list(p.classes)}, others with {list(classes)}"
+            )
+        row: dict[str, Any] = {
+            "slide_id": p.slide_id,
+            "predicted_class": p.predicted_class,
+            "status": p.status,
+            "untrained": p.untrained,
+        }
+        for c, col in zip(classes, cols, strict=True):
+            row[col] = (p.probabilities or {}).get(c, np.nan)
+        row["n_tiles"] = p.n_tiles
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=["slide_id", "predicted_class", "status", "untrained", *cols, "n_tiles"])
+    return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True)
+
+
+def check_labels(labels: Mapping[str, str], slide_ids: Sequence[str], classes: Sequence[str]) -> None:
+    """Refuse a label sheet naming slides that were not scored or classes not in the bag."""
+    unknown_slides = sorted(set(labels) - set(slide_ids))
+    if unknown_slides:
+        raise ConfigError(f"label sheet names slides that were not scored: {', '.join(unknown_slides)}")
+    unknown_cls = sorted(set(labels.values()) - set(classes))
+    if unknown_cls:
+        raise ConfigError(
+            f"label sheet uses classes not in the prompt bag: {', '.join(unknown_cls)} "
+            f"(bag classes: {', '.join(classes)})"
+        )
+
+
+def summarize(
+    preds: Sequence[Prediction],
+    out_csv: str | Path,
+    *,
+    labels: Mapping[str, str] | None = None,
+    metrics_json: str | Path | None = None,
+    confusion_png: str | Path | None = None,
+) -> pd.DataFrame:
+    """Write ``predictions.csv`` (and, with labels, ``metrics.json`` + confusion PNG).
+
+    Slides without tiles count as failures in the metrics (their prediction is not a
+    class), and are listed with their own count.
+
+    Raises
+    ------
+    ConfigError
+        The label sheet names slides that were not scored, or classes not in the bag.
+    """
+    table = cohort_table(preds)
+    classes = list(preds[0].classes) if preds else []
+    if labels:
+        check_labels(labels, [p.slide_id for p in preds], classes)
+        table["label"] = table["slide_id"].map(labels)
+    with atomic_file(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    if labels and metrics_json is not None:
+        labelled = table[table["label"].notna()]
+        probs = labelled[class_columns(classes, "prob")].to_numpy(dtype=np.float64)
+        m = classification_metrics(
+            labelled["label"].tolist(),
+            labelled["predicted_class"].tolist(),
+            np.nan_to_num(probs, nan=0.0),
+            classes,
+        )
+        m["untrained"] = bool(table["untrained"].any())
+        failed = labelled[labelled["status"] != "ok"]
+        m["n_without_tiles"] = len(failed)
+        m["slides_without_tiles"] = sorted(failed["slide_id"].tolist())
+        write_json(m, metrics_json)
+        if confusion_png is not None:
+            plot_confusion(m["confusion_matrix"], confusion_png)
+    return table

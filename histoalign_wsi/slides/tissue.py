@@ -1,0 +1,146 @@
+"""Tissue detection on a low-resolution level: saturation threshold (Otsu, bounded),
+brightness limits, morphological clean-up, minimum area and hole filling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from numpy.typing import NDArray
+from PIL import Image
+from skimage import filters, morphology
+
+from .._atomic import atomic_file
+from ..config import TissueParams
+from .geometry import mask_to_polygons
+from .reader import Slide
+
+__all__ = ["TissueResult", "detect_tissue", "load_tissue", "read_thumbnail", "save_tissue"]
+
+log = logging.getLogger(__name__)
+
+#: saturation thresholds above this are a split inside tissue, not tissue vs glass
+_OTSU_CAP = 0.2
+_STRIP_PIXELS = 1 << 22  # pixels per strip read: memory stays flat in slide size
+
+
+@dataclass(frozen=True)
+class TissueResult:
+    """A tissue mask at thumbnail scale and its polygons in level-0 pixels."""
+
+    mask: NDArray[np.bool_]
+    scale: float  # level-0 pixels per mask pixel
+    threshold: float
+    polygons: shapely.MultiPolygon
+    params: TissueParams
+
+    @property
+    def area_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8], float]:
+    """Read the slide at about ``target_scale`` level-0 px per pixel, memory-bounded.
+
+    The best pyramid level is read in strips and each strip is block-averaged by an
+    integer factor, so the returned scale is exact: ``level downsample x factor``.
+    """
+    level = slide.best_level(target_scale)
+    lds = slide.level_downsamples[level]
+    f = max(1, math.floor(target_scale / lds + 1e-6))
+    lw, lh = slide.level_dimensions[level]
+    ow, oh = math.ceil(lw / f), math.ceil(lh / f)
+    out = np.empty((oh, ow, 3), np.uint8)
+    rows = max(f, (_STRIP_PIXELS // max(lw, 1) // f) * f)
+    for y in range(0, lh, rows):
+        h = min(rows, lh - y)
+        strip = slide.read_region((0, round(y * lds)), level, (lw, h))
+        if f > 1:
+            ph, pw = math.ceil(h / f) * f, ow * f
+            padded = np.full((ph, pw, 3), 255, np.uint8)
+            padded[:h, :lw] = strip
+            sums = padded.reshape(ph // f, f, ow, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+            strip = ((sums + (f * f) // 2) // (f * f)).astype(np.uint8)
+        out[y // f : y // f + strip.shape[0]] = strip
+    return out, lds * f
+
+
+def detect_tissue(slide: Slide, params: TissueParams) -> TissueResult:
+    """Detect tissue on a low-resolution read of ``slide``.
+
+    A background-only slide gives an empty mask (a valid result).
+    """
+    mpp = slide.mpp
+    thumb, scale = read_thumbnail(slide, params.mask_mpp / mpp)
+    mask, thr = tissue_mask(thumb, mask_mpp=scale * mpp, params=params)
+    w, h = slide.dimensions
+    polys = mask_to_polygons(mask, scale=scale, simplify=0.5, bounds=(w, h))
+    return TissueResult(mask=mask, scale=scale, threshold=thr, polygons=polys, params=params)
+
+
+def tissue_mask(
+    rgb: NDArray[np.uint8], *, mask_mpp: float, params: TissueParams
+) -> tuple[NDArray[np.bool_], float]:
+    """Boolean tissue mask of an RGB thumbnail whose pixels are ``mask_mpp`` µm wide."""
+    if rgb.size == 0:
+        return np.zeros(rgb.shape[:2], bool), params.min_saturation
+    # HSV saturation (x255) and value as uint8 planes: no float HSV image is materialised,
+    # so memory is a few bytes per mask pixel
+    mx = rgb.max(axis=2)
+    mn = rgb.min(axis=2)
+    sat = ((mx - mn).astype(np.uint16) * 255 // np.maximum(mx, 1)).astype(np.uint8)
+    val = mx
+    sat = filters.median(sat, morphology.disk(1)) if min(sat.shape) >= 3 else sat
+    try:
+        otsu = float(filters.threshold_otsu(sat)) / 255
+    except ValueError:  # constant image
+        otsu = params.min_saturation
+    thr = float(np.clip(otsu, params.min_saturation, max(_OTSU_CAP, params.min_saturation)))
+    mask = (sat > thr * 255) & (val >= params.min_value * 255) & (val <= params.max_value * 255)
+    r = round(params.closing_um / mask_mpp / 2)
+    if r >= 1:
+        mask = morphology.closing(np.pad(mask, r), morphology.disk(r))[r:-r, r:-r]
+    px_area = mask_mpp * mask_mpp
+    min_obj = int(params.min_area_um2 / px_area)
+    if min_obj >= 1:
+        mask = morphology.remove_small_objects(mask, max_size=min_obj)
+    max_hole = int(params.max_hole_um2 / px_area)
+    if max_hole >= 1:
+        mask = morphology.remove_small_holes(mask, max_size=max_hole)
+    return mask.astype(bool), thr
+
+
+def save_tissue(result: TissueResult, slide: Slide, out_png: str | Path) -> Path:
+    """Write the mask PNG and, beside it, ``<name>.json`` with scale, polygons and params."""
+    out_png = Path(out_png)
+    meta: dict[str, Any] = {
+        "slide": str(slide.path),
+        "level0_dims": list(slide.dimensions),
+        "mpp": slide.mpp,
+        "level0_px_per_mask_px": result.scale,
+        "mask_shape": list(result.mask.shape),
+        "threshold": result.threshold,
+        "tissue_fraction": result.area_fraction,
+        "params": asdict(result.params),
+        "polygons": shapely.geometry.mapping(result.polygons),
+    }
+    json_path = out_png.with_suffix(".json")
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(meta))
+    with atomic_file(out_png) as tmp:
+        Image.fromarray(result.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    return out_png
+
+
+def load_tissue(png: str | Path) -> tuple[NDArray[np.bool_], dict[str, Any]]:
+    """The mask and its metadata written by :func:`save_tissue`."""
+    png = Path(png)
+    meta: dict[str, Any] = json.loads(png.with_suffix(".json").read_text())
+    mask = np.asarray(Image.open(png)) > 127
+    return mask, meta

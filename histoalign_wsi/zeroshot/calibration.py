@@ -1,0 +1,160 @@
+"""Cohort calibration: the per-class mean tile logit per scale, subtracted before pooling,
+and its file (``calibration.json``), written, read and checked here only.
+
+Calibration is *transductive*: the offsets come from the cohort being scored, so one
+slide's prediction depends on which other slides are in the run. With the default
+``calibration_weighting: slide`` every slide counts once (the mean of per-slide mean
+logits); ``tile`` weights by tile count, so large slides dominate. Logits are computed
+out of core with dask over the zarr feature stores, by the same :func:`fused_logits` that
+scoring uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from numpy.typing import NDArray
+
+from .._atomic import atomic_file
+from ..config import Config
+from ..errors import StoreError
+from ..features.store import FeatureStore, open_store
+from ..slides.tiling import scale_name
+from .alignment import AlignmentSpec, fused_logits
+from .text import TextEmbeddings
+
+__all__ = ["SCHEMA", "WEIGHTINGS", "CalibrationOffsets", "cohort_offsets"]
+
+SCHEMA = "histoalign-calibration/1"
+WEIGHTINGS = ("slide", "tile")
+
+
+@dataclass(frozen=True)
+class CalibrationOffsets:
+    """Per-scale offsets [K] and what they were computed with."""
+
+    bag_hash: str
+    classes: tuple[str, ...]
+    rule: str
+    encoders: Mapping[str, str]  # name -> weights sha256
+    encoder_weights: Mapping[str, float]
+    weighting: str
+    n_slides: int
+    offsets: Mapping[str, tuple[float, ...]]
+
+    def check(self, text: TextEmbeddings, spec: AlignmentSpec, *, source: str = "calibration") -> None:
+        """Refuse offsets made for another bag, class list, rule or encoder set."""
+        now = {
+            "bag_hash": text.bag_hash,
+            "classes": tuple(text.classes),
+            "rule": spec.rule,
+            "encoders": {n: t.weights_sha256 for n, t in text.encoders.items()},
+            "encoder_weights": {n: float(spec.encoder_weights.get(n, 1.0)) for n in text.encoders},
+        }
+        for key, want in now.items():
+            have = getattr(self, key)
+            if (dict(have) if isinstance(have, Mapping) else have) != want:
+                raise StoreError(
+                    f"{source}: made with {key} {have!r} but scoring uses {want!r}; "
+                    "re-run 'calibrate' with the current configuration"
+                )
+
+    def offset(self, scale: str, *, source: str = "calibration") -> NDArray[np.float32]:
+        if scale not in self.offsets:
+            raise StoreError(
+                f"{source}: has no offsets for scale {scale} (it has {', '.join(self.offsets) or 'none'}); "
+                "re-run 'calibrate' with the current scales_mpp"
+            )
+        return np.asarray(self.offsets[scale], np.float32)
+
+    def write(self, path: str | Path) -> Path:
+        d = {
+            "schema": SCHEMA,
+            "bag_hash": self.bag_hash,
+            "classes": list(self.classes),
+            "rule": self.rule,
+            "encoders": dict(self.encoders),
+            "encoder_weights": dict(self.encoder_weights),
+            "weighting": self.weighting,
+            "n_slides": self.n_slides,
+            "offsets": {s: list(v) for s, v in self.offsets.items()},
+        }
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False), encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> CalibrationOffsets:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise StoreError(f"calibration {str(p)!r} does not exist") from exc
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise StoreError(f"calibration {str(p)!r} is not a {SCHEMA} file; re-run 'calibrate'")
+        return cls(
+            bag_hash=d["bag_hash"],
+            classes=tuple(d["classes"]),
+            rule=d["rule"],
+            encoders=dict(d["encoders"]),
+            encoder_weights={k: float(v) for k, v in d["encoder_weights"].items()},
+            weighting=d["weighting"],
+            n_slides=int(d["n_slides"]),
+            offsets={s: tuple(float(x) for x in v) for s, v in d["offsets"].items()},
+        )
+
+
+def _slide_logit_sum(
+    store: FeatureStore, scale: str, text: TextEmbeddings, spec: AlignmentSpec
+) -> tuple[NDArray[np.float64], int]:
+    """Sum of the fused logits of one slide's tiles at one scale, and their count."""
+    k = len(text.classes)
+    names = list(text.encoders)
+    arrays = [da.from_zarr(store.features_array(scale, n)) for n in names]
+    n = int(arrays[0].shape[0])
+    if n == 0:
+        return np.zeros(k), 0
+    rows = arrays[0].chunks[0]
+    arrays = [a.rechunk({0: rows, 1: -1}) for a in arrays]
+
+    def block(*xs: NDArray[np.floating]) -> NDArray[np.float32]:
+        return fused_logits(dict(zip(names, xs, strict=True)), text, spec)
+
+    lg = da.map_blocks(block, *arrays, dtype=np.float32, chunks=(rows, (k,)))
+    return np.asarray(lg.astype(np.float64).sum(axis=0).compute()), n
+
+
+def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Config) -> CalibrationOffsets:
+    """The cohort's mean fused logit per class and scale; stores are streamed chunk by
+    chunk, never loaded whole. Every configured scale gets offsets (zeros where no slide
+    has tiles at that scale, so a later score never runs uncalibrated by omission)."""
+    spec = AlignmentSpec.from_config(cfg)
+    weighting = cfg.calibration_weighting
+    opened = [open_store(p) for p in stores]
+    k = len(text.classes)
+    offsets: dict[str, tuple[float, ...]] = {}
+    for s in (scale_name(m) for m in cfg.tiling.scales_mpp):
+        sums = [_slide_logit_sum(st, s, text, spec) for st in opened]
+        sums = [(v, n) for v, n in sums if n > 0]
+        if not sums:
+            offsets[s] = tuple(0.0 for _ in range(k))
+        elif weighting == "slide":
+            offsets[s] = tuple(float(x) for x in np.mean([v / n for v, n in sums], axis=0))
+        else:
+            total = np.sum([v for v, _ in sums], axis=0)
+            offsets[s] = tuple(float(x) for x in total / sum(n for _, n in sums))
+    return CalibrationOffsets(
+        bag_hash=text.bag_hash,
+        classes=tuple(text.classes),
+        rule=spec.rule,
+        encoders={n: t.weights_sha256 for n, t in text.encoders.items()},
+        encoder_weights={n: float(spec.encoder_weights.get(n, 1.0)) for n in text.encoders},
+        weighting=weighting,
+        n_slides=len(opened),
+        offsets=offsets,
+    )

@@ -1,0 +1,183 @@
+"""Prompt bags: YAML files of class names, descriptions (morphology, cause, presentation)
+and caption templates; validated on load; expanded into the texts each class is scored by.
+
+Schema::
+
+    templates: [... "{}" ...]   # or "default": the shipped histopathology templates
+    classes:
+      NAME:
+        names: [...]            # the class name and synonyms
+        descriptions: {morphology: [...], cause: [...], presentation: [...]}
+        color: [r, g, b]        # optional; used by heatmaps, GeoJSON and the report
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import PromptBagError
+
+__all__ = ["GROUPS", "ClassPrompts", "PromptBag", "list_bags", "load_bag"]
+
+GROUPS = ("morphology", "cause", "presentation")
+
+
+@dataclass(frozen=True)
+class ClassPrompts:
+    name: str
+    names: tuple[str, ...]
+    descriptions: Mapping[str, tuple[str, ...]]
+    color: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class PromptBag:
+    name: str
+    classes: tuple[ClassPrompts, ...]
+    templates: tuple[str, ...]
+    content_hash: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def colors(self) -> dict[str, tuple[int, int, int]]:
+        return {c.name: c.color for c in self.classes}
+
+    def texts(self, *, descriptions: bool = True) -> tuple[list[str], list[int], list[str]]:
+        """All prompts: (texts, class index of each, group of each).
+
+        Names are crossed with every template (group ``name``); each description is a
+        prompt of its own group. ``descriptions=False`` gives the CONCH protocol's
+        templates x names only.
+        """
+        texts: list[str] = []
+        cls: list[int] = []
+        groups: list[str] = []
+        for k, c in enumerate(self.classes):
+            for t in self.templates:
+                for n in c.names:
+                    texts.append(t.replace("{}", n))
+                    cls.append(k)
+                    groups.append("name")
+            if descriptions:
+                for g, items in c.descriptions.items():
+                    for d in items:
+                        texts.append(d)
+                        cls.append(k)
+                        groups.append(g)
+        return texts, cls, groups
+
+
+def _shipped_dir() -> Any:
+    return resources.files("histoalign_wsi").joinpath("zeroshot", "bags")
+
+
+def list_bags() -> list[str]:
+    """Names of the shipped prompt bags."""
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in _shipped_dir().iterdir()
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
+    )
+
+
+def _default_color(i: int, n: int) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((i / max(n, 1) + 0.02) % 1.0, 0.75, 0.9)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PromptBagError(f"{where} must be a list of non-empty strings")
+    return tuple(v.strip() for v in value)
+
+
+def parse_bag(raw: Any, *, name: str) -> PromptBag:
+    """Validate a loaded YAML mapping; errors name the bag and the bad key."""
+    if not isinstance(raw, Mapping):
+        raise PromptBagError(f"prompt bag {name!r} must be a mapping with 'classes' and 'templates'")
+    unknown = set(raw) - {"classes", "templates", "description"}
+    if unknown:
+        raise PromptBagError(f"prompt bag {name!r}: unknown keys {sorted(unknown)}")
+    tmpl = raw.get("templates", "default")
+    if tmpl == "default":
+        shipped = yaml.safe_load(_shipped_dir().joinpath("_templates.yaml").read_text())
+        tmpl = shipped["templates"]
+    templates = _strings(tmpl, f"prompt bag {name!r}: templates")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise PromptBagError(f"prompt bag {name!r}: template {t!r} must contain exactly one '{{}}'")
+    classes_raw = raw.get("classes")
+    if not isinstance(classes_raw, Mapping) or len(classes_raw) < 2:
+        raise PromptBagError(f"prompt bag {name!r}: 'classes' must map at least two class names")
+    classes = []
+    for i, (cname, c) in enumerate(classes_raw.items()):
+        where = f"prompt bag {name!r}: classes.{cname}"
+        if not isinstance(c, Mapping):
+            raise PromptBagError(f"{where} must be a mapping with 'names'")
+        bad = set(c) - {"names", "descriptions", "color"}
+        if bad:
+            raise PromptBagError(f"{where}: unknown keys {sorted(bad)}")
+        if not c.get("names"):
+            raise PromptBagError(f"{where}.names: the class has no prompts (give at least one name)")
+        names = _strings(c["names"], f"{where}.names")
+        desc_raw = c.get("descriptions") or {}
+        if not isinstance(desc_raw, Mapping):
+            raise PromptBagError(f"{where}.descriptions must be a mapping of {', '.join(GROUPS)}")
+        descs = {}
+        for g, items in desc_raw.items():
+            if g not in GROUPS:
+                raise PromptBagError(f"{where}.descriptions.{g}: unknown group (use {', '.join(GROUPS)})")
+            descs[g] = _strings(items, f"{where}.descriptions.{g}")
+        color = c.get("color")
+        if color is None:
+            col = _default_color(i, len(classes_raw))
+        else:
+            if not (
+                isinstance(color, list)
+                and len(color) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+            ):
+                raise PromptBagError(f"{where}.color must be three integers 0-255")
+            col = (color[0], color[1], color[2])
+        classes.append(ClassPrompts(str(cname), names, descs, col))
+    canon = json.dumps(
+        {"templates": templates, "classes": [[c.name, c.names, dict(c.descriptions)] for c in classes]},
+        sort_keys=True,
+    )
+    return PromptBag(
+        name=name,
+        classes=tuple(classes),
+        templates=templates,
+        content_hash=hashlib.sha256(canon.encode()).hexdigest()[:16],
+    )
+
+
+def load_bag(name_or_path: str | Path) -> PromptBag:
+    """A shipped bag by name (see :func:`list_bags`) or a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise PromptBagError(f"prompt bag file {str(p)!r} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise PromptBagError(f"prompt bag file {str(p)!r} is not valid YAML: {exc}") from exc
+        return parse_bag(raw, name=p.stem)
+    name = str(name_or_path)
+    if name not in list_bags():
+        raise PromptBagError(
+            f"unknown prompt bag {name!r}; shipped bags: {', '.join(list_bags())}, or give a YAML path"
+        )
+    raw = yaml.safe_load(_shipped_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+    return parse_bag(raw, name=name)

@@ -1,0 +1,213 @@
+"""Slide scoring: tile logits per scale (alignment + late encoder fusion, optional cohort
+calibration), MIL pooling per scale, scale-aware fusion, predictions and tile scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from ..config import Config
+from ..errors import StoreError
+from ..features.store import FeatureStore
+from ..slides.tiling import scale_name
+from . import tile_scores
+from .alignment import AlignmentSpec, fused_logits
+from .calibration import CalibrationOffsets
+from .pooling import add_parent_context, fuse_scales, pool, softmax
+from .prediction import NO_TILES, NO_TISSUE, Prediction
+from .text import TextEmbeddings
+from .tile_scores import BASE_COLUMNS, TileScores, class_columns
+
+__all__ = ["SlideScores", "check_compatible", "score_store", "tile_logits", "write_scores"]
+
+
+@dataclass(frozen=True)
+class SlideScores:
+    prediction: Prediction
+    tiles: TileScores
+
+
+def check_compatible(store: FeatureStore, text: TextEmbeddings, scales: list[str]) -> None:
+    """The store holds every configured scale and features from the same weights as the text."""
+    for s in scales:
+        if s not in store.scale_names:
+            raise StoreError(
+                f"{str(store.path)!r} has no scale {s} (it has {', '.join(store.scale_names) or 'none'}); "
+                "re-run tiling and encoding with the configured scales_mpp"
+            )
+    for enc, t in text.encoders.items():
+        try:
+            attrs = store.encoder_attrs(enc)
+        except StoreError:
+            if all(len(store.scale(s).coords) == 0 for s in scales):
+                continue
+            raise
+        if attrs.get("weights_sha256") != t.weights_sha256:
+            raise StoreError(
+                f"{str(store.path)!r}: features of encoder {enc!r} come from weights "
+                f"{attrs.get('weights_sha256')} but the text embeddings from {t.weights_sha256}; "
+                "stores from different encoders or weights cannot be scored together"
+            )
+
+
+def tile_logits(
+    store: FeatureStore, scale: str, text: TextEmbeddings, spec: AlignmentSpec
+) -> NDArray[np.float32]:
+    """Fused class logits [N, K] of one scale's tiles."""
+    n = store.features_array(scale, next(iter(text.encoders))).shape[0]
+    if n == 0:
+        return np.zeros((0, len(text.classes)), np.float32)
+    return fused_logits({name: store.features(scale, name) for name in text.encoders}, text, spec)
+
+
+def _scale_weights(cfg: Config, names: list[str]) -> dict[str, float]:
+    w = cfg.pooling.scale_weights or tuple(1.0 for _ in names)
+    return dict(zip(names, w, strict=True))
+
+
+def score_store(
+    store: FeatureStore,
+    text: TextEmbeddings,
+    cfg: Config,
+    *,
+    calibration: CalibrationOffsets | None = None,
+) -> SlideScores:
+    """Score one slide (``calibration``, when given, must match the text and the rule)."""
+    names = [scale_name(m) for m in cfg.tiling.scales_mpp]
+    check_compatible(store, text, names)
+    if cfg.pooling.conch_protocol and text.descriptions:
+        raise StoreError(
+            "pooling.conch_protocol needs text embedded from names x templates only "
+            "(embed-prompts with the same config)"
+        )
+    classes = list(text.classes)
+    spec = AlignmentSpec.from_config(cfg)
+    if calibration is not None:
+        calibration.check(text, spec)
+    logits: dict[str, NDArray[np.float32]] = {}
+    for s in names:
+        lg = tile_logits(store, s, text, spec)
+        if calibration is not None:
+            lg = lg - calibration.offset(s)[None, :]
+        logits[s] = lg
+    method = "topk" if cfg.pooling.conch_protocol else cfg.pooling.method
+    pooled: dict[str, NDArray[np.float32] | None] = {
+        s: pool(lg, method=method, k=cfg.pooling.topk, temperature=cfg.pooling.soft_temperature)
+        if len(lg)
+        else None
+        for s, lg in logits.items()
+    }
+    fused = fuse_scales(pooled, _scale_weights(cfg, names))
+    tiles = _tile_table(store, names, logits, classes, cfg.pooling.parent_context)
+    encoders = [
+        {
+            "name": n,
+            "weights_sha256": t.weights_sha256,
+            "untrained": t.untrained,
+            "weight": float(cfg.encoder_weights.get(n, 1.0)),
+        }
+        for n, t in text.encoders.items()
+    ]
+    per_scale = {s: _scale_summary(len(logits[s]), pooled[s], classes) for s in names}
+    if fused is None:
+        status, predicted, probabilities, top = _no_tiles_status(store, names[0]), "", None, []
+        predicted = NO_TILES if status == "no_tiles" else NO_TISSUE
+    else:
+        probs = softmax(fused)
+        best = int(np.argmax(probs))
+        status, predicted = "ok", classes[best]
+        probabilities = dict(zip(classes, map(float, probs), strict=True))
+        top = _top_tiles(tiles, names[0], best, cfg.pooling.top_tiles)
+    pred = Prediction(
+        slide_id=store.slide_id,
+        slide_path=str(store.attrs["slide"]["path"]),
+        classes=tuple(classes),
+        colors={c: text.colors[c] for c in classes},
+        status=status,
+        predicted_class=predicted,
+        probabilities=probabilities,
+        prompt_bag={"name": text.bag_name, "hash": text.bag_hash},
+        encoders=encoders,
+        untrained=any(t.untrained for t in text.encoders.values()) or bool(store.attrs.get("untrained")),
+        alignment={"rule": spec.rule},
+        pooling={
+            "method": method,
+            "topk": cfg.pooling.topk,
+            "conch_protocol": cfg.pooling.conch_protocol,
+            "scale_weights": _scale_weights(cfg, names),
+            "parent_context": cfg.pooling.parent_context,
+        },
+        calibrated=calibration is not None,
+        per_scale=per_scale,
+        top_tiles=top,
+    )
+    return SlideScores(pred, TileScores(store.slide_id, tuple(classes), tiles))
+
+
+def _scale_summary(n: int, pooled: NDArray[np.float32] | None, classes: list[str]) -> dict[str, Any]:
+    if pooled is None:
+        return {"n_tiles": n, "pooled_logits": None, "probabilities": None}
+    return {
+        "n_tiles": n,
+        "pooled_logits": dict(zip(classes, map(float, pooled), strict=True)),
+        "probabilities": dict(zip(classes, map(float, softmax(pooled)), strict=True)),
+    }
+
+
+def _no_tiles_status(store: FeatureStore, finest: str) -> str:
+    """``no_tiles`` when the slide is smaller than one tile of the finest scale, else ``no_tissue``."""
+    w, h = store.attrs["slide"]["level0_dims"]
+    return "no_tiles" if min(int(w), int(h)) < store.scale(finest).size0 else "no_tissue"
+
+
+def _tile_table(
+    store: FeatureStore,
+    names: list[str],
+    logits: dict[str, NDArray[np.float32]],
+    classes: list[str],
+    parent_context: float,
+) -> pd.DataFrame:
+    """Every scale's tiles with probabilities and logits (after parent context)."""
+    prob_cols, logit_cols = class_columns(classes, "prob"), class_columns(classes, "logit")
+    rows = []
+    for i, s in enumerate(names):
+        sv = store.scale(s)
+        parents = [(sv.parents[c], logits[c]) for c in names[i + 1 :] if c in sv.parents]
+        ctx = add_parent_context(logits[s], parents, parent_context)
+        pr = softmax(ctx) if len(ctx) else ctx
+        df = pd.DataFrame(
+            {
+                "scale": s,
+                "mpp": sv.mpp,
+                "x": sv.coords[:, 0],
+                "y": sv.coords[:, 1],
+                "size0": sv.size0,
+                "tissue_fraction": sv.tissue_fraction.astype(np.float32),
+            }
+        )
+        probs = pd.DataFrame(pr.reshape(-1, len(classes)), columns=prob_cols, dtype=np.float32)
+        lgs = pd.DataFrame(ctx.reshape(-1, len(classes)), columns=logit_cols, dtype=np.float32)
+        rows.append(pd.concat([df, probs, lgs], axis=1))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _top_tiles(tiles: pd.DataFrame, finest: str, best: int, n: int) -> list[dict[str, Any]]:
+    """The ``n`` finest-scale tiles most probable for class ``best``."""
+    fine = tiles[tiles["scale"] == finest]
+    col = fine.columns[len(BASE_COLUMNS) + best]
+    top = fine.nlargest(n, col) if len(fine) else fine
+    return [
+        {"scale": finest, "x": int(x), "y": int(y), "size0": int(z), "probability": float(p)}
+        for x, y, z, p in zip(top["x"], top["y"], top["size0"], top[col], strict=True)
+    ]
+
+
+def write_scores(scores: SlideScores, pred_json: str | Path, tiles_parquet: str | Path) -> None:
+    """Write the tile-score table and the prediction JSON, each atomically."""
+    tile_scores.write(scores.tiles, tiles_parquet)
+    scores.prediction.write(pred_json)
