@@ -20,6 +20,7 @@ from .errors import ConfigError
 __all__ = [
     "STAGE_KEYS",
     "AlignmentParams",
+    "ConchParams",
     "Config",
     "EncodeParams",
     "GeoJSONParams",
@@ -88,10 +89,23 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
                 f"scales_mpp: {s} is not an integer multiple of the finest scale {scales[0]}; "
                 "nested grids need integer ratios"
             )
+    if cfg["protocol"] == "conch":
+        _check_conch(cfg)
     sw = cfg["pooling"]["scale_weights"]
     if sw is not None and len(sw) != len(scales):
         raise ConfigError(f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}")
     return cfg
+
+
+def _check_conch(cfg: Mapping[str, Any]) -> None:
+    """The CONCH protocol is one encoder, one magnification, no calibration."""
+    if len(cfg["encoders"]) != 1:
+        raise ConfigError(f"protocol: conch scores with exactly one encoder, got encoders {cfg['encoders']}")
+    if cfg["calibration"]:
+        raise ConfigError("protocol: conch has no calibration; set calibration: false")
+    mpp = cfg["conch"]["scale_mpp"]
+    if not any(abs(mpp - s) < 1e-9 for s in cfg["scales_mpp"]):
+        raise ConfigError(f"conch.scale_mpp: {mpp} is not one of scales_mpp {cfg['scales_mpp']}")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -151,7 +165,7 @@ class EncodeParams:
 class AlignmentParams:
     rule: str
     temperature: float
-    topk: int
+    topk: float
 
 
 @dataclass(frozen=True)
@@ -161,8 +175,14 @@ class PoolingParams:
     soft_temperature: float
     scale_weights: tuple[float, ...] | None
     parent_context: float
-    conch_protocol: bool
     top_tiles: int
+
+
+@dataclass(frozen=True)
+class ConchParams:
+    scale_mpp: float
+    topj: int
+    report_topj: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,8 @@ class Config:
     encode: EncodeParams
     alignment: AlignmentParams
     pooling: PoolingParams
+    protocol: str
+    conch: ConchParams
     calibration: bool
     calibration_weighting: str
     heatmap: HeatmapParams
@@ -230,6 +252,12 @@ class Config:
             encode=EncodeParams(**cfg["encode"]),
             alignment=AlignmentParams(**cfg["alignment"]),
             pooling=PoolingParams(**pool),
+            protocol=cfg["protocol"],
+            conch=ConchParams(
+                scale_mpp=float(cfg["conch"]["scale_mpp"]),
+                topj=int(cfg["conch"]["topj"]),
+                report_topj=tuple(int(j) for j in cfg["conch"]["report_topj"]),
+            ),
             calibration=cfg["calibration"],
             calibration_weighting=cfg["calibration_weighting"],
             heatmap=HeatmapParams(**cfg["heatmap"]),
@@ -273,9 +301,9 @@ STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
     "tissue": ("reader", "mpp_override", "tissue"),
     "tile": ("reader", "mpp_override", "tissue", "scales_mpp", "tile_px", "tiling"),
     "encode": ("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
-    "embed_prompts": ("encoders", "encoder_registry", "offline", "device", "prompt_bag", "pooling"),
-    "calibrate": ("scales_mpp", "alignment", "pooling", "encoder_weights", "calibration_weighting"),
-    "score": ("scales_mpp", "alignment", "pooling", "encoder_weights"),
+    "embed_prompts": ("encoders", "encoder_registry", "offline", "device", "prompt_bag", "protocol"),
+    "calibrate": ("scales_mpp", "alignment", "protocol", "encoder_weights", "calibration_weighting"),
+    "score": ("scales_mpp", "alignment", "pooling", "protocol", "conch", "encoder_weights"),
     "heatmap": ("reader", "mpp_override", "heatmap"),
     "export_geojson": ("geojson",),
 }

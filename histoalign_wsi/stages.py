@@ -64,9 +64,7 @@ def _text(cfg: Config, text_path: Path | None, cache: Path | None) -> TextEmbedd
     if text_path is not None:
         return load_text(text_path)
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    return embed_bag(
-        load_bag(cfg.prompt_bag), encs, descriptions=not cfg.pooling.conch_protocol, cache_dir=cache
-    )
+    return embed_bag(load_bag(cfg.prompt_bag), encs, protocol=cfg.protocol, cache_dir=cache)
 
 
 # --- slides ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def make_text(
         encoder, np.concatenate(emb), np.array(cls, np.int32), tuple(["name"] * len(cls)), sha, scale, False
     )
     colors = {c: (40 * i % 255, 100, 200) for i, c in enumerate(classes)}
-    return TextEmbeddings("planted", "0" * 16, tuple(classes), colors, True, {encoder: et})
+    return TextEmbeddings("planted", "0" * 16, tuple(classes), colors, "histoalign", {encoder: et})
 
 
 def class_vector(text: TextEmbeddings, k: int, encoder: str = "demo") -> NDArray[np.float32]:

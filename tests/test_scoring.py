@@ -132,7 +132,7 @@ def test_centroid_equals_open_clip_zero_shot_classifier() -> None:
         },
         name="t",
     )
-    text = embed_bag(bag, [enc], descriptions=False)
+    text = embed_bag(bag, [enc], protocol="histoalign")  # the bag has no descriptions
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=77)
     with torch.no_grad():
         w = build_zero_shot_classifier(
@@ -303,28 +303,58 @@ def test_cohort_calibration_out_of_core(tmp_path: Path) -> None:
     assert pred.calibrated and sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_conch_protocol_needs_names_only_text(tmp_path: Path) -> None:
+def test_protocol_of_text_and_config_must_match(tmp_path: Path) -> None:
     text = make_text()
     st = open_store(
         build_store(tmp_path / "s.zarr", _three_scales(text, planted_features(text, 64, {}, seed=1)))
     )
-    with pytest.raises(StoreError, match="conch_protocol"):
-        score_store(st, text, _cfg(pooling={"conch_protocol": True}))
+    with pytest.raises(StoreError, match="protocol 'histoalign' but scoring uses 'conch'"):
+        score_store(st, text, _cfg(protocol="conch"))
 
 
-def test_conch_protocol_scores_with_centroid_and_topk(tmp_path: Path) -> None:
+def test_conch_protocol_is_one_scale_centroid_and_topj(tmp_path: Path) -> None:
     import dataclasses
 
-    text = dataclasses.replace(make_text(), descriptions=False)
-    fine = planted_features(text, 400, {2: (0.05, 1.2), 1: (0.95, 0.25)}, seed=11)
-    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
-    pred = score_store(
-        st,
-        text,
-        _cfg(
-            alignment={"rule": "mean"},
-            pooling={"conch_protocol": True, "method": "mean", "topk": 0.05, "scale_weights": [1, 0, 0]},
-        ),
-    ).prediction
-    assert pred.alignment["rule"] == "centroid" and pred.pooling["method"] == "topk"
-    assert pred.predicted_class == "NORM"
+    text = dataclasses.replace(make_text(), protocol="conch")
+    # at the chosen scale a 2 % NORM focus in STR; at the other scales, only TUM
+    fine = planted_features(text, 400, {2: (0.02, 1.5), 1: (0.98, 0.25)}, seed=11)
+    tum = planted_features(text, 100, {0: (1.0, 1.5)}, seed=12)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine, mid=tum, coarse=tum[:25])))
+    cfg = _cfg(alignment={"rule": "mean"}, protocol="conch", conch={"topj": 5})
+    pred = score_store(st, text, cfg).prediction
+    assert pred.alignment == {"protocol": "conch", "rule": "centroid"}
+    assert list(pred.per_scale) == ["0.50mpp"] and pred.predicted_class == "NORM"
+    topj = pred.extra["topj"]
+    assert sorted(topj, key=int) == ["1", "5", "10", "50", "100"]
+    assert topj["5"]["predicted_class"] == "NORM" and topj["100"]["predicted_class"] == "STR"
+    # the configured j is the prediction
+    assert pred.probabilities == topj["5"]["probabilities"]
+    big_j = score_store(st, text, _cfg(protocol="conch", conch={"topj": 100})).prediction
+    assert big_j.predicted_class == "STR"
+
+
+def test_conch_protocol_configuration_is_checked() -> None:
+    with pytest.raises(ConfigError, match="exactly one encoder"):
+        _cfg(protocol="conch", encoders=["demo", "plip"])
+    with pytest.raises(ConfigError, match="no calibration"):
+        _cfg(protocol="conch", calibration=True)
+    with pytest.raises(ConfigError, match=r"conch.scale_mpp: 0.25 is not one of scales_mpp"):
+        _cfg(protocol="conch", conch={"scale_mpp": 0.25})
+
+
+def test_conch_prompts_are_the_published_templates_and_names() -> None:
+    from histoalign_wsi.zeroshot.prompts import conch_templates
+
+    tm = conch_templates()
+    assert len(tm) == 22 and len(set(tm)) == 22 and "{}, H&E stain." in tm
+    bag = load_bag("nsclc")
+    texts, cls, groups = bag.texts(protocol="conch")
+    assert sorted(set(cls)) == [0, 1]
+    assert len(texts) == 2 * 4 * 22 and set(groups) == {"name"}
+    assert "a photomicrograph showing lung adenocarcinoma." in texts
+    assert "squamous cell carcinoma of the lung, H&E." in texts
+    rcc = load_bag("rcc")
+    for c in rcc.classes:
+        assert len(c.conch_names) == 4, c.name
+    richer, _, g = bag.texts()
+    assert {"morphology", "cause", "presentation"} <= set(g) and len(richer) != len(texts)

@@ -69,9 +69,14 @@ def test_ome_tiff_falls_back_to_tiffslide(planted_ome: Path) -> None:
         assert s.level_dimensions == [(4096, 3072), (1024, 768)] and s.mpp == pytest.approx(0.25)
 
 
-def test_best_level() -> None:
-    with open_slide(CMU) as s:
-        assert s.best_level(4.0) == 0
+def test_best_level(planted: tuple[Path, Path]) -> None:
+    """On the multi-level generated slide: the coarsest level not coarser than asked."""
+    with open_slide(planted[0]) as s:
+        ds = s.level_downsamples
+        assert len(ds) >= 3 and ds[1] == pytest.approx(4.0) and ds[2] == pytest.approx(16.0)
+        assert s.best_level(1.0) == 0 and s.best_level(3.9) == 0
+        assert s.best_level(4.0) == 1 and s.best_level(15.0) == 1
+        assert s.best_level(16.0) == 2 and s.best_level(1e6) == len(ds) - 1
 
 
 @pytest.mark.parametrize(

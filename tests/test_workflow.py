@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,9 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+DROP = object()  # write_config(w, key=DROP): the key is absent from the file
+
+
 def write_config(workdir: Path, **kw: object) -> None:
     cfg = {
         "slides": "slides",
@@ -66,6 +70,7 @@ def write_config(workdir: Path, **kw: object) -> None:
         "encode": {"batch_size": 32},
         "heatmap": {"max_size": 512},
     } | kw
+    cfg = {k: v for k, v in cfg.items() if v is not DROP}
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -144,7 +149,7 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
         if p.name.startswith("demo_01") or p.name.startswith("CMU"):
             (w / "slides" / p.name).symlink_to(p)
     (w / "slides" / "broken.svs").write_bytes(CMU.read_bytes()[:20000])
-    write_config(w, labels=None)
+    write_config(w, labels=DROP)  # no labels key at all: a user's own slides
     out = smk(w, "--cores", "2", "--keep-going", check=False)
     assert out.returncode != 0
     r = w / "results"
@@ -157,6 +162,37 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     assert (r / "geojson" / "demo_01.geojson").is_file()
     failed = (r / "failed_slides.tsv").read_text()
     assert "broken" in failed and "broken.svs" in failed
+    assert not (r / "metrics.json").exists()
+
+
+def test_readme_own_slides_command_from_a_fresh_checkout(tmp_path: Path) -> None:
+    """The README's "your own slides" command, run as written (paths swapped for real
+    ones) from a copy of the checkout where no demo was ever made."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own slides", 1)[1]
+    cmd = re.search(r"```bash\n(snakemake .+?)\n```", section, re.S).group(1)  # type: ignore[union-attr]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Snakefile", "config.yaml", "workflow", "envs"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, checkout / name)
+    data = tmp_path / "data"
+    (data / "cohort").mkdir(parents=True)
+    shutil.copy(CMU, data / "cohort" / CMU.name)
+    (data / "labels.csv").write_text("slide_id,label\nCMU-1-Small-Region,LUAD\n")
+    args = shlex.split(cmd.replace("/data/", f"{data}/"))
+    assert args[0] == "snakemake" and "--config" in args
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    args = [sys.executable, "-m", *args[:1], *[a for a in args[1:]]]
+    args[args.index("--cores") + 1] = "2"
+    proc = subprocess.run(args, cwd=checkout, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (checkout / "demo").exists()
+    m = json.loads((data / "results" / "metrics.json").read_text())
+    assert m["n"] == 1 and m["classes_present"] == ["LUAD"]
 
 
 def test_kill_during_encoding_then_rerun_gives_same_features(
@@ -200,6 +236,9 @@ def test_kill_during_encoding_then_rerun_gives_same_features(
         ("scales_descending", "ascending"),
         ("unknown_encoder", "unknown encoder 'plipp'"),
         ("unknown_bag", "unknown prompt bag 'crcc'"),
+        ("missing_labels", "label sheet 'nolabels.csv' does not exist"),
+        ("labels_unknown_class", "classes not in the prompt bag: Tumour"),
+        ("bad_device", "device"),
     ],
 )
 def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path: Path) -> None:
@@ -217,13 +256,17 @@ def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path
         }[setup]
         sheet.write_text(rows)
         kw["slides"] = "sheet.csv"
-    elif setup.startswith("scales") or setup.startswith("unknown"):
+    elif setup != "empty_folder":
         shutil.copy(CMU, w / "slides" / CMU.name)
+        (w / "labels.csv").write_text("slide_id,label\nCMU-1-Small-Region,Tumour\n")
         kw |= {
             "scales_empty": {"scales_mpp": []},
             "scales_descending": {"scales_mpp": [1.0, 0.5]},
             "unknown_encoder": {"encoders": ["plipp"]},
             "unknown_bag": {"prompt_bag": "crcc"},
+            "missing_labels": {"labels": "nolabels.csv"},
+            "labels_unknown_class": {"labels": "labels.csv"},
+            "bad_device": {"device": "gpu0"},
         }[setup]
     write_config(w, **kw)
     out = smk(w, "-n", check=False)

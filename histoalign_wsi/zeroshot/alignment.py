@@ -30,7 +30,7 @@ def class_similarity(
     *,
     rule: str = "centroid",
     temperature: float = 0.05,
-    topk: int = 5,
+    topk: float = 0.1,
 ) -> NDArray[np.float32]:
     """[N, K] class similarity of L2-normalised tile features ``feats`` [N, D].
 
@@ -44,7 +44,11 @@ def class_similarity(
     lse
         soft maximum: ``t * log(mean(exp(s / t)))``, between ``mean`` (t large) and max.
     topk
-        mean of the ``topk`` highest cosines over the class's prompts.
+        mean of the highest cosines over the class's prompts, the fraction ``topk`` of
+        them (at least one).
+
+    No rule's score grows with a class's prompt count: duplicating every prompt of a
+    class leaves its score unchanged (tested), so unbalanced bags are not favoured.
     """
     if rule not in RULES:
         raise ValueError(f"unknown alignment rule {rule!r} (choose {', '.join(RULES)})")
@@ -62,7 +66,7 @@ def class_similarity(
             m = s.max(axis=1, keepdims=True)
             out[:, k] = m[:, 0] + temperature * np.log(np.mean(np.exp((s - m) / temperature), axis=1))
         else:
-            kk = min(topk, s.shape[1])
+            kk = max(1, int(np.ceil(topk * s.shape[1] - 1e-9)))
             out[:, k] = np.sort(s, axis=1)[:, -kk:].mean(axis=1)
     return out
 
@@ -94,12 +98,12 @@ class AlignmentSpec:
 
     rule: str = "centroid"
     temperature: float = 0.05
-    topk: int = 5
+    topk: float = 0.1
     encoder_weights: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Config) -> AlignmentSpec:
-        rule = "centroid" if cfg.pooling.conch_protocol else cfg.alignment.rule
+        rule = "centroid" if cfg.protocol == "conch" else cfg.alignment.rule
         return cls(rule, cfg.alignment.temperature, cfg.alignment.topk, dict(cfg.encoder_weights))
 
 

@@ -30,8 +30,10 @@ def pool(
 ) -> NDArray[np.float32]:
     """Slide logits [K] from tile logits [N, K]; N must be >= 1.
 
-    ``topk`` is the MI-Zero / CONCH top-K mean per class; ``soft`` weights tiles by a
-    softmax over their confidence (top class probability) at ``temperature``.
+    ``topk`` is the MI-Zero / CONCH top-K mean per class (``k`` a count >= 1 or a
+    fraction of the tiles). ``soft`` is, per class, a softmax-weighted mean of the tiles'
+    logits with weights ``softmax(logits / temperature)`` over the tiles: the temperature
+    is in logit units; large values give the mean, small ones the max.
     """
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError("pool needs at least one tile")
@@ -43,9 +45,8 @@ def pool(
         kk = topk_count(k, logits.shape[0])
         return np.sort(logits, axis=0)[-kk:].mean(axis=0)
     if method == "soft":
-        conf = softmax(logits).max(axis=1)
-        a = softmax((conf / temperature)[None, :])[0]
-        return (a[:, None] * logits).sum(axis=0).astype(np.float32)
+        w = softmax(logits / np.float32(temperature), axis=0)
+        return (w * logits).sum(axis=0).astype(np.float32)
     raise ValueError(f"unknown pooling method {method!r} (choose {', '.join(METHODS)})")
 
 

@@ -9,6 +9,13 @@ Schema::
         names: [...]            # the class name and synonyms
         descriptions: {morphology: [...], cause: [...], presentation: [...]}
         color: [r, g, b]        # optional; used by heatmaps, GeoJSON and the report
+        conch_names: [...]      # optional; the class names of the CONCH/MI-Zero protocol
+
+Two protocols turn a bag into prompts. ``histoalign`` (the default, richer): every name
+crossed with the bag's templates, plus every description as a prompt of its own.
+``conch``: the CONCH / MI-Zero zero-shot protocol exactly, as published: ``conch_names``
+(the published class-name lists; the bag's names where a bag has none) crossed with
+CONCH's 22 templates (``bags/_conch_templates.yaml``), no descriptions.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ import yaml
 
 from ..errors import PromptBagError
 
-__all__ = ["GROUPS", "ClassPrompts", "PromptBag", "list_bags", "load_bag"]
+__all__ = ["GROUPS", "PROTOCOLS", "ClassPrompts", "PromptBag", "conch_templates", "list_bags", "load_bag"]
 
 GROUPS = ("morphology", "cause", "presentation")
+PROTOCOLS = ("histoalign", "conch")
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class ClassPrompts:
     names: tuple[str, ...]
     descriptions: Mapping[str, tuple[str, ...]]
     color: tuple[int, int, int]
+    conch_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,23 +62,28 @@ class PromptBag:
     def colors(self) -> dict[str, tuple[int, int, int]]:
         return {c.name: c.color for c in self.classes}
 
-    def texts(self, *, descriptions: bool = True) -> tuple[list[str], list[int], list[str]]:
-        """All prompts: (texts, class index of each, group of each).
+    def texts(self, *, protocol: str = "histoalign") -> tuple[list[str], list[int], list[str]]:
+        """All prompts: (texts, class index of each, group of each), for ``protocol``.
 
-        Names are crossed with every template (group ``name``); each description is a
-        prompt of its own group. ``descriptions=False`` gives the CONCH protocol's
-        templates x names only.
+        ``histoalign``: names crossed with every template (group ``name``), and each
+        description as a prompt of its own group. ``conch``: the CONCH class names crossed
+        with CONCH's templates only.
         """
+        if protocol not in PROTOCOLS:
+            raise PromptBagError(f"unknown protocol {protocol!r} (choose {', '.join(PROTOCOLS)})")
+        conch = protocol == "conch"
+        templates = conch_templates() if conch else self.templates
         texts: list[str] = []
         cls: list[int] = []
         groups: list[str] = []
         for k, c in enumerate(self.classes):
-            for t in self.templates:
-                for n in c.names:
+            names = (c.conch_names or c.names) if conch else c.names
+            for t in templates:
+                for n in names:
                     texts.append(t.replace("{}", n))
                     cls.append(k)
                     groups.append("name")
-            if descriptions:
+            if not conch:
                 for g, items in c.descriptions.items():
                     for d in items:
                         texts.append(d)
@@ -80,6 +94,12 @@ class PromptBag:
 
 def _shipped_dir() -> Any:
     return resources.files("histoalign_wsi").joinpath("zeroshot", "bags")
+
+
+def conch_templates() -> tuple[str, ...]:
+    """CONCH's 22 zero-shot caption templates (with ``{}`` for the class name)."""
+    raw = yaml.safe_load(_shipped_dir().joinpath("_conch_templates.yaml").read_text(encoding="utf-8"))
+    return tuple(raw["templates"])
 
 
 def list_bags() -> list[str]:
@@ -125,7 +145,7 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
         where = f"prompt bag {name!r}: classes.{cname}"
         if not isinstance(c, Mapping):
             raise PromptBagError(f"{where} must be a mapping with 'names'")
-        bad = set(c) - {"names", "descriptions", "color"}
+        bad = set(c) - {"names", "descriptions", "color", "conch_names"}
         if bad:
             raise PromptBagError(f"{where}: unknown keys {sorted(bad)}")
         if not c.get("names"):
@@ -150,9 +170,13 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
             ):
                 raise PromptBagError(f"{where}.color must be three integers 0-255")
             col = (color[0], color[1], color[2])
-        classes.append(ClassPrompts(str(cname), names, descs, col))
+        conch = _strings(c["conch_names"], f"{where}.conch_names") if "conch_names" in c else ()
+        classes.append(ClassPrompts(str(cname), names, descs, col, conch))
     canon = json.dumps(
-        {"templates": templates, "classes": [[c.name, c.names, dict(c.descriptions)] for c in classes]},
+        {
+            "templates": templates,
+            "classes": [[c.name, c.names, dict(c.descriptions), c.conch_names] for c in classes],
+        },
         sort_keys=True,
     )
     return PromptBag(

@@ -77,15 +77,27 @@ def score_store(
     *,
     calibration: CalibrationOffsets | None = None,
 ) -> SlideScores:
-    """Score one slide (``calibration``, when given, must match the text and the rule)."""
+    """Score one slide by ``cfg.protocol`` (``calibration``, when given, must match the
+    text and the rule; the CONCH protocol refuses it)."""
+    if text.protocol != cfg.protocol:
+        raise StoreError(
+            f"the text embeddings were made for protocol {text.protocol!r} but scoring uses "
+            f"{cfg.protocol!r}; re-run embed-prompts with the same configuration"
+        )
+    if cfg.protocol == "conch":
+        if calibration is not None:
+            raise StoreError("protocol: conch has no calibration; score without calibration offsets")
+        return _score_conch(store, text, cfg)
+    return _score_histoalign(store, text, cfg, calibration)
+
+
+def _score_histoalign(
+    store: FeatureStore, text: TextEmbeddings, cfg: Config, calibration: CalibrationOffsets | None
+) -> SlideScores:
+    """Every scale, every encoder fused late, optional calibration, MIL pooling per scale,
+    scale-aware fusion, parent context for tile scores."""
     names = [scale_name(m) for m in cfg.tiling.scales_mpp]
     check_compatible(store, text, names)
-    if cfg.pooling.conch_protocol and text.descriptions:
-        raise StoreError(
-            "pooling.conch_protocol needs text embedded from names x templates only "
-            "(embed-prompts with the same config)"
-        )
-    classes = list(text.classes)
     spec = AlignmentSpec.from_config(cfg)
     if calibration is not None:
         calibration.check(text, spec)
@@ -95,15 +107,90 @@ def score_store(
         if calibration is not None:
             lg = lg - calibration.offset(s)[None, :]
         logits[s] = lg
-    method = "topk" if cfg.pooling.conch_protocol else cfg.pooling.method
+    p = cfg.pooling
     pooled: dict[str, NDArray[np.float32] | None] = {
-        s: pool(lg, method=method, k=cfg.pooling.topk, temperature=cfg.pooling.soft_temperature)
-        if len(lg)
-        else None
+        s: pool(lg, method=p.method, k=p.topk, temperature=p.soft_temperature) if len(lg) else None
         for s, lg in logits.items()
     }
-    fused = fuse_scales(pooled, _scale_weights(cfg, names))
-    tiles = _tile_table(store, names, logits, classes, cfg.pooling.parent_context)
+    weights = _scale_weights(cfg, names)
+    return _result(
+        store,
+        text,
+        cfg,
+        fuse_scales(pooled, weights),
+        _tile_table(store, names, logits, list(text.classes), p.parent_context),
+        {s: _scale_summary(len(logits[s]), pooled[s], list(text.classes)) for s in names},
+        alignment={"protocol": "histoalign", "rule": spec.rule},
+        pooling={
+            "method": p.method,
+            "topk": p.topk,
+            "soft_temperature": p.soft_temperature,
+            "scale_weights": weights,
+            "parent_context": p.parent_context,
+        },
+        calibrated=calibration is not None,
+    )
+
+
+def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> SlideScores:
+    """The CONCH / MI-Zero protocol: one encoder, one magnification, centroid of CONCH's
+    templates x class names, top-j mean of the tile logits for every reported j; the
+    configured j makes the prediction."""
+    if len(text.encoders) != 1:
+        raise StoreError(f"protocol: conch scores with one encoder; the text has {sorted(text.encoders)}")
+    s = scale_name(cfg.conch.scale_mpp)
+    check_compatible(store, text, [s])
+    classes = list(text.classes)
+    lg = tile_logits(store, s, text, AlignmentSpec.from_config(cfg))
+    js = sorted({*cfg.conch.report_topj, cfg.conch.topj})
+    by_j = {j: pool(lg, method="topk", k=j) if len(lg) else None for j in js}
+    topj: dict[str, Any] = {}
+    for j, v in by_j.items():
+        probs = None if v is None else softmax(v)
+        topj[str(j)] = {
+            "predicted_class": None if probs is None else classes[int(np.argmax(probs))],
+            "probabilities": None if probs is None else dict(zip(classes, map(float, probs), strict=True)),
+        }
+    chosen = by_j[cfg.conch.topj]
+    return _result(
+        store,
+        text,
+        cfg,
+        chosen,
+        _tile_table(store, [s], {s: lg}, classes, 0.0),
+        {s: _scale_summary(len(lg), chosen, classes)},
+        alignment={"protocol": "conch", "rule": "centroid"},
+        pooling={"method": "topk", "topj": cfg.conch.topj, "scale_mpp": cfg.conch.scale_mpp},
+        calibrated=False,
+        extra={"topj": topj},
+    )
+
+
+def _result(
+    store: FeatureStore,
+    text: TextEmbeddings,
+    cfg: Config,
+    fused: NDArray[np.float32] | None,
+    tiles: pd.DataFrame,
+    per_scale: dict[str, dict[str, Any]],
+    *,
+    alignment: dict[str, Any],
+    pooling: dict[str, Any],
+    calibrated: bool,
+    extra: dict[str, Any] | None = None,
+) -> SlideScores:
+    """The prediction (class, probabilities, top tiles) from the fused slide logits."""
+    classes = list(text.classes)
+    finest = str(tiles["scale"].iloc[0]) if len(tiles) else next(iter(per_scale))
+    if fused is None:
+        status = _no_tiles_status(store, next(iter(per_scale)))
+        predicted, probabilities, top = NO_TILES if status == "no_tiles" else NO_TISSUE, None, []
+    else:
+        probs = softmax(fused)
+        best = int(np.argmax(probs))
+        status, predicted = "ok", classes[best]
+        probabilities = dict(zip(classes, map(float, probs), strict=True))
+        top = _top_tiles(tiles, finest, best, cfg.pooling.top_tiles)
     encoders = [
         {
             "name": n,
@@ -113,16 +200,6 @@ def score_store(
         }
         for n, t in text.encoders.items()
     ]
-    per_scale = {s: _scale_summary(len(logits[s]), pooled[s], classes) for s in names}
-    if fused is None:
-        status, predicted, probabilities, top = _no_tiles_status(store, names[0]), "", None, []
-        predicted = NO_TILES if status == "no_tiles" else NO_TISSUE
-    else:
-        probs = softmax(fused)
-        best = int(np.argmax(probs))
-        status, predicted = "ok", classes[best]
-        probabilities = dict(zip(classes, map(float, probs), strict=True))
-        top = _top_tiles(tiles, names[0], best, cfg.pooling.top_tiles)
     pred = Prediction(
         slide_id=store.slide_id,
         slide_path=str(store.attrs["slide"]["path"]),
@@ -134,17 +211,12 @@ def score_store(
         prompt_bag={"name": text.bag_name, "hash": text.bag_hash},
         encoders=encoders,
         untrained=any(t.untrained for t in text.encoders.values()) or bool(store.attrs.get("untrained")),
-        alignment={"rule": spec.rule},
-        pooling={
-            "method": method,
-            "topk": cfg.pooling.topk,
-            "conch_protocol": cfg.pooling.conch_protocol,
-            "scale_weights": _scale_weights(cfg, names),
-            "parent_context": cfg.pooling.parent_context,
-        },
-        calibrated=calibration is not None,
+        alignment=alignment,
+        pooling=pooling,
+        calibrated=calibrated,
         per_scale=per_scale,
         top_tiles=top,
+        extra=extra or {},
     )
     return SlideScores(pred, TileScores(store.slide_id, tuple(classes), tiles))
 

@@ -39,7 +39,7 @@ class TextEmbeddings:
     bag_hash: str
     classes: tuple[str, ...]
     colors: dict[str, tuple[int, int, int]]
-    descriptions: bool
+    protocol: str  # how the bag became prompts: "histoalign" or "conch"
     encoders: dict[str, EncoderText]
 
 
@@ -52,16 +52,17 @@ def embed_bag(
     bag: PromptBag,
     encoders: Sequence[LoadedEncoder],
     *,
-    descriptions: bool = True,
+    protocol: str = "histoalign",
     cache_dir: str | Path | None = None,
 ) -> TextEmbeddings:
-    """Embed every prompt of ``bag`` with each encoder's own text tower (cached)."""
-    texts, cls, groups = bag.texts(descriptions=descriptions)
+    """Embed every prompt of ``bag`` (as ``protocol`` makes them) with each encoder's own
+    text tower (cached by weights, bag content and protocol)."""
+    texts, cls, groups = bag.texts(protocol=protocol)
     per: dict[str, EncoderText] = {}
     for enc in encoders:
         cached = None
         if cache_dir is not None:
-            key = f"{enc.name}-{enc.weights_sha256[-16:]}-{bag.content_hash}-{int(descriptions)}.npy"
+            key = f"{enc.name}-{enc.weights_sha256[-16:]}-{bag.content_hash}-{protocol}.npy"
             cached = Path(cache_dir) / key
         if cached is not None and cached.is_file():
             emb = np.load(cached)
@@ -80,7 +81,7 @@ def embed_bag(
             logit_scale=enc.logit_scale,
             untrained=enc.entry.untrained,
         )
-    return TextEmbeddings(bag.name, bag.content_hash, tuple(bag.class_names), bag.colors(), descriptions, per)
+    return TextEmbeddings(bag.name, bag.content_hash, tuple(bag.class_names), bag.colors(), protocol, per)
 
 
 def save_text(te: TextEmbeddings, path: str | Path) -> Path:
@@ -89,7 +90,7 @@ def save_text(te: TextEmbeddings, path: str | Path) -> Path:
         "bag_hash": te.bag_hash,
         "classes": list(te.classes),
         "colors": {k: list(v) for k, v in te.colors.items()},
-        "descriptions": te.descriptions,
+        "protocol": te.protocol,
         "encoders": {
             n: {
                 "weights_sha256": e.weights_sha256,
@@ -129,5 +130,5 @@ def load_text(path: str | Path) -> TextEmbeddings:
     }
     colors = {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in meta["colors"].items()}
     return TextEmbeddings(
-        meta["bag_name"], meta["bag_hash"], tuple(meta["classes"]), colors, bool(meta["descriptions"]), encs
+        meta["bag_name"], meta["bag_hash"], tuple(meta["classes"]), colors, str(meta["protocol"]), encs
     )

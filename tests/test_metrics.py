@@ -1,0 +1,122 @@
+"""Classification metrics over the classes present, slides without tiles as failures, and
+segmentation scored on the argmax map with false positives counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from histoalign_wsi.outputs.metrics import classification_metrics
+from histoalign_wsi.outputs.predictions import summarize
+from histoalign_wsi.outputs.segmentation import evaluate_segmentation
+from histoalign_wsi.zeroshot.tile_scores import TileScores
+
+from .planting import make_prediction, planted_table
+
+EIGHT = ["A", "B", "C", "D", "E", "F", "G", "H"]
+
+
+def _three_of_eight() -> tuple[list[str], list[str], np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = ["A"] * 6 + ["C"] * 5 + ["F"] * 4
+    p = ["A", "A", "A", "A", "C", "F", "C", "C", "C", "A", "C", "F", "F", "A", "F"]
+    probs = np.zeros((len(y), 8))
+    for i, c in enumerate(p):  # probability only on the three present classes, max at the prediction
+        k = [0, 2, 5]
+        w = rng.uniform(0.05, 0.3, size=3)
+        w[k.index(EIGHT.index(c))] = 1.0
+        probs[i, k] = w / w.sum()
+    return y, p, probs
+
+
+def test_eight_class_bag_with_three_classes_present() -> None:
+    y, p, probs = _three_of_eight()
+    m = classification_metrics(y, p, probs, EIGHT)
+    assert m["classes_present"] == ["A", "C", "F"] and m["classes_absent"] == ["B", "D", "E", "G", "H"]
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"))  # sklearn's default
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(y, p, average="weighted"))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    present = probs[:, [0, 2, 5]]
+    assert m["auc_macro_ovr"] == pytest.approx(
+        skm.roc_auc_score(y, present, multi_class="ovr", labels=["A", "C", "F"])
+    )
+    assert m["auc_macro_ovo"] == pytest.approx(
+        skm.roc_auc_score(y, present, multi_class="ovo", labels=["A", "C", "F"])
+    )
+    # an absent class counted as F1 = 0 would give 3/8 of the present macro-F1
+    assert m["macro_f1"] > 0.6
+    assert m["per_class"]["B"]["support"] == 0 and m["per_class"]["B"]["auc_ovr"] is None
+
+
+def test_ovo_differs_from_ovr_where_it_should() -> None:
+    rng = np.random.default_rng(3)
+    y = list(rng.choice(["a", "b", "c"], size=30))
+    probs = rng.dirichlet([1, 1, 1], size=30)
+    p = [["a", "b", "c"][k] for k in probs.argmax(axis=1)]
+    m = classification_metrics(y, p, probs, ["a", "b", "c"])
+    assert m["auc_macro_ovo"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovo"))
+    assert m["auc_macro_ovr"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"))
+    assert abs(m["auc_macro_ovo"] - m["auc_macro_ovr"]) > 1e-3
+
+
+def test_no_labelled_slide_gives_empty_metrics_not_a_crash() -> None:
+    m = classification_metrics([], [], np.zeros((0, 3)), ["a", "b", "c"])
+    assert m["n"] == 0 and m["accuracy"] is None and "no labelled slide" in m["note"]
+
+
+def test_slides_without_tiles_count_as_failures(tmp_path: Path) -> None:
+    classes = ["TUM", "STR"]
+    colors = {"TUM": (200, 0, 0), "STR": (0, 0, 200)}
+    preds = [
+        make_prediction("a", classes, colors, predicted_class="TUM", probabilities={"TUM": 0.9, "STR": 0.1}),
+        make_prediction("b", classes, colors, predicted_class="STR", probabilities={"TUM": 0.2, "STR": 0.8}),
+        make_prediction(
+            "c", classes, colors, status="no_tissue", predicted_class="no tissue", probabilities=None
+        ),
+    ]
+    labels = {"a": "TUM", "b": "STR", "c": "TUM"}
+    table = summarize(preds, tmp_path / "p.csv", labels=labels, metrics_json=tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["n_without_tiles"] == 1 and m["slides_without_tiles"] == ["c"]
+    assert m["confusion_matrix"]["labels"] == ["TUM", "STR", "no tissue"]
+    assert m["confusion_matrix"]["matrix"][0] == [1, 0, 1]
+    assert np.isnan(table.loc[table["slide_id"] == "c", "prob_TUM"]).all()
+
+
+def _seg_case(tmp_path: Path) -> tuple[TileScores, Path]:
+    """A 4 x 1 row of tiles: truth TUM on the left half, STR on the right; the tiles say
+    TUM (0.45 / 0.35 / 0.2), TUM, STR, and LYM (absent from the truth) on the last."""
+    classes = ["TUM", "STR", "LYM"]
+    coords = np.array([[0, 0], [100, 0], [200, 0], [300, 0]], np.int32)
+    probs = np.array([[0.45, 0.35, 0.2], [0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.6]])
+    ts = TileScores("s", tuple(classes), planted_table("0.50mpp", 0.5, coords, 100, probs, classes))
+    tum = np.zeros((1, 4), np.uint8)
+    tum[0, :2] = 255
+    Image.fromarray(tum).save(tmp_path / "TUM.png")
+    Image.fromarray(255 - tum).save(tmp_path / "STR.png")
+    (tmp_path / "masks.json").write_text(
+        json.dumps({"level0_px_per_mask_px": 100, "masks": {"TUM": "TUM.png", "STR": "STR.png"}})
+    )
+    return ts, tmp_path / "masks.json"
+
+
+def test_segmentation_scores_the_argmax_map_and_counts_false_positives(tmp_path: Path) -> None:
+    ts, truth = _seg_case(tmp_path)
+    res = evaluate_segmentation(ts, truth)
+    pc = res["per_class"]
+    assert res["mode"] == "argmax"
+    assert pc["TUM"]["dice"] == pytest.approx(1.0)  # both left tiles, the first by argmax below 0.5
+    assert pc["STR"]["dice"] == pytest.approx(2 * 1 / (1 + 2))  # one of two truth pixels
+    assert pc["LYM"]["dice"] == 0.0 and pc["LYM"]["in_truth"] is False  # a false-positive region costs
+    assert res["dice_macro"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert res["dice_micro"] == pytest.approx(2 * (2 + 1) / ((2 + 2) + (1 + 2) + (1 + 0)))
+    thr = evaluate_segmentation(ts, truth, mode="threshold", threshold=0.5)
+    # with p >= 0.5 the first tile lands in no class at all
+    assert thr["per_class"]["TUM"]["dice"] == pytest.approx(2 * 1 / (1 + 2))
