@@ -28,7 +28,20 @@ rule all:
     default_target: True
 
 
+onstart:
+    # one run per results folder, from any checkout (refused naming the other run)
+    try:
+        start_run(R)
+    except ConfigError as exc:
+        sys.exit(f"histoalign-wsi: {exc}")
+
+
+onsuccess:
+    # failed_slides.tsv is rewritten, or removed when every slide is complete
+    finish_run(R, WF.slides, ok=True)
+
+
 onerror:
-    # with --keep-going: the cohort table of the slides that completed, and
-    # failed_slides.tsv naming the others with the error from their logs
-    write_partial_summary(R, WF.slides)
+    # with --keep-going: the cohort table of the slides that were scored, and
+    # failed_slides.tsv naming the others with the error line of each failed stage
+    finish_run(R, WF.slides, ok=False)

@@ -49,7 +49,7 @@ def main() -> None:
             status[m.group(1)] = m.group(2).strip()
     per_module: dict[str, Counter[str]] = {}
     for name, st in status.items():
-        module = name.split(".x")[0].split(".x_")[0].rsplit(".", 1)[0] if ".x" in name else name
+        module = name.split(".x")[0]
         per_module.setdefault(module, Counter())[st] += 1
     rows = [
         {

@@ -29,7 +29,7 @@ from histoalign_wsi.slides.tissue import detect_tissue
 cfg = load_config()
 t = time.perf_counter()
 with open_slide({path!r}) as s:
-    res = detect_tissue(s, cfg.tissue)
+    res = detect_tissue(s, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
     t1 = time.perf_counter()
     tiling = tile_slide(res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions,
                         params=cfg.tiling)

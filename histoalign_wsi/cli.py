@@ -5,9 +5,11 @@ a ``stages.run_*`` function and holds no pipeline logic."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ def _tile(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _encode(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_encode(a.tiles, a.slide, a.out, cfg)
+    stages.run_encode(a.tiles, a.slide, a.out, cfg, threads=a.threads)
     return 0
 
 
@@ -129,6 +131,12 @@ def _evaluate_seg(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _unlock(a: argparse.Namespace, cfg: Config) -> int:
+    info = stages.run_unlock(a.results, force=a.force)
+    print(f"removed the lock of {info}" if info else f"{a.results} was not locked")
+    return 0
+
+
 def _report(a: argparse.Namespace, cfg: Config) -> int:
     stages.run_report(a.predictions, a.out, results=a.results)
     return 0
@@ -164,11 +172,11 @@ def _slide_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         sub, "make-demo-slides", _make_demo, "write generated pyramidal slides with planted regions and masks"
     )
     p.add_argument("outdir", type=Path)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--width", type=int, default=16384)
-    p.add_argument("--height", type=int, default=12288)
+    p.add_argument("--n", type=int, default=2, help="number of slides (they alternate TUM/STR-dominant)")
+    p.add_argument("--width", type=int, default=8192, help="level-0 width at 0.25 µm/px")
+    p.add_argument("--height", type=int, default=6144)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ome-every", type=int, default=4, help="every Nth slide is OME-TIFF (0: none)")
+    p.add_argument("--ome-every", type=int, default=2, help="every Nth slide is OME-TIFF (0: none)")
     p.add_argument("--truth", type=Path, help="folder for masks and labels.csv")
 
     p = _add(sub, "tissue", _tissue, "detect tissue: mask PNG (+ JSON with scale, polygons)")
@@ -189,6 +197,9 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("tiles", type=Path, help="tile store from 'tile'")
     p.add_argument("--slide", type=Path, required=True, help="the slide the tiles came from")
     p.add_argument("--out", type=Path, required=True, help="feature store (.zarr)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads in all, split between readers and torch (default: all CPUs)"
+    )
 
     p = _add(sub, "encoders", _encoders, "list the encoder registry and what is available here")
     p.add_argument("--json", action="store_true")
@@ -262,6 +273,10 @@ def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dims", type=int, nargs=2, metavar=("W", "H"), help="level-0 size (GeoJSON truth)")
     p.add_argument("--out", type=Path)
 
+    p = _add(sub, "unlock", _unlock, "clear the results-folder lock a killed workflow run left")
+    p.add_argument("results", type=Path, help="the results folder")
+    p.add_argument("--force", action="store_true", help="even if its pid now belongs to a live process")
+
     p = _add(sub, "report", _report, "one self-contained HTML report for the cohort")
     p.add_argument("predictions", type=Path, help="predictions.csv")
     p.add_argument("--results", type=Path, help="results folder (default: the CSV's folder)")
@@ -282,22 +297,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Library chatter (asyncio's "Task was destroyed", tifffile's offset warnings) is not
+    for users: our own error line says what went wrong. ``-v`` shows everything."""
+    if verbose:
+        return
+    for name in ("asyncio", "tifffile", "zarr", "numcodecs"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="zarr")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Errors are one line on stderr naming the slide or file and
+    the problem (exit 2 for bad input, 1 for anything unexpected); ``-v`` adds the
+    traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _quiet_libraries(args.verbose)
+    prefix = f"histoalign-wsi {args.command}: error:"
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))
         code: int = args.handler(args, cfg)
         return code
     except HistoAlignError as exc:
-        print(f"histoalign-wsi {args.command}: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            raise
+        print(f"{prefix} {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        if args.verbose:
+            raise
+        where = exc.filename or getattr(args, "out", None) or "the output"
+        if exc.errno == errno.ENOSPC:
+            print(f"{prefix} no space left on device while writing {where}", file=sys.stderr)
+        else:
+            print(f"{prefix} {exc.strerror or exc} ({where})", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(
+            f"{prefix} unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

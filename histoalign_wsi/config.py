@@ -3,6 +3,7 @@ and parse it once into frozen dataclasses."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -32,6 +33,7 @@ __all__ = [
     "load_config",
     "load_schema",
     "parse_overrides",
+    "schema_error_line",
     "validate_config",
 ]
 
@@ -59,6 +61,29 @@ def _default_filling_validator() -> type[jsonschema.protocols.Validator]:
 _NULLABLE = ("labels", "encoder_registry", "mpp_override")
 
 
+def schema_error_line(err: jsonschema.ValidationError) -> str:
+    """One line for a schema violation: the key, its value, the rule and what is allowed
+    (never the schema itself)."""
+    where = ".".join(str(p) for p in err.path) or "(top level)"
+    rule = err.validator
+    schema = err.schema if isinstance(err.schema, Mapping) else {}
+    if rule == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1)) else repr(k)
+            for k in extra
+        ]
+        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
+    value = json.dumps(err.instance, ensure_ascii=False)
+    value = value if len(value) <= 80 else value[:77] + "..."
+    if rule == "enum":
+        return f"{where} = {value}: must be one of {', '.join(str(v) for v in schema.get('enum', ()))}"
+    if rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "pattern", "type"):
+        return f"{where} = {value}: breaks {rule} {json.dumps(err.validator_value)}"
+    return f"{where} = {value}: {err.message[:200]}"
+
+
 def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``raw`` against the schema, fill defaults, and check cross-field rules.
 
@@ -76,9 +101,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     validator = _default_filling_validator()(load_schema("config"))
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
-        err = errors[0]
-        where = ".".join(str(p) for p in err.path) or "(top level)"
-        raise ConfigError(f"invalid configuration at {where}: {err.message}")
+        raise ConfigError(f"invalid configuration: {schema_error_line(errors[0])}")
     scales = cfg["scales_mpp"]
     if any(b <= a for a, b in itertools.pairwise(scales)):
         raise ConfigError(f"scales_mpp must be strictly ascending, got {scales}")
@@ -193,6 +216,7 @@ class HeatmapParams:
 
 @dataclass(frozen=True)
 class GeoJSONParams:
+    regions: str
     threshold: float
     simplify_px: float
     gzip: bool
@@ -207,6 +231,7 @@ class Config:
     labels: str | None
     reader: str
     mpp_override: float | None
+    max_read_megapixels: float
     encoders: tuple[str, ...]
     encoder_weights: Mapping[str, float]
     encoder_registry: str | None
@@ -237,6 +262,7 @@ class Config:
             labels=cfg["labels"],
             reader=cfg["reader"],
             mpp_override=cfg["mpp_override"],
+            max_read_megapixels=float(cfg["max_read_megapixels"]),
             encoders=tuple(cfg["encoders"]),
             encoder_weights=dict(cfg["encoder_weights"]),
             encoder_registry=cfg["encoder_registry"],
@@ -298,13 +324,13 @@ def load_config(
 #: (so that editing, say, the prompt bag reruns only the stages that read it), and a
 #: stage's outputs record the hash of these.
 STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
-    "tissue": ("reader", "mpp_override", "tissue"),
-    "tile": ("reader", "mpp_override", "tissue", "scales_mpp", "tile_px", "tiling"),
+    "tissue": ("reader", "mpp_override", "max_read_megapixels", "tissue"),
+    "tile": ("reader", "mpp_override", "max_read_megapixels", "tissue", "scales_mpp", "tile_px", "tiling"),
     "encode": ("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
     "embed_prompts": ("encoders", "encoder_registry", "offline", "device", "prompt_bag", "protocol"),
     "calibrate": ("scales_mpp", "alignment", "protocol", "encoder_weights", "calibration_weighting"),
     "score": ("scales_mpp", "alignment", "pooling", "protocol", "conch", "encoder_weights"),
-    "heatmap": ("reader", "mpp_override", "heatmap"),
+    "heatmap": ("reader", "mpp_override", "max_read_megapixels", "heatmap"),
     "export_geojson": ("geojson",),
 }
 

@@ -13,16 +13,13 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__
 from .config import Config, config_hash
 from .errors import ConfigError, SlideError
 from .slides.cohort import read_labels, slide_id_for
 from .slides.reader import Slide, open_slide
-
-if TYPE_CHECKING:
-    from .zeroshot.text import TextEmbeddings
 
 __all__ = [
     "open_for",
@@ -42,6 +39,7 @@ __all__ = [
     "run_summarize",
     "run_tile",
     "run_tissue",
+    "run_unlock",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,18 +51,6 @@ log = logging.getLogger(__name__)
 def open_for(path: str | Path, cfg: Config, *, mpp: float | None = None) -> Slide:
     """Open a slide with the configured reader and MPP rules."""
     return open_slide(path, reader=cfg.reader, mpp_override=mpp, mpp_default=cfg.mpp_override)
-
-
-def _text(cfg: Config, text_path: Path | None, cache: Path | None) -> TextEmbeddings:
-    """Text embeddings from ``text_path``, or embedded now from the configured bag."""
-    from .features.adapters import load_encoders, resolve_device
-    from .zeroshot.prompts import load_bag
-    from .zeroshot.text import embed_bag, load_text
-
-    if text_path is not None:
-        return load_text(text_path)
-    encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    return embed_bag(load_bag(cfg.prompt_bag), encs, protocol=cfg.protocol, cache_dir=cache)
 
 
 # --- slides ---------------------------------------------------------------------------
@@ -86,7 +72,7 @@ def run_tissue(slide_path: str | Path, out_png: str | Path, cfg: Config, *, mpp:
     from .slides.tissue import detect_tissue, save_tissue
 
     with open_for(slide_path, cfg, mpp=mpp) as slide:
-        result = detect_tissue(slide, cfg.tissue)
+        result = detect_tissue(slide, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
         log.info("%s: tissue covers %.1f%% of the slide", slide.path.name, 100 * result.area_fraction)
         return save_tissue(result, slide, out_png)
 
@@ -112,7 +98,7 @@ def run_tile(
             scale = float(meta["level0_px_per_mask_px"])
             tissue_attrs = {k: meta[k] for k in ("threshold", "tissue_fraction", "params")}
         else:
-            res = detect_tissue(slide, cfg.tissue)
+            res = detect_tissue(slide, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
             mask, scale = res.mask, res.scale
             tissue_attrs = {"threshold": res.threshold, "tissue_fraction": res.area_fraction}
             tissue_attrs["params"] = cfg.raw["tissue"]
@@ -134,12 +120,21 @@ def run_tile(
 # --- features -------------------------------------------------------------------------
 
 
-def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, cfg: Config) -> Path:
-    """Copy the tile geometry into a new feature store and add every encoder's features."""
+def run_encode(
+    tile_store: str | Path,
+    slide_path: str | Path,
+    out: str | Path,
+    cfg: Config,
+    *,
+    threads: int | None = None,
+) -> Path:
+    """Copy the tile geometry into a new feature store and add every encoder's features,
+    within a budget of ``threads`` CPU threads (readers + torch)."""
+    import torch
     import zarr
 
     from .features.adapters import load_encoders, resolve_device
-    from .features.encode import EncodeSettings, run_pipeline
+    from .features.encode import EncodeSettings, run_pipeline, thread_budget
     from .features.store import copy_geometry, create_features, open_store
 
     src = open_store(tile_store)
@@ -147,10 +142,13 @@ def run_encode(tile_store: str | Path, slide_path: str | Path, out: str | Path, 
     encoders = load_encoders(cfg, device=device)
     meta = src.attrs["slide"]
     scales = [src.scale(n) for n in src.scale_names]
+    readers, torch_threads = thread_budget(threads, cfg.encode.readers)
+    torch.set_num_threads(torch_threads)
+    log.info("thread budget: %d reader thread(s), %d torch thread(s)", readers, torch_threads)
     settings = EncodeSettings(
         tile_px=int(src.attrs["tiling"]["tile_px"]),
         batch_size=cfg.encode.batch_size,
-        readers=cfg.encode.readers,
+        readers=readers,
         prefetch=cfg.encode.prefetch,
         device=device,
     )
@@ -210,9 +208,9 @@ def run_inspect(store: Path) -> dict[str, Any]:
 
 
 def run_embed_prompts(out: Path, cfg: Config, *, cache: Path | None = None) -> Path:
-    from .zeroshot.text import save_text
+    from .zeroshot.text import save_text, text_for
 
-    return save_text(_text(cfg, None, cache or Path(cfg.results) / "cache" / "text"), out)
+    return save_text(text_for(cfg, None, cache or Path(cfg.results) / "cache" / "text"), out)
 
 
 def run_calibrate(stores: Sequence[Path], text_path: Path, out: Path, cfg: Config) -> Path:
@@ -238,12 +236,13 @@ def run_score(
     from .features.store import open_store
     from .zeroshot.calibration import CalibrationOffsets
     from .zeroshot.scoring import score_store, write_scores
+    from .zeroshot.text import text_for
 
     if (prediction or tile_scores) and len(stores) != 1:
         raise ConfigError("--prediction/--tile-scores name one slide's outputs: give exactly one store")
     if not (prediction and tile_scores) and out is None:
         raise ConfigError("give --out DIR, or both --prediction and --tile-scores")
-    text = _text(cfg, text_path, Path(out or ".") / "cache" / "text")
+    text = text_for(cfg, text_path, Path(out or ".") / "cache" / "text")
     calib = CalibrationOffsets.read(calibration) if calibration else None
     written = []
     for sp in stores:
@@ -274,8 +273,9 @@ def run_classify_patches(
     from .outputs.metrics import classification_metrics, plot_confusion, write_json
     from .zeroshot.alignment import AlignmentSpec
     from .zeroshot.patches import classify_patches, read_mapping
+    from .zeroshot.text import text_for
 
-    text = _text(cfg, text_path, out / "cache")
+    text = text_for(cfg, text_path, out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
     res = classify_patches(
         root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
@@ -323,6 +323,7 @@ def run_heatmap(tile_scores_path: Path, prediction: Path, slide_path: Path, out:
             out,
             max_size=cfg.heatmap.max_size,
             alpha=cfg.heatmap.alpha,
+            max_megapixels=cfg.max_read_megapixels,
         )
 
 
@@ -341,9 +342,10 @@ def run_export_geojson(
     from .outputs.geojson import export_geojson
     from .zeroshot.prediction import Prediction
 
+    mpp = None
     if store is not None:
-        w, h = open_store(store).attrs["slide"]["level0_dims"]
-        dims = (int(w), int(h))
+        meta = open_store(store).attrs["slide"]
+        dims, mpp = (int(meta["level0_dims"][0]), int(meta["level0_dims"][1])), float(meta["mpp"])
     if dims is None:
         raise ConfigError("export-geojson needs --store or --dims for the slide's size")
     polygons = json.loads(Path(tissue).read_text())["polygons"] if tissue else None
@@ -352,7 +354,9 @@ def run_export_geojson(
         out,
         colors=Prediction.read(prediction).colors,
         level0_dims=dims,
+        mpp=mpp,
         tissue_polygons=polygons,
+        regions=cfg.geojson.regions,
         threshold=cfg.geojson.threshold,
         simplify_px=cfg.geojson.simplify_px,
         gzip_output=True if gzip or cfg.geojson.gzip else None,
@@ -378,6 +382,12 @@ def run_evaluate_segmentation(
     if out is not None:
         write_json(res, out)
     return res
+
+
+def run_unlock(results: Path, *, force: bool = False) -> dict[str, Any] | None:
+    from .runlock import unlock
+
+    return unlock(results, force=force)
 
 
 def run_report(predictions_csv: Path, out: Path, *, results: Path | None = None) -> Path:

@@ -20,7 +20,16 @@ from .features import get_entry, load_registry
 from .slides.cohort import SlideEntry, discover_slides, read_labels
 from .zeroshot.prompts import load_bag
 
-__all__ = ["Workflow", "bag_file", "folder_of", "load_workflow", "write_partial_summary"]
+__all__ = [
+    "Workflow",
+    "bag_file",
+    "finish_run",
+    "folder_of",
+    "load_workflow",
+    "start_run",
+    "write_failure_report",
+    "write_partial_summary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -148,29 +157,88 @@ def bag_file(name_or_path: str) -> str:
     return str(resources.files("histoalign_wsi").joinpath("zeroshot", "bags", f"{name_or_path}.yaml"))
 
 
-def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | None:
-    """After a failed run: ``predictions.csv`` of the slides that completed, and
-    ``failed_slides.tsv`` with the last error line of each failed slide's logs."""
+def _error_line(log: Path) -> str | None:
+    """The error a stage reported: its ``histoalign-wsi ...: error:`` line, else the last
+    line that mentions an error."""
+    lines = log.read_text(errors="replace").splitlines()
+    ours = [ln for ln in lines if ": error:" in ln]
+    if ours:
+        return ours[-1].strip()
+    other = [ln for ln in lines if "error" in ln.lower()]
+    return other[-1].strip() if other else None
+
+
+def _slide_outputs(res: Path, slide_id: str) -> list[Path]:
+    return [
+        res / "predictions" / f"{slide_id}.json",
+        res / "heatmaps" / slide_id,
+        res / "geojson" / f"{slide_id}.geojson",
+    ]
+
+
+def write_failure_report(
+    results: str | Path, slide_ids: list[str], *, recheck_only: bool = False
+) -> list[str]:
+    """``failed_slides.tsv``: every slide missing any of its final outputs, with the error
+    line of each stage that failed; removed when no slide failed. ``recheck_only`` (after
+    a successful run) only drops the listed slides that are now complete, so a run of a
+    partial target does not list slides it was not asked to finish. Returns the failed ids."""
     from ._atomic import atomic_file
+
+    res = Path(results)
+    target = res / "failed_slides.tsv"
+    if recheck_only:
+        if not target.is_file():
+            return []
+        listed = {ln.split("\t", 1)[0] for ln in target.read_text(encoding="utf-8").splitlines()[1:]}
+        slide_ids = [s for s in slide_ids if s in listed]
+    failed = [s for s in slide_ids if not all(p.exists() for p in _slide_outputs(res, s))]
+    if not failed:
+        target.unlink(missing_ok=True)
+        return []
+    rows = []
+    for s in failed:
+        msgs = [
+            f"{lg.parent.name}: {line}"
+            for lg in sorted((res / "logs").glob(f"*/{s}.log"))
+            if (line := _error_line(lg)) is not None
+        ]
+        rows.append(f"{s}\t{' | '.join(msgs) or 'not completed'}")
+    with atomic_file(target) as tmp:
+        tmp.write_text("slide_id\terror\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return failed
+
+
+def start_run(results: str | Path) -> None:
+    """Take the results-folder lock (see :mod:`histoalign_wsi.runlock`)."""
+    from .runlock import acquire
+
+    acquire(results)
+
+
+def finish_run(results: str | Path, slide_ids: list[str], *, ok: bool) -> None:
+    """After a run: bring ``failed_slides.tsv`` up to date (rewritten or removed); after a
+    failed one also the partial ``predictions.csv`` of the slides that completed; then
+    release the lock."""
+    from .runlock import release
+
+    try:
+        write_failure_report(results, slide_ids, recheck_only=ok)
+        if not ok:
+            write_partial_summary(results, slide_ids)
+    finally:
+        release(results)
+
+
+def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | None:
+    """After a failed run: ``predictions.csv`` of the slides that were scored."""
     from .outputs.predictions import summarize
     from .zeroshot.prediction import load_predictions
 
     res = Path(results)
-    jsons = [res / "predictions" / f"{s}.json" for s in slide_ids]
-    failed = [s for s, p in zip(slide_ids, jsons, strict=True) if not p.is_file()]
-    done = [p for p in jsons if p.is_file()]
-    rows = []
-    for s in failed:
-        msgs = []
-        for lg in sorted((res / "logs").glob(f"*/{s}.log")):
-            lines = [ln for ln in lg.read_text(errors="replace").splitlines() if "error" in ln.lower()]
-            if lines:
-                msgs.append(f"{lg.parent.name}: {lines[-1]}")
-        rows.append(f"{s}\t{' | '.join(msgs) or 'not completed'}")
-    with atomic_file(res / "failed_slides.tsv") as tmp:
-        tmp.write_text("slide_id\terror\n" + "".join(r + "\n" for r in rows))
+    done = [p for s in slide_ids if (p := res / "predictions" / f"{s}.json").is_file()]
     if not done:
         return None
     summarize(load_predictions(done), res / "predictions.csv")
-    log.warning("partial predictions.csv: %d of %d slides completed", len(done), len(slide_ids))
+    log.warning("partial predictions.csv: %d of %d slides scored", len(done), len(slide_ids))
     return res / "predictions.csv"

@@ -6,8 +6,12 @@ starts munged, slurmctld and slurmd with state in a temporary folder, and stops 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -67,9 +71,10 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _start_munge() -> None:
+def _start_munge() -> int | None:
+    """Start munged unless one runs; the pid of the one we started (ours to stop)."""
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
-        return
+        return None
     key = Path("/etc/munge/munge.key")
     if not key.exists():
         subprocess.run(["mungekey", "--create"], check=True)
@@ -78,20 +83,52 @@ def _start_munge() -> None:
         Path(d).mkdir(parents=True, exist_ok=True)
         shutil.chown(d, "munge", "munge")
     subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    out = subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def _stop(state: Path, munged: int | None, env: dict[str, str]) -> None:
+    """Stop everything this test started, by pid: jobs, slurmstepd, slurmd, slurmctld,
+    and munged if we started it. Safe to call twice (finally, atexit, SIGTERM)."""
+    subprocess.run(["scancel", "--user", "root"], capture_output=True, env=env, timeout=20)
+    pids = [
+        int(p.read_text().strip()) for name in ("slurmd.pid", "slurmctld.pid") if (p := state / name).exists()
+    ]
+    steps = subprocess.run(["pgrep", "-x", "slurmstepd"], capture_output=True, text=True).stdout.split()
+    for pid in [*map(int, steps), *pids, *([munged] if munged else [])]:
+        _kill(pid)
+    time.sleep(1)
+    if CONF.exists() and MARK in CONF.read_text():
+        CONF.unlink()
 
 
 @contextmanager
 def slurm_cluster(state: Path) -> Iterator[Path]:
-    """Run the cluster while the block runs; yields the slurmctld log path."""
+    """Run the cluster while the block runs; yields the slurmctld log path. The daemons
+    are stopped on every exit: normal, an exception, Ctrl-C, or SIGTERM (a timeout)."""
     for d in ("spool", "state"):
         (state / d).mkdir(parents=True, exist_ok=True)
-    _start_munge()
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    munged = _start_munge()
+    stop = functools.partial(_stop, state, munged, env)
+    atexit.register(stop)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        stop()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(_conf(state))
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    subprocess.run(["slurmctld", "-i"], check=True, env=env)
-    subprocess.run(["slurmd"], check=True, env=env)
     try:
+        subprocess.run(["slurmctld", "-i"], check=True, env=env)
+        subprocess.run(["slurmd"], check=True, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env).stdout
@@ -102,11 +139,6 @@ def slurm_cluster(state: Path) -> Iterator[Path]:
             raise RuntimeError(f"SLURM node did not come up: {(state / 'slurmctld.log').read_text()[-2000:]}")
         yield state / "slurmctld.log"
     finally:
-        subprocess.run(["scancel", "--user", "root"], capture_output=True, env=env)
-        for pid in ("slurmd.pid", "slurmctld.pid"):
-            p = state / pid
-            if p.exists():
-                subprocess.run(["kill", p.read_text().strip()], capture_output=True)
-        time.sleep(1)
-        if CONF.exists() and MARK in CONF.read_text():
-            CONF.unlink()
+        stop()
+        atexit.unregister(stop)
+        signal.signal(signal.SIGTERM, previous)

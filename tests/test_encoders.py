@@ -290,4 +290,5 @@ def test_encoders_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["encoders", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["demo"]["status"].startswith("available")
-    assert rows["plip"]["status"].startswith("unavailable")
+    assert rows["plip"]["status"].startswith("not found; looked in: Hugging Face cache")
+    assert rows["conch"]["status"].startswith("unavailable")

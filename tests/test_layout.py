@@ -100,3 +100,20 @@ def test_snakefile_dry_run_imports_no_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", "import torch"], capture_output=True, text=True, env={"PYTHONPATH": str(fake)}
     )
     assert probe.returncode != 0 and "torch was imported" in probe.stderr
+
+
+def test_encoders_listing_loads_no_model_and_says_where_it_looked(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from histoalign_wsi.cli import main\n"
+        "rc = main(['encoders'])\n"
+        "torch = any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n"
+        "print('TORCH' if torch else 'NO-TORCH', rc)\n"
+    )
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert out.strip().endswith("NO-TORCH 0")
+    plip = next(ln for ln in out.splitlines() if ln.startswith("plip"))
+    assert str(tmp_path / "hf") in plip and "vinid/plip" in plip and "offline is true" in plip

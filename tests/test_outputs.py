@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -20,7 +21,7 @@ from histoalign_wsi.cli import main
 from histoalign_wsi.errors import HistoAlignError
 from histoalign_wsi.features.store import open_store
 from histoalign_wsi.outputs.geojson import export_geojson
-from histoalign_wsi.outputs.heatmaps import safe_filename, write_heatmaps
+from histoalign_wsi.outputs.heatmaps import class_files, write_heatmaps
 from histoalign_wsi.outputs.metrics import dice_iou
 from histoalign_wsi.outputs.report import write_report
 from histoalign_wsi.outputs.segmentation import _rasterize, evaluate_segmentation, load_truth
@@ -31,6 +32,7 @@ from histoalign_wsi.zeroshot.tile_scores import TileScores
 from .planting import make_prediction, planted_table
 
 CLASSES = ["TUM", "STR", "LYM & <other>"]
+HM = {"max_size": 1024, "alpha": 0.55, "max_megapixels": 1000.0}
 COLORS = {"TUM": (200, 40, 60), "STR": (240, 130, 190), "LYM & <other>": (60, 80, 200)}
 
 
@@ -173,7 +175,7 @@ def test_gzip_and_streaming(planted_scores: tuple[Path, Path, Path]) -> None:
 
     fh = Recorder()
     fh.sizes = []
-    gmod._write(fh, planted_scores[0], COLORS, (8192, 6144), None, 0.5, 1.0)
+    gmod._write(fh, planted_scores[0], COLORS, (8192, 6144), None, gmod._RegionSpec("argmax", 0.5, 1.0, 0.25))
     text = fh.getvalue()
     assert json.loads(text) == {
         **plain,
@@ -202,7 +204,8 @@ def test_heatmap_size_and_hot_pixels(
         == 0
     )
     thumb = Image.open(d / "hm" / "thumbnail.png")
-    for f in ("TUM.png", "STR.png", f"{safe_filename(CLASSES[2])}.png", "argmax.png"):
+    assert class_files(CLASSES)[CLASSES[2]] == "LYM_other.png"
+    for f in ("TUM.png", "STR.png", "LYM_other.png", "argmax.png"):
         assert Image.open(d / "hm" / f).size == thumb.size
     with open_slide(planted[0]) as s:
         from histoalign_wsi.outputs.raster import probability_raster
@@ -253,7 +256,7 @@ def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path]
     gj = json.loads((tmp_path / "e.geojson").read_text())
     assert gj == {"type": "FeatureCollection", "features": []}
     with open_slide(planted[0]) as s:
-        write_heatmaps(s, tile_scores.read(tmp_path / "empty.parquet"), COLORS, tmp_path / "hm")
+        write_heatmaps(s, tile_scores.read(tmp_path / "empty.parquet"), COLORS, tmp_path / "hm", **HM)
     img = np.asarray(Image.open(tmp_path / "hm" / "argmax.png").convert("RGB")).astype(int)
     assert np.abs(img[..., 0] - img[..., 2]).mean() < 10  # grey
 
@@ -271,7 +274,7 @@ def test_nan_probabilities_are_refused(
         )
     assert not (tmp_path / "x.geojson").exists()
     with open_slide(planted[0]) as s, pytest.raises(HistoAlignError, match="NaN"):
-        write_heatmaps(s, TileScores("planted", ts.classes, df), COLORS, tmp_path / "hm")
+        write_heatmaps(s, TileScores("planted", ts.classes, df), COLORS, tmp_path / "hm", **HM)
 
 
 def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> Path:
@@ -287,6 +290,7 @@ def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> 
         prompt_bag={"name": 'bag "x"', "hash": "abc"},
         encoders=[{"name": "demo", "weights_sha256": "demo-untrained-123", "weight": 1.0, "untrained": True}],
         per_scale={"0.50mpp": {"n_tiles": 3}},
+        extra={"region_area_mm2": {"TUM": 1.25, "LYM & <other>": 0.5}},
     ).write(res / "predictions" / "s_1_.json")
     pd.DataFrame(
         [
@@ -298,6 +302,8 @@ def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> 
                 "prob_TUM": 0.2,
                 "prob_STR": 0.1,
                 "prob_LYM & <other>": 0.7,
+                "n_tiles": 3,
+                "label": np.nan,
             }
         ]
     ).to_csv(res / "predictions.csv", index=False)
@@ -320,39 +326,55 @@ def test_report_escapes_and_warns(planted_scores: tuple[Path, Path, Path], tmp_p
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,800",
+    ]
+    return subprocess.run([*common, *args], check=True, timeout=120, capture_output=True, text=True)
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed")
-def test_report_renders_in_chromium(planted_scores: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_report_renders_in_chromium_and_fits_1280(
+    planted_scores: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     res = _report_results(tmp_path, planted_scores)
     write_report(res / "predictions.csv", res / "report.html")
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}",
-            "--window-size=1200,900",
-            (res / "report.html").as_uri(),
-        ],
-        check=True,
-        timeout=120,
-        capture_output=True,
+    html = (res / "report.html").read_text()
+    assert "nan" not in html.split("<tbody>")[1].split("</tbody>")[0]  # unlabelled: an empty cell
+    assert "figcaption" in html and "Most probable class per tile" in html and "class='cbar'" in html
+    assert "regions (mm²)" in html and "TUM 1.25" in html
+    # measure the layout at 1280 x 800: nothing may overflow horizontally
+    probe = res / "probe.html"
+    probe.write_text(
+        html.replace(
+            "</body>",
+            "<script>window.addEventListener('load', function(){document.title = "
+            "'W=' + document.documentElement.scrollWidth + ' I=' + window.innerWidth;});</script></body>",
+        )
     )
+    dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()], tmp_path).stdout
+    m = re.search(r"<title>W=(\d+) I=(\d+)</title>", dom)
+    assert m, dom[:500]
+    assert int(m.group(1)) <= int(m.group(2)) == 1280
+    shot = tmp_path / "shot.png"
+    _chromium([f"--screenshot={shot}", (res / "report.html").as_uri()], tmp_path)
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    assert img.std() > 10  # not blank
-    # the red warning banner is rendered near the top
-    top = img[:300]
-    assert ((top[..., 0] > 180) & (top[..., 1] < 120) & (top[..., 2] < 120)).sum() > 100 or (
-        (abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)
-    ).sum() > 1000
+    assert img.shape[:2] == (800, 1280) and img.std() > 10  # not blank
+    top = img[:300]  # the red warning banner is rendered near the top
+    assert ((abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)).sum() > 1000
 
 
 def test_segmentation_against_geojson_polygons(

@@ -82,7 +82,7 @@ def test_best_level(planted: tuple[Path, Path]) -> None:
 @pytest.mark.parametrize(
     ("make", "problem"),
     [
-        ("truncated", "cannot"),
+        ("truncated", "truncated or damaged"),
         ("text", "cannot be opened"),
         ("unreadable", "cannot decode"),
         ("unopenable", "cannot"),

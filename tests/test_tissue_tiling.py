@@ -29,7 +29,7 @@ def _truth_at(masks_json: Path, name: str, shape: tuple[int, int]) -> np.ndarray
 
 def test_tissue_iou_against_ground_truth(planted: tuple[Path, Path]) -> None:
     with open_slide(planted[0]) as s:
-        res = detect_tissue(s, load_config().tissue)
+        res = detect_tissue(s, load_config().tissue, max_megapixels=1000)
     truth = _truth_at(planted[1], "tissue", res.mask.shape)
     iou = (truth & res.mask).sum() / (truth | res.mask).sum()
     assert iou >= 0.9
@@ -142,7 +142,7 @@ def test_slide_smaller_than_a_coarse_tile(tmp_path: Path) -> None:
     p = write_slide(spec, tmp_path / "small.svs")
     cfg = load_config()
     with open_slide(p) as s:
-        res = detect_tissue(s, cfg.tissue)
+        res = detect_tissue(s, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
         t = tile_slide(
             res.mask, mask_scale=res.scale, slide_mpp=s.mpp, level0_dims=s.dimensions, params=cfg.tiling
         )

@@ -154,7 +154,7 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     assert out.returncode != 0
     r = w / "results"
     log = (r / "logs" / "tissue" / "broken.log").read_text()
-    assert "broken.svs" in log and "cannot" in log
+    assert "broken.svs" in log and "truncated or damaged" in log
     import pandas as pd
 
     table = pd.read_csv(r / "predictions.csv")
@@ -162,7 +162,63 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     assert (r / "geojson" / "demo_01.geojson").is_file()
     failed = (r / "failed_slides.tsv").read_text()
     assert "broken" in failed and "broken.svs" in failed
+    row = next(ln for ln in failed.splitlines() if ln.startswith("broken\t"))
+    assert "tissue: histoalign-wsi tissue: error: slide" in row and "truncated or damaged" in row
+    assert "asyncio" not in failed and "Traceback" not in failed
     assert not (r / "metrics.json").exists()
+    # the user removes the bad slide; the run that then succeeds clears the stale report
+    (w / "slides" / "broken.svs").unlink()
+    smk(w, "--cores", "2")
+    assert not (r / "failed_slides.tsv").exists()
+    assert not (r / ".histoalign-run.lock").exists()  # released after the run
+
+
+def test_results_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path: Path) -> None:
+    import socket
+
+    w = tmp_path
+    (w / "slides").mkdir()
+    shutil.copy(CMU, w / "slides" / CMU.name)
+    write_config(w, labels=DROP)
+    target = "results/tissue/CMU-1-Small-Region.png"
+    lock_file = w / "results" / ".histoalign-run.lock"
+    lock_file.parent.mkdir()
+    other = subprocess.Popen(["sleep", "120"])
+    lock = {"host": socket.gethostname(), "pid": other.pid, "started": "earlier", "cwd": "/another/checkout"}
+    lock_file.write_text(json.dumps(lock))
+    try:
+        out = smk(w, "--cores", "1", target, check=False)
+        assert (
+            out.returncode != 0
+            and f"pid {other.pid}" in out.stderr
+            and "another run is using it" in out.stderr
+        )
+        assert not (w / target).exists()
+    finally:
+        other.kill()
+        other.wait()
+    # the other run was killed: its lock is stale, cleared with a warning, and the run goes on
+    out = smk(w, "--cores", "1", target)
+    assert "cleared a stale lock" in out.stderr and (w / target).is_file() and not lock_file.exists()
+    # a lock from another host cannot be checked: refused until the user clears it
+    lock_file.write_text(json.dumps(lock | {"host": "node-17"}))
+    out = smk(w, "--cores", "1", "results/tile/CMU-1-Small-Region.zarr", check=False)
+    assert out.returncode != 0 and "node-17" in out.stderr and "histoalign-wsi unlock" in out.stderr
+    from histoalign_wsi.cli import main
+
+    assert main(["unlock", str(w / "results")]) == 0 and not lock_file.exists()
+    smk(w, "--cores", "1", "results/tile/CMU-1-Small-Region.zarr")
+
+
+def test_non_ascii_slide_names_run(tmp_path: Path) -> None:
+    w = tmp_path
+    (w / "slides").mkdir()
+    for name in ("café.svs", "中文.svs", "日本.svs"):
+        shutil.copy(CMU, w / "slides" / name)
+    write_config(w, labels=DROP)
+    targets = [f"results/tissue/{sid}.png" for sid in ("café", "中文", "日本")]
+    smk(w, "--cores", "2", *targets)
+    assert all((w / t).is_file() for t in targets)
 
 
 def test_readme_own_slides_command_from_a_fresh_checkout(tmp_path: Path) -> None:

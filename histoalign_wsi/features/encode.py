@@ -10,7 +10,7 @@ are L2-normalised and appended, in store order, as float16 by a writer thread.
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from tqdm import tqdm
 
+from .._progress import Progress
 from ..slides.reader import Slide
 from .adapters import LoadedEncoder
 from .store import ROW_CHUNK, ScaleView
 
-__all__ = ["Block", "EncodeSettings", "plan_blocks", "preprocess_on_device", "run_pipeline"]
+__all__ = ["Block", "EncodeSettings", "plan_blocks", "preprocess_on_device", "run_pipeline", "thread_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,15 @@ class _Appender:
         return np.zeros((0, d), np.float16)
 
 
+def thread_budget(threads: int | None, readers: int) -> tuple[int, int]:
+    """Split ``threads`` (default: the CPUs this process may use) between slide-reader
+    threads and torch's intra-op threads: (readers, torch threads), never more in all."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    budget = max(1, threads or cpus)
+    r = max(1, min(readers, budget // 2))
+    return r, max(1, budget - r)
+
+
 def run_pipeline(
     slide: Slide,
     scales: Sequence[ScaleView],
@@ -249,7 +258,7 @@ def run_pipeline(
             emb = fw(batch).float().cpu().numpy().astype(np.float16)
             appender.add((s, fw.enc.name), emb)
 
-    bar = tqdm(total=total, unit="tile", desc=f"encode {slide.path.name}", disable=not sys.stderr.isatty())
+    bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
         for b, pixels in _read_blocks(slide, blocks, level, settings):
             src = torch.from_numpy(pixels)

@@ -105,24 +105,59 @@ class EncoderEntry:
         }
 
 
+def _validate(raw: Any, source: str) -> dict[str, Any]:
+    """Check a registry mapping against ``data/registry.schema.yaml``; one line on error."""
+    from ..config import load_schema, schema_error_line
+
+    if not isinstance(raw, Mapping):
+        kind = type(raw).__name__ if raw is not None else "nothing"
+        raise EncoderError(f"encoder registry {source}: must map encoder names to entries, got {kind}")
+    import jsonschema
+
+    err = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(load_schema("registry")).iter_errors(dict(raw))
+    )
+    if err is not None:
+        raise EncoderError(f"encoder registry {source}: {schema_error_line(err)}")
+    return dict(raw)
+
+
+def _read_user_registry(p: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EncoderError(f"encoder registry file {str(p)!r} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise EncoderError(f"encoder registry file {str(p)!r} is not UTF-8 text") from exc
+    except yaml.YAMLError as exc:  # malformed, or a !!python tag safe_load refuses
+        first = str(exc).strip().splitlines()[0]
+        raise EncoderError(f"encoder registry file {str(p)!r} is not valid YAML: {first}") from exc
+    add = _validate(loaded, repr(str(p)))
+    # relative weight paths are relative to the registry file
+    for entry in add.values():
+        w = entry.get("weights")
+        if w and "path" in w and not Path(w["path"]).is_absolute():
+            w["path"] = str((p.parent / w["path"]).resolve())
+    return add
+
+
 def load_registry(extra: str | Path | Mapping[str, Any] | None = None) -> dict[str, EncoderEntry]:
-    """The shipped registry, updated by ``extra`` (a YAML path or a mapping)."""
+    """The shipped registry, updated by ``extra`` (a YAML path or a mapping).
+
+    Raises
+    ------
+    EncoderError
+        One line naming the file and the problem: missing, not YAML, not a mapping, or
+        an entry that breaks the registry schema.
+    """
     text = resources.files("histoalign_wsi").joinpath("features", "registry.yaml").read_text()
     raw: dict[str, Any] = yaml.safe_load(text)
     if extra is not None:
-        if isinstance(extra, Mapping):
-            add = dict(extra)
-        else:
-            p = Path(extra)
-            try:
-                add = yaml.safe_load(p.read_text()) or {}
-            except FileNotFoundError as exc:
-                raise EncoderError(f"encoder registry file {str(p)!r} does not exist") from exc
-            # relative weight paths are relative to the registry file
-            for entry in add.values():
-                w = entry.get("weights") if isinstance(entry, dict) else None
-                if w and "path" in w and not Path(w["path"]).is_absolute():
-                    w["path"] = str((p.parent / w["path"]).resolve())
+        add = (
+            _validate(extra, "(given mapping)")
+            if isinstance(extra, Mapping)
+            else _read_user_registry(Path(extra))
+        )
         raw.update(add)
     return {name: EncoderEntry.parse(name, e) for name, e in raw.items()}
 
@@ -144,14 +179,16 @@ def conch_available() -> bool:
 def availability(entry: EncoderEntry, *, offline: bool = True) -> str:
     """``available (...)`` or why not, without loading the model."""
     from ..errors import HistoAlignError
-    from .weights import resolve_weights
+    from .weights import WeightsNotFound, resolve_weights
 
     if entry.kind == "demo":
         return "available (built in, untrained)"
     if entry.kind == "conch" and not conch_available():
-        return "unavailable: the 'conch' package is not installed"
+        return "unavailable: the 'conch' package is not installed (it also needs the gated weights)"
     try:
-        w = resolve_weights(entry, offline=offline)
+        w = resolve_weights(entry, offline=offline, hash_file=False)
+    except WeightsNotFound as exc:
+        return "not found; looked in: " + "; ".join(exc.looked)
     except HistoAlignError as exc:
-        return f"unavailable: {str(exc).split(';')[0]}"
+        return f"unavailable: {exc}"
     return f"available ({w.source}: {w.path})"

@@ -17,7 +17,7 @@ from .registry import EncoderEntry
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ResolvedWeights", "file_sha256", "load_state_dict", "resolve_weights"]
+__all__ = ["ResolvedWeights", "WeightsNotFound", "file_sha256", "load_state_dict", "resolve_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,27 @@ def _hf_repo(entry: EncoderEntry) -> str | None:
     return None
 
 
-def resolve_weights(entry: EncoderEntry, *, offline: bool) -> ResolvedWeights:
+class WeightsNotFound(WeightsError):
+    """No weights anywhere looked; ``looked`` lists the places."""
+
+    def __init__(self, message: str, looked: list[str]) -> None:
+        super().__init__(message)
+        self.looked = looked
+
+
+def resolve_weights(entry: EncoderEntry, *, offline: bool, hash_file: bool = True) -> ResolvedWeights:
     """Local path, else the local Hugging Face cache, else a download (only if allowed).
+    ``hash_file=False`` skips the sha256 (listing the registry must not read gigabytes).
 
     Raises
     ------
-    WeightsError
+    WeightsNotFound
         Naming the encoder, every place looked and how to supply the weights.
     """
+
+    def found(path: Path, source: str, weight_file: Path) -> ResolvedWeights:
+        return ResolvedWeights(path, source, file_sha256(weight_file) if hash_file else "")
+
     looked: list[str] = []
     if "path" in entry.weights:
         p = Path(os.path.expanduser(entry.weights["path"]))
@@ -94,7 +107,7 @@ def resolve_weights(entry: EncoderEntry, *, offline: bool) -> ResolvedWeights:
         if p.is_file() or (p.is_dir() and _folder_weight(p)):
             target = p if p.is_file() else _folder_weight(p)
             assert target is not None
-            return ResolvedWeights(p, "path", file_sha256(target))
+            return found(p, "path", target)
     repo = _hf_repo(entry)
     if repo is not None:
         from huggingface_hub import constants, snapshot_download
@@ -105,7 +118,7 @@ def resolve_weights(entry: EncoderEntry, *, offline: bool) -> ResolvedWeights:
             if _folder_weight(folder):
                 w = _folder_weight(folder)
                 assert w is not None
-                return ResolvedWeights(folder, "cache", file_sha256(w))
+                return found(folder, "cache", w)
         except Exception:  # not in the cache
             pass
         if not offline:
@@ -115,15 +128,16 @@ def resolve_weights(entry: EncoderEntry, *, offline: bool) -> ResolvedWeights:
                 raise WeightsError(f"encoder {entry.name!r}: download of {repo!r} failed: {exc}") from exc
             w = _folder_weight(folder)
             if w is not None:
-                return ResolvedWeights(folder, "download", file_sha256(w))
+                return found(folder, "download", w)
             looked.append(f"download of {repo!r} (no weights file in it)")
         else:
             looked.append("download (not tried: offline is true)")
-    raise WeightsError(
+    raise WeightsNotFound(
         f"weights for encoder {entry.name!r} not found; looked in: {'; '.join(looked) or 'nowhere'}. "
         "Supply them by setting weights.path to a local checkpoint file or folder in an "
         "encoder_registry file, by placing the model in the Hugging Face cache "
-        "(huggingface-cli download <repo>), or by setting offline: false to allow a download."
+        "(huggingface-cli download <repo>), or by setting offline: false to allow a download.",
+        looked,
     )
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,11 +19,12 @@ from shapely.geometry import mapping
 from skimage import transform
 
 from .._atomic import atomic_file
+from .._progress import Progress
 from ..slides.geometry import mask_to_polygons
 from ..zeroshot import tile_scores
 from ..zeroshot.tile_scores import TileScores
 
-__all__ = ["export_geojson", "region_polygons"]
+__all__ = ["REGION_MODES", "class_regions", "export_geojson"]
 
 _NS = uuid.UUID("6f1c2a53-3d1e-4b8e-9a57-2f0c6b1d9e44")
 
@@ -38,33 +40,47 @@ def _feature(fid: str, geom: Mapping[str, Any], props: Mapping[str, Any]) -> str
     )
 
 
-def region_polygons(
+REGION_MODES = ("argmax", "threshold")
+
+
+def class_regions(
     scores: TileScores,
-    k: int,
     *,
+    mode: str,
     threshold: float,
     bounds: tuple[int, int],
     simplify: float,
     upsample: int = 4,
-) -> shapely.MultiPolygon:
-    """Regions where class ``k``'s probability reaches ``threshold``.
+) -> list[shapely.MultiPolygon]:
+    """One region per class, in class order (empty where the class has none).
 
-    The finest tiles' probabilities form a grid (one cell per tile, 0 where no tile); it is
-    interpolated bilinearly ``upsample`` times finer, so region outlines follow the
-    probability field between tile centres instead of tile edges, then traced and scaled
-    to level 0.
+    The finest tiles' probabilities form a grid per class (one cell per tile) plus a
+    coverage grid; each is interpolated bilinearly ``upsample`` times finer, so outlines
+    follow the probability field between tile centres instead of tile edges. ``argmax``
+    (default) gives each covered cell to its most probable class, so every slide with
+    tiles has regions whatever the probabilities; ``threshold`` keeps cells where the
+    class's probability reaches ``threshold``.
     """
+    k = len(scores.classes)
     tab = scores.table
     if len(tab) == 0:
-        return shapely.MultiPolygon()
+        return [shapely.MultiPolygon() for _ in range(k)]
     size = int(tab["size0"].iloc[0])
     gx, gy = (tab["x"].to_numpy() // size), (tab["y"].to_numpy() // size)
-    grid = np.zeros((bounds[1] // size + 1, bounds[0] // size + 1), np.float32)
-    grid[gy, gx] = scores.probs()[:, k]
-    fine = transform.resize(
-        grid, (grid.shape[0] * upsample, grid.shape[1] * upsample), order=1, mode="edge", anti_aliasing=False
-    )
-    return mask_to_polygons(fine >= threshold, scale=size / upsample, simplify=simplify, bounds=bounds)
+    grid = np.zeros((k + 1, bounds[1] // size + 1, bounds[0] // size + 1), np.float32)
+    grid[:k, gy, gx] = scores.probs().T
+    grid[k, gy, gx] = 1.0
+    shape = (k + 1, grid.shape[1] * upsample, grid.shape[2] * upsample)
+    fine = transform.resize(grid, shape, order=1, mode="edge", anti_aliasing=False)
+    covered = fine[k] >= 0.5
+    if mode == "argmax":
+        best = fine[:k].argmax(axis=0)
+        masks = [covered & (best == c) for c in range(k)]
+    elif mode == "threshold":
+        masks = [fine[c] >= threshold for c in range(k)]
+    else:
+        raise ValueError(f"unknown region mode {mode!r} (choose {', '.join(REGION_MODES)})")
+    return [mask_to_polygons(m, scale=size / upsample, simplify=simplify, bounds=bounds) for m in masks]
 
 
 def export_geojson(
@@ -73,12 +89,15 @@ def export_geojson(
     *,
     colors: Mapping[str, tuple[int, int, int]],
     level0_dims: tuple[int, int],
+    mpp: float | None = None,
     tissue_polygons: Mapping[str, Any] | None = None,
+    regions: str = "argmax",
     threshold: float = 0.5,
     simplify_px: float = 1.0,
     gzip_output: bool | None = None,
 ) -> Path:
-    """Stream the FeatureCollection to ``out`` (gzip when it ends in ``.gz``)."""
+    """Stream the FeatureCollection to ``out`` (gzip when it ends in ``.gz``); region
+    areas are also given in µm² when the level-0 ``mpp`` is known."""
     out = Path(out)
     gz = out.name.endswith(".gz") if gzip_output is None else gzip_output
     with (
@@ -91,10 +110,17 @@ def export_geojson(
             colors,
             level0_dims,
             tissue_polygons,
-            threshold,
-            simplify_px,
+            _RegionSpec(regions, threshold, simplify_px, mpp),
         )
     return out
+
+
+@dataclass(frozen=True)
+class _RegionSpec:
+    mode: str
+    threshold: float
+    simplify: float
+    mpp: float | None
 
 
 def _write(
@@ -103,8 +129,7 @@ def _write(
     colors: Mapping[str, tuple[int, int, int]],
     dims: tuple[int, int],
     tissue: Mapping[str, Any] | None,
-    threshold: float,
-    simplify: float,
+    spec: _RegionSpec,
 ) -> None:
     fh.write('{"type":"FeatureCollection","features":[')
     first = True
@@ -117,7 +142,10 @@ def _write(
     scores = tile_scores.read(path)
     slide_id, classes, t = scores.slide_id, list(scores.classes), scores.table
     cols = (t["x"].tolist(), t["y"].tolist(), t["size0"].tolist(), scores.probs().tolist())
-    for x, y, s, pr in zip(*cols, strict=True):
+    bar = Progress(len(t), desc=f"export-geojson {slide_id}")
+    for i, (x, y, s, pr) in enumerate(zip(*cols, strict=True)):
+        if i % 1000 == 999:
+            bar.update(1000)
         best = int(np.argmax(pr))
         props = {
             "objectType": "tile",
@@ -128,16 +156,24 @@ def _write(
         }
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         emit(_feature(_id(slide_id, "tile", x, y, s), {"type": "Polygon", "coordinates": [ring]}, props))
-    for k, c in enumerate(classes):
-        region = region_polygons(scores, k, threshold=threshold, bounds=dims, simplify=simplify)
+    bar.update(len(t) % 1000)
+    bar.close()
+    regions = class_regions(
+        scores, mode=spec.mode, threshold=spec.threshold, bounds=dims, simplify=spec.simplify
+    )
+    how = "most probable class" if spec.mode == "argmax" else f"p >= {spec.threshold:g}"
+    for c, region in zip(classes, regions, strict=True):
         if region.is_empty:
             continue
+        area: dict[str, float] = {"area_px": float(region.area)}
+        if spec.mpp:
+            area["area_um2"] = float(region.area) * spec.mpp**2
         props = {
             "objectType": "annotation",
-            "name": f"{c} (p >= {threshold:g})",
+            "name": f"{c} ({how})",
             "classification": {"name": c, "color": list(colors[c])},
             "isLocked": True,
-            "measurements": {"area_px": float(region.area)},
+            "measurements": area,
         }
         emit(_feature(_id(slide_id, "region", c), mapping(region), props))
     if tissue:

@@ -14,14 +14,17 @@ from PIL import Image, ImageDraw, ImageFont
 from .._atomic import atomic_dir
 from ..slides.reader import Slide
 from ..slides.tissue import read_thumbnail
-from ..zeroshot.tile_scores import TileScores
+from ..zeroshot.tile_scores import TileScores, safe_names
 from .raster import probability_raster
 
-__all__ = ["safe_filename", "write_heatmaps"]
+__all__ = ["class_files", "write_heatmaps"]
 
 
-def safe_filename(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
+def class_files(classes: list[str]) -> dict[str, str]:
+    """The PNG file name of each class's heatmap: a safe, unique name that never
+    collides with ``thumbnail.png`` or ``argmax.png``."""
+    names = safe_names(["thumbnail", "argmax", *classes])[2:]
+    return {c: f"{n}.png" for c, n in zip(classes, names, strict=True)}
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -69,32 +72,34 @@ def write_heatmaps(
     colors: Mapping[str, tuple[int, int, int]],
     outdir: str | Path,
     *,
-    max_size: int = 1024,
-    alpha: float = 0.55,
+    max_size: int,
+    alpha: float,
+    max_megapixels: float,
 ) -> Path:
     """Write ``{class}.png`` per class, ``argmax.png`` and ``thumbnail.png`` into ``outdir``
     from the finest scale of ``scores``."""
     fine = scores.finest()
     classes, slide_id = list(scores.classes), scores.slide_id
     w, h = slide.dimensions
-    thumb, scale = read_thumbnail(slide, max(w, h) / max_size)
+    thumb, scale = read_thumbnail(slide, max(w, h) / max_size, max_megapixels=max_megapixels)
     probs, count = probability_raster(fine, shape=thumb.shape[:2], scale=scale)
     covered = count > 0.5
     cmap = matplotlib.colormaps["inferno"]
+    files = class_files(classes)
     with atomic_dir(outdir) as tmp:
         Image.fromarray(thumb).save(tmp / "thumbnail.png")
         if not covered.any():
             grey = (0.35 * thumb.astype(np.float32) + 0.65 * 160).astype(np.uint8)
-            for c in [*classes, "argmax"]:
+            for name in [*files.values(), "argmax.png"]:
                 img = Image.fromarray(grey)
                 ImageDraw.Draw(img).text((8, 8), f"{slide_id}: no tissue tiles", fill=(0, 0, 0), font=_font())
-                img.save(tmp / f"{safe_filename(c)}.png")
+                img.save(tmp / name)
             return Path(outdir)
         for k, c in enumerate(classes):
             rgb = (cmap(probs[k])[..., :3] * 255).astype(np.float32)
             img = Image.fromarray(_blend(thumb, rgb, covered, alpha))
             _colorbar(img, f"P({c})", cmap)
-            img.save(tmp / f"{safe_filename(c)}.png")
+            img.save(tmp / files[c])
         arg = probs.argmax(axis=0)
         pal = np.array([colors[c] for c in classes], np.float32)
         img = Image.fromarray(_blend(thumb, pal[arg], covered, max(alpha, 0.7)))

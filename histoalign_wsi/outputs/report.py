@@ -7,6 +7,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,32 @@ import pandas as pd
 from PIL import Image
 
 from .._atomic import atomic_file
-from ..zeroshot.prediction import load_predictions
-from .heatmaps import safe_filename
+from ..zeroshot.prediction import Prediction, load_predictions
+from .heatmaps import class_files
 
 __all__ = ["write_report"]
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222}
-table{border-collapse:collapse;margin:12px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#eee;cursor:pointer}.warn{background:#fde2e1;border:2px solid #c0392b;padding:12px;
-font-weight:bold;margin:12px 0}.slide{display:inline-block;margin:8px;vertical-align:top;width:400px}
-.slide img{max-width:390px;border:1px solid #999}
-.sw{display:inline-block;width:12px;height:12px;margin-right:4px}
-code{font-size:90%}
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1,h2,h3{margin:.6em 0 .3em}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#eee;cursor:pointer;white-space:nowrap}
+.warn{background:#fde2e1;border:2px solid #c0392b;padding:12px;font-weight:bold;margin:12px 0}
+.probs{min-width:180px}.bar{display:flex;align-items:center;gap:4px;font-size:12px;line-height:14px}
+.bar span.fill{display:inline-block;height:10px;border-radius:2px}
+.bar span.lab{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:140px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:calc(50% - 30px);
+min-width:300px;box-sizing:border-box}
+.card .figs{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;flex:1 1 260px;min-width:0}figure img{width:100%;height:auto;border:1px solid #999}
+figcaption{font-size:13px;color:#333;margin-top:2px}
+.legend{font-size:13px;margin:4px 0}.legend span{display:inline-block;margin-right:10px;white-space:nowrap}
+.sw{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;border:1px solid #555}
+.cbar{display:inline-block;width:140px;height:10px;vertical-align:middle;margin:0 4px;
+background:linear-gradient(to right,#000004,#420a68,#932667,#dd513a,#fca50a,#fcffa4)}
+code{font-size:90%;word-break:break-all}
 """
 
 _JS = """
@@ -47,7 +61,7 @@ document.querySelectorAll('table.sortable th').forEach(function(th, i){
 """
 
 
-def _img(path: Path, width: int = 390) -> str:
+def _img(path: Path, width: int = 640) -> str:
     if not path.is_file():
         return "<em>missing</em>"
     im = Image.open(path).convert("RGB")
@@ -57,6 +71,84 @@ def _img(path: Path, width: int = 390) -> str:
     im.save(buf, format="PNG", optimize=True)
     alt = html.escape(path.stem)
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _cell(value: Any) -> str:
+    """A table cell; missing values (an unlabelled slide) are empty, not ``nan``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "<td data-v=''></td>"
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"<td data-v='{html.escape(str(value), quote=True)}'>{html.escape(shown)}</td>"
+
+
+def _prob_bars(p: Prediction | None, colors: dict[str, Any]) -> str:
+    """All class probabilities folded into one compact cell of bars, largest first."""
+    if p is None or not p.probabilities:
+        return "<td class='probs' data-v='-1'></td>"
+    items = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
+    bars = "".join(
+        f"<div class='bar'><span class='fill' style='width:{max(1, round(80 * v))}px;"
+        f"background:rgb{tuple(colors[c])}'></span><span class='lab'>{html.escape(c)} {v:.2f}</span></div>"
+        for c, v in items
+    )
+    return f"<td class='probs' data-v='{items[0][1]:.4f}'>{bars}</td>"
+
+
+def _areas(p: Prediction | None) -> str:
+    areas = (p.extra.get("region_area_mm2") if p else None) or {}
+    if not areas:
+        return "<td data-v='0'></td>"
+    shown = "<br>".join(f"{html.escape(c)} {a:.2f}" for c, a in sorted(areas.items(), key=lambda kv: -kv[1]))
+    return f"<td data-v='{sum(areas.values()):.4f}'>{shown}</td>"
+
+
+def _slides_table(table: pd.DataFrame, by_id: dict[str, Prediction], colors: dict[str, Any]) -> str:
+    head = ["slide", "label", "predicted", "probabilities", "status", "tiles", "regions (mm²)"]
+    rows = []
+    for _, r in table.iterrows():
+        p = by_id.get(str(r["slide_id"]))
+        rows.append(
+            "<tr>"
+            + _cell(r["slide_id"])
+            + _cell(r.get("label"))
+            + _cell(r["predicted_class"])
+            + _prob_bars(p, colors)
+            + _cell(r["status"])
+            + _cell(r.get("n_tiles"))
+            + _areas(p)
+            + "</tr>"
+        )
+    return (
+        "<div class='scroll'><table class='sortable' id='slides'><thead><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
+
+
+def _heatmap_card(
+    sid: str, p: Prediction | None, hm: Path, classes: list[str], colors: dict[str, Any]
+) -> str:
+    e = html.escape
+    pc = p.predicted_class if p else ""
+    legend = "".join(
+        f"<span><span class='sw' style='background:rgb{tuple(colors[c])}'></span>{e(c)}</span>"
+        for c in classes
+    )
+    figs = (
+        f"<figure>{_img(hm / 'argmax.png')}<figcaption>Most probable class per tile (argmax), over "
+        f"tissue.<div class='legend'>{legend}</div></figcaption></figure>"
+    )
+    if pc in classes:
+        figs += (
+            f"<figure>{_img(hm / class_files(classes)[pc])}<figcaption>P({e(pc)}) per tile, the predicted "
+            f"class: 0 <span class='cbar'></span> 1 (inferno)</figcaption></figure>"
+        )
+    return (
+        f"<div class='card'><h3>{e(sid)}</h3><p>predicted: <b>{e(str(pc))}</b></p>"
+        f"<div class='figs'>{figs}</div></div>"
+    )
 
 
 def write_report(predictions_csv: str | Path, out: str | Path, *, results: str | Path | None = None) -> Path:
@@ -74,7 +166,9 @@ def write_report(predictions_csv: str | Path, out: str | Path, *, results: str |
     untrained = bool(table["untrained"].any()) if "untrained" in table and len(table) else False
     e = html.escape
     parts = [
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>histoalign-wsi report</title>"
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>histoalign-wsi report</title>"
         f"<style>{_CSS}</style></head><body><h1>histoalign-wsi report</h1>"
     ]
     if untrained:
@@ -94,7 +188,7 @@ def write_report(predictions_csv: str | Path, out: str | Path, *, results: str |
     )
     encs = preds[0].encoders if preds else []
     parts.append(
-        "<h2>Encoders</h2><table><tr><th>encoder</th><th>weights sha256</th>"
+        "<h2>Encoders</h2><div class='scroll'><table><tr><th>encoder</th><th>weights sha256</th>"
         "<th>weight</th><th>untrained</th></tr>"
     )
     for en in encs:
@@ -102,35 +196,27 @@ def write_report(predictions_csv: str | Path, out: str | Path, *, results: str |
             f"<tr><td>{e(en['name'])}</td><td><code>{e(en['weights_sha256'])}</code></td>"
             f"<td>{en['weight']}</td><td>{en['untrained']}</td></tr>"
         )
-    parts.append("</table><h2>Slides</h2><table class='sortable' id='slides'><thead><tr>")
-    cols = [c for c in table.columns]
-    parts.append("".join(f"<th>{e(str(c))}</th>" for c in cols) + "</tr></thead><tbody>")
-    for _, row in table.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            shown = f"{v:.3f}" if isinstance(v, float) else str(v)
-            cells.append(f"<td data-v='{e(str(v), quote=True)}'>{e(shown)}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</table></div><h2>Slides</h2>" + _slides_table(table, by_id, colors))
     metrics_path = res / "metrics.json"
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())
-        parts.append("<h2>Metrics</h2><table>")
-        for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr"):
-            parts.append(f"<tr><th>{e(key)}</th><td>{e(str(m.get(key)))}</td></tr>")
-        parts.append("</table>" + _img(res / "confusion_matrix.png", 480))
-    parts.append("<h2>Heatmaps</h2>")
-    for sid in table["slide_id"] if len(table) else []:
-        p = by_id.get(sid)
-        hm = res / "heatmaps" / str(sid)
-        pc = p.predicted_class if p else ""
-        parts.append(
-            f"<div class='slide'><h3>{e(str(sid))}</h3><p>predicted: <b>{e(str(pc))}</b></p>"
-            f"{_img(hm / 'argmax.png')}"
-            f"{_img(hm / (safe_filename(pc) + '.png')) if pc in classes else ''}</div>"
+        parts.append("<h2>Metrics</h2><div class='scroll'><table>")
+        keys = (
+            "n",
+            "accuracy",
+            "balanced_accuracy",
+            "macro_f1",
+            "weighted_f1",
+            "auc_macro_ovr",
+            "auc_macro_ovo",
         )
-    parts.append(f"<script>{_JS}</script></body></html>")
+        for key in (*keys, "classes_absent", "n_without_tiles"):
+            parts.append(f"<tr><th>{e(key)}</th><td>{e(str(m.get(key)))}</td></tr>")
+        parts.append("</table></div>" + _img(res / "confusion_matrix.png", 480))
+    parts.append("<h2>Heatmaps</h2><div class='cards'>")
+    for sid in table["slide_id"].astype(str) if len(table) else []:
+        parts.append(_heatmap_card(sid, by_id.get(sid), res / "heatmaps" / sid, classes, colors))
+    parts.append(f"</div><script>{_JS}</script></body></html>")
     with atomic_file(out) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
     return Path(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from .reader import SLIDE_EXTENSIONS
 
 __all__ = ["SlideEntry", "discover_slides", "read_labels", "slide_id_for"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-SLIDE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+# Unicode letters and digits are kept (Snakemake wildcards and file systems take them), so
+# `café.svs` is `café` and `中文.svs` is `中文`; every other run of characters becomes `_`.
+_UNSAFE = re.compile(r"[^\w.-]+")
+SLIDE_ID_PATTERN = r"[^\W_][\w.-]*"
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ def _strip_ext(name: str) -> str:
 
 
 def slide_id_for(path: str | Path) -> str:
-    """File name without extension, with runs of unsafe characters replaced by ``_``."""
-    raw = _strip_ext(Path(path).name)
-    sid = _UNSAFE.sub("_", raw).strip("_.") or "slide"
+    """File name without extension (NFC), with runs of characters other than Unicode
+    letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``."""
+    raw = unicodedata.normalize("NFC", _strip_ext(Path(path).name))
+    sid = _UNSAFE.sub("_", raw).strip("_.-") or "slide"
     if not sid[0].isalnum():
         sid = "s" + sid
     return sid

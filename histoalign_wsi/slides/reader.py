@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from ..errors import SlideError
+from .integrity import check_tiff
 
 __all__ = ["SLIDE_EXTENSIONS", "Slide", "SlideInfo", "open_slide"]
 
@@ -303,6 +304,7 @@ def open_slide(
         raise SlideError(p, "is a directory, not a slide file")
     if p.stat().st_size == 0:
         raise SlideError(p, "is an empty file")
+    check_tiff(p)
     backend, name = _open_backend(p, reader)
     try:
         slide = Slide(p, backend, name, mpp_override, mpp_default)

@@ -18,6 +18,7 @@ from skimage import filters, morphology
 
 from .._atomic import atomic_file
 from ..config import TissueParams
+from ..errors import SlideError
 from .geometry import mask_to_polygons
 from .reader import Slide
 
@@ -45,16 +46,34 @@ class TissueResult:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
 
-def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8], float]:
+def read_thumbnail(
+    slide: Slide, target_scale: float, *, max_megapixels: float
+) -> tuple[NDArray[np.uint8], float]:
     """Read the slide at about ``target_scale`` level-0 px per pixel, memory-bounded.
 
     The best pyramid level is read in strips and each strip is block-averaged by an
     integer factor, so the returned scale is exact: ``level downsample x factor``.
+
+    Raises
+    ------
+    SlideError
+        Before reading anything, when the level to decode holds more than
+        ``max_megapixels`` (a slide without a pyramid level near the wanted resolution,
+        or one whose header declares an enormous size).
     """
     level = slide.best_level(target_scale)
     lds = slide.level_downsamples[level]
     f = max(1, math.floor(target_scale / lds + 1e-6))
     lw, lh = slide.level_dimensions[level]
+    mp = lw * lh / 1e6
+    if mp > max_megapixels:
+        raise SlideError(
+            slide.path,
+            f"no pyramid level near {target_scale:.3g} level-0 px per pixel: the read would decode "
+            f"level {level} ({lw} x {lh} px, {mp:,.0f} megapixels), over max_read_megapixels="
+            f"{max_megapixels:g}; give the file a pyramid (e.g. vips tiffsave --tile --pyramid) "
+            "or raise max_read_megapixels",
+        )
     ow, oh = math.ceil(lw / f), math.ceil(lh / f)
     out = np.empty((oh, ow, 3), np.uint8)
     rows = max(f, (_STRIP_PIXELS // max(lw, 1) // f) * f)
@@ -71,13 +90,14 @@ def read_thumbnail(slide: Slide, target_scale: float) -> tuple[NDArray[np.uint8]
     return out, lds * f
 
 
-def detect_tissue(slide: Slide, params: TissueParams) -> TissueResult:
-    """Detect tissue on a low-resolution read of ``slide``.
+def detect_tissue(slide: Slide, params: TissueParams, *, max_megapixels: float) -> TissueResult:
+    """Detect tissue on a low-resolution read of ``slide`` (at most ``max_megapixels``
+    decoded; see :func:`read_thumbnail`).
 
     A background-only slide gives an empty mask (a valid result).
     """
     mpp = slide.mpp
-    thumb, scale = read_thumbnail(slide, params.mask_mpp / mpp)
+    thumb, scale = read_thumbnail(slide, params.mask_mpp / mpp, max_megapixels=max_megapixels)
     mask, thr = tissue_mask(thumb, mask_mpp=scale * mpp, params=params)
     w, h = slide.dimensions
     polys = mask_to_polygons(mask, scale=scale, simplify=0.5, bounds=(w, h))

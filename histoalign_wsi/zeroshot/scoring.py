@@ -191,6 +191,7 @@ def _result(
         status, predicted = "ok", classes[best]
         probabilities = dict(zip(classes, map(float, probs), strict=True))
         top = _top_tiles(tiles, finest, best, cfg.pooling.top_tiles)
+        extra = {**(extra or {}), "region_area_mm2": _region_areas(store, tiles, finest, classes)}
     encoders = [
         {
             "name": n,
@@ -229,6 +230,20 @@ def _scale_summary(n: int, pooled: NDArray[np.float32] | None, classes: list[str
         "pooled_logits": dict(zip(classes, map(float, pooled), strict=True)),
         "probabilities": dict(zip(classes, map(float, softmax(pooled)), strict=True)),
     }
+
+
+def _region_areas(
+    store: FeatureStore, tiles: pd.DataFrame, finest: str, classes: list[str]
+) -> dict[str, float]:
+    """Tissue area (mm²) of each class's argmax region at the finest scale (tiles there do
+    not overlap); classes without a region are left out."""
+    fine = tiles[tiles["scale"] == finest]
+    probs = fine[class_columns(classes, "prob")].to_numpy()
+    counts = (
+        np.bincount(probs.argmax(axis=1), minlength=len(classes)) if len(fine) else np.zeros(len(classes))
+    )
+    side_mm = float(fine["size0"].iloc[0]) * float(store.attrs["slide"]["mpp"]) / 1000 if len(fine) else 0.0
+    return {c: float(n) * side_mm**2 for c, n in zip(classes, counts, strict=True) if n}
 
 
 def _no_tiles_status(store: FeatureStore, finest: str) -> str:

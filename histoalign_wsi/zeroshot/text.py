@@ -13,11 +13,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._atomic import atomic_file
+from ..config import Config
 from ..errors import StoreError
 from ..features.adapters import LoadedEncoder
 from .prompts import PromptBag
 
-__all__ = ["EncoderText", "TextEmbeddings", "embed_bag", "load_text", "save_text"]
+__all__ = ["EncoderText", "TextEmbeddings", "embed_bag", "load_text", "save_text", "text_for"]
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +133,15 @@ def load_text(path: str | Path) -> TextEmbeddings:
     return TextEmbeddings(
         meta["bag_name"], meta["bag_hash"], tuple(meta["classes"]), colors, str(meta["protocol"]), encs
     )
+
+
+def text_for(cfg: Config, text_path: str | Path | None, cache: str | Path | None) -> TextEmbeddings:
+    """Text embeddings from ``text_path``, or the configured bag embedded now by the
+    configured encoders (as ``cfg.protocol`` makes its prompts; cached in ``cache``)."""
+    from ..features.adapters import load_encoders, resolve_device
+    from .prompts import load_bag
+
+    if text_path is not None:
+        return load_text(text_path)
+    encs = load_encoders(cfg, device=resolve_device(cfg.device))
+    return embed_bag(load_bag(cfg.prompt_bag), encs, protocol=cfg.protocol, cache_dir=cache)

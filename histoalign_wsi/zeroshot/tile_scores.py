@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from .._atomic import atomic_file
 from ..errors import StoreError
 
-__all__ = ["BASE_COLUMNS", "SCHEMA", "TileScores", "class_columns", "read", "write"]
+__all__ = ["BASE_COLUMNS", "SCHEMA", "TileScores", "class_columns", "read", "safe_names", "write"]
 
 SCHEMA = "histoalign-tile-scores/1"
 BASE_COLUMNS = ("scale", "mpp", "x", "y", "size0", "tissue_fraction")
@@ -33,20 +33,26 @@ _META_KEY = b"histoalign"
 _UNSAFE = re.compile(r"[^\w]+", re.UNICODE)
 
 
-def class_columns(classes: Sequence[str], prefix: str) -> list[str]:
-    """``prefix_<name>`` per class: Unicode letters and digits kept, every other run of
-    characters made ``_``; a suffix ``_2``, ``_3``... keeps the names unique."""
+def safe_names(classes: Sequence[str]) -> list[str]:
+    """A safe, unique identifier per class name (free text): Unicode letters and digits
+    kept, every other run of characters made ``_``; ``_2``, ``_3``... where two collide.
+    Used for column names and file names; the names themselves stay as written."""
     out: list[str] = []
     seen: set[str] = set()
     for c in classes:
         base = _UNSAFE.sub("_", unicodedata.normalize("NFC", c)).strip("_") or "class"
-        name, n = f"{prefix}_{base}", 1
-        while name in seen:
+        name, n = base, 1
+        while name.casefold() in seen:  # case-insensitive file systems
             n += 1
-            name = f"{prefix}_{base}_{n}"
-        seen.add(name)
+            name = f"{base}_{n}"
+        seen.add(name.casefold())
         out.append(name)
     return out
+
+
+def class_columns(classes: Sequence[str], prefix: str) -> list[str]:
+    """``prefix_<safe name>`` per class (see :func:`safe_names`)."""
+    return [f"{prefix}_{s}" for s in safe_names(classes)]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
 # Shared by the stage files: the validated configuration and cohort (checked before
 # anything runs; see histoalign_wsi/workflow.py), and the names the rules use.
 
-from histoalign_wsi.slides.cohort import SLIDE_ID_PATTERN
-from histoalign_wsi.workflow import bag_file, folder_of, load_workflow, write_partial_summary
+import sys
 
-WF = load_workflow(config)  # raises naming the bad key or value
+from histoalign_wsi.errors import ConfigError
+from histoalign_wsi.slides.cohort import SLIDE_ID_PATTERN
+from histoalign_wsi.workflow import bag_file, finish_run, folder_of, load_workflow, start_run
+
+try:
+    WF = load_workflow(config)
+except ConfigError as exc:  # one line naming the key or value, before any job
+    sys.exit(f"histoalign-wsi: {exc}")
 R = WF.results

@@ -18,7 +18,7 @@ rule heatmap:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi heatmap {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
-        "--out {output.heatmaps:q} {params.settings} 2> {log:q}"
+        "--out {output.heatmaps:q} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule export_geojson:
@@ -43,7 +43,7 @@ rule export_geojson:
     shell:
         "histoalign-wsi export-geojson {input.tiles:q} --prediction {input.prediction:q} "
         "--store {input.tile_store:q} --tissue {input.tissue:q} --out {output.geojson:q} "
-        "{params.settings} 2> {log:q}"
+        "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule report:
@@ -65,4 +65,4 @@ rule report:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi report {input.csv:q} --results {params.results:q} --out {output.html:q} 2> {log:q}"
+        "histoalign-wsi report {input.csv:q} --results {params.results:q} --out {output.html:q} 2>&1 | tee {log:q} >&2"

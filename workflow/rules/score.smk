@@ -17,7 +17,7 @@ rule embed_prompts:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi embed-prompts --out {output.text:q} --cache {params.cache:q} "
-        "{params.settings} 2> {log:q}"
+        "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule calibrate:
@@ -39,7 +39,7 @@ rule calibrate:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi calibrate {input.features:q} --text {input.text:q} --out {output.calibration:q} "
-        "{params.settings} 2> {log:q}"
+        "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule score:
@@ -62,7 +62,7 @@ rule score:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi score {input.features:q} --text {input.text:q} --prediction {output.prediction:q} "
-        "--tile-scores {output.tiles:q} {params.calibration} {params.settings} 2> {log:q}"
+        "--tile-scores {output.tiles:q} {params.calibration} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule summarize:
@@ -84,4 +84,4 @@ rule summarize:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi summarize {input.predictions:q} --out {output.csv:q} {params.labels} 2> {log:q}"
+        "histoalign-wsi summarize {input.predictions:q} --out {output.csv:q} {params.labels} 2>&1 | tee {log:q} >&2"

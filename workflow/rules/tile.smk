@@ -17,5 +17,5 @@ rule tile:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi tile {input.slide:q} --tissue {input.mask:q} --slide-id {wildcards.slide} "
-        "--out {output.tiles:q} {params.mpp} {params.settings} 2> {log:q}"
+        "histoalign-wsi tile {input.slide:q} --tissue {input.mask:q} --slide-id {wildcards.slide:q} "
+        "--out {output.tiles:q} {params.mpp} {params.settings} 2>&1 | tee {log:q} >&2"
