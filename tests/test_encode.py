@@ -170,3 +170,64 @@ def test_unknown_encoder_is_refused(
         ]
     )
     assert code == 2 and "nonesuch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(1, (1, 1)), (2, (1, 1)), (3, (1, 2)), (8, (2, 6))])
+def test_thread_budget_splits_and_never_exceeds(threads: int, expected: tuple[int, int]) -> None:
+    from histoalign_wsi.features.encode import thread_budget
+
+    readers, torch_threads = thread_budget(threads, 2)
+    assert (readers, torch_threads) == expected
+    assert threads == 1 or readers + torch_threads <= threads
+
+
+def test_encode_runs_within_its_thread_budget(
+    tiles: Path, planted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the stage, torch has the share given to it and the readers the rest."""
+    import torch
+
+    from histoalign_wsi.features import encode as enc_mod
+
+    seen: dict[str, int] = {}
+    real = enc_mod.run_pipeline
+
+    def spy(slide, scales, encoders, arrays, settings):  # type: ignore[no-untyped-def]
+        seen["torch"], seen["readers"] = torch.get_num_threads(), settings.readers
+        return real(slide, scales, encoders, arrays, settings)
+
+    monkeypatch.setattr(enc_mod, "run_pipeline", spy)
+    before = torch.get_num_threads()
+    try:
+        args = ["encode", str(tiles), "--slide", str(planted[0]), "--out", str(tmp_path / "f.zarr")]
+        assert main([*args, "--threads", "3"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"torch": 2, "readers": 1}
+
+
+def test_progress_lines_when_not_a_terminal(
+    tiles: Path, planted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under Snakemake stderr is no terminal: short progress lines, not a tqdm bar."""
+    import io
+
+    from histoalign_wsi._progress import Progress
+
+    buf = io.StringIO()
+    with Progress(10, desc="encode x", every=0.0, stream=buf) as bar:
+        for _ in range(10):
+            bar.update()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("encode x: 1/10 tiles (10%)") and len(lines) == 11 and " in " in lines[-1]
+    quiet = io.StringIO()
+    with Progress(10, desc="q", every=3600.0, stream=quiet) as bar:
+        bar.update(10)
+    assert quiet.getvalue().count("\n") == 1  # bounded: only the closing line
+    encode(tiles, planted[0], tmp_path / "f.zarr")
+    n = sum(
+        len(open_store(tmp_path / "f.zarr").scale(s).coords)
+        for s in open_store(tmp_path / "f.zarr").scale_names
+    )
+    err = capsys.readouterr().err
+    assert f"encode planted.svs: {n}/{n} tiles (100%) in " in err and "tiles/s" in err

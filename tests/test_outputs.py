@@ -405,3 +405,44 @@ def test_segmentation_against_geojson_polygons(
     )
     res = json.loads(capsys.readouterr().out)["per_class"]
     assert res["TUM"]["dice"] > 0.9 and res["STR"]["dice"] > 0.9
+
+
+def test_regions_exist_when_no_class_reaches_the_threshold(
+    planted_scores: tuple[Path, Path, Path], planted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Flattened probabilities (max 0.4): argmax regions still cover the planted classes,
+    one annotation per class present, with their area in µm²."""
+    ts = tile_scores.read(planted_scores[0], finest=False)
+    df = ts.table.copy()
+    cols = [c for c in df.columns if c.startswith("prob_")]
+    p = df[cols].to_numpy()
+    flat = 0.3 + 0.1 * (p == p.max(axis=1, keepdims=True))  # the planted class 0.4, others 0.3
+    df[cols] = flat / flat.sum(axis=1, keepdims=True)
+    assert df[cols].to_numpy().max() < 0.5
+    tile_scores.write(TileScores("planted", ts.classes, df), tmp_path / "flat.parquet")
+    out = tmp_path / "flat.geojson"
+    export_geojson(tmp_path / "flat.parquet", out, colors=COLORS, level0_dims=(8192, 6144), mpp=0.25)
+    regions = {
+        f["properties"]["classification"]["name"]: f
+        for f in json.loads(out.read_text())["features"]
+        if f["properties"]["objectType"] == "annotation"
+    }
+    assert {"TUM", "STR"} <= set(regions)
+    truth, scale = load_truth(planted[1])
+    for cls in ("TUM", "STR"):
+        geom = shapely.geometry.shape(regions[cls]["geometry"])
+        m = regions[cls]["properties"]["measurements"]
+        assert m["area_um2"] == pytest.approx(geom.area * 0.25**2)
+        assert dice_iou(_rasterize(geom, truth[cls].shape, scale), truth[cls])["dice"] > 0.85
+    # the threshold mode, by contrast, finds nothing here
+    export_geojson(
+        tmp_path / "flat.parquet",
+        out,
+        colors=COLORS,
+        level0_dims=(8192, 6144),
+        regions="threshold",
+        threshold=0.5,
+    )
+    assert not [
+        f for f in json.loads(out.read_text())["features"] if f["properties"]["objectType"] == "annotation"
+    ]

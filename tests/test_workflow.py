@@ -202,12 +202,12 @@ def test_results_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path: Path
     assert "cleared a stale lock" in out.stderr and (w / target).is_file() and not lock_file.exists()
     # a lock from another host cannot be checked: refused until the user clears it
     lock_file.write_text(json.dumps(lock | {"host": "node-17"}))
-    out = smk(w, "--cores", "1", "results/tile/CMU-1-Small-Region.zarr", check=False)
+    out = smk(w, "--cores", "1", "results/tiles/CMU-1-Small-Region.zarr", check=False)
     assert out.returncode != 0 and "node-17" in out.stderr and "histoalign-wsi unlock" in out.stderr
     from histoalign_wsi.cli import main
 
     assert main(["unlock", str(w / "results")]) == 0 and not lock_file.exists()
-    smk(w, "--cores", "1", "results/tile/CMU-1-Small-Region.zarr")
+    smk(w, "--cores", "1", "results/tiles/CMU-1-Small-Region.zarr")
 
 
 def test_non_ascii_slide_names_run(tmp_path: Path) -> None:

@@ -27,35 +27,39 @@ def class_files(classes: list[str]) -> dict[str, str]:
     return {c: f"{n}.png" for c, n in zip(classes, names, strict=True)}
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _font(img: Image.Image) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """A font about 1/40 of the image width (at least 12 px), so the text stays legible
+    when the PNG is shown shrunk in a report or a viewer."""
+    return ImageFont.load_default(size=max(12, img.width // 40))
 
 
 def _legend(img: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
     d = ImageDraw.Draw(img)
-    f = _font()
-    row = 14
-    w = 20 + max((int(d.textlength(t, font=f)) for t, _ in entries), default=40)
+    f = _font(img)
+    row = int(f.size * 1.4) if isinstance(f, ImageFont.FreeTypeFont) else 14
+    sw = row - 4
+    w = sw + 12 + max((int(d.textlength(t, font=f)) for t, _ in entries), default=40)
     d.rectangle([4, 4, 8 + w + 4, 8 + row * len(entries)], fill=(255, 255, 255))
     for i, (t, c) in enumerate(entries):
         y = 6 + i * row
-        d.rectangle([8, y + 2, 18, y + 12], fill=c)
-        d.text((22, y), t, fill=(0, 0, 0), font=f)
+        d.rectangle([8, y + 2, 8 + sw, y + 2 + sw], fill=c, outline=(60, 60, 60))
+        d.text((8 + sw + 6, y), t, fill=(0, 0, 0), font=f)
 
 
 def _colorbar(img: Image.Image, name: str, cmap: matplotlib.colors.Colormap) -> None:
     d = ImageDraw.Draw(img)
-    f = _font()
+    f = _font(img)
+    fs = f.size if isinstance(f, ImageFont.FreeTypeFont) else 10
     w, h = img.size
-    bw, bh = max(60, min(160, w // 3)), 10
-    x0, y0 = 6, h - bh - 22
-    d.rectangle([x0 - 3, y0 - 16, x0 + bw + 3, h - 4], fill=(255, 255, 255))
-    d.text((x0, y0 - 14), name, fill=(0, 0, 0), font=f)
+    bw, bh = max(80, min(w // 2, int(w / 3))), max(10, int(fs * 0.8))
+    x0, y0 = 6, h - bh - int(fs * 1.6)
+    d.rectangle([x0 - 3, y0 - int(fs * 1.5), x0 + bw + 3, h - 4], fill=(255, 255, 255))
+    d.text((x0, y0 - int(fs * 1.4)), name, fill=(0, 0, 0), font=f)
     for i in range(bw):
         r, g, b, _ = cmap(i / (bw - 1))
         d.line([x0 + i, y0, x0 + i, y0 + bh], fill=(int(r * 255), int(g * 255), int(b * 255)))
     d.text((x0, y0 + bh + 1), "0", fill=(0, 0, 0), font=f)
-    d.text((x0 + bw - 6, y0 + bh + 1), "1", fill=(0, 0, 0), font=f)
+    d.text((x0 + bw - int(fs * 0.7), y0 + bh + 1), "1", fill=(0, 0, 0), font=f)
 
 
 def _blend(
@@ -92,7 +96,9 @@ def write_heatmaps(
             grey = (0.35 * thumb.astype(np.float32) + 0.65 * 160).astype(np.uint8)
             for name in [*files.values(), "argmax.png"]:
                 img = Image.fromarray(grey)
-                ImageDraw.Draw(img).text((8, 8), f"{slide_id}: no tissue tiles", fill=(0, 0, 0), font=_font())
+                ImageDraw.Draw(img).text(
+                    (8, 8), f"{slide_id}: no tissue tiles", fill=(0, 0, 0), font=_font(img)
+                )
                 img.save(tmp / name)
             return Path(outdir)
         for k, c in enumerate(classes):
