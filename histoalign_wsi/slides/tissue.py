@@ -17,6 +17,7 @@ from PIL import Image
 from skimage import filters, morphology
 
 from .._atomic import atomic_file
+from .._progress import Progress
 from ..config import TissueParams
 from ..errors import SlideError
 from .geometry import mask_to_polygons
@@ -77,6 +78,8 @@ def read_thumbnail(
     ow, oh = math.ceil(lw / f), math.ceil(lh / f)
     out = np.empty((oh, ow, 3), np.uint8)
     rows = max(f, (_STRIP_PIXELS // max(lw, 1) // f) * f)
+    strips = math.ceil(lh / rows)
+    bar = Progress(strips, desc=f"read {slide.path.name} level {level}", unit="strip") if strips > 4 else None
     for y in range(0, lh, rows):
         h = min(rows, lh - y)
         strip = slide.read_region((0, round(y * lds)), level, (lw, h))
@@ -87,6 +90,10 @@ def read_thumbnail(
             sums = padded.reshape(ph // f, f, ow, f, 3).sum(axis=(1, 3), dtype=np.uint32)
             strip = ((sums + (f * f) // 2) // (f * f)).astype(np.uint8)
         out[y // f : y // f + strip.shape[0]] = strip
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return out, lds * f
 
 
