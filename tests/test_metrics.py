@@ -120,3 +120,68 @@ def test_segmentation_scores_the_argmax_map_and_counts_false_positives(tmp_path:
     thr = evaluate_segmentation(ts, truth, mode="threshold", threshold=0.5)
     # with p >= 0.5 the first tile lands in no class at all
     assert thr["per_class"]["TUM"]["dice"] == pytest.approx(2 * 1 / (1 + 2))
+
+
+def test_dice_and_iou_exact() -> None:
+    from histoalign_wsi.outputs.metrics import dice_iou
+
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2, :] = True  # 8 px
+    b[1:3, :2] = True  # 4 px, 2 of them inside a
+    r = dice_iou(a, b)
+    assert r["dice"] == pytest.approx(2 * 2 / (8 + 4)) and r["iou"] == pytest.approx(2 / (8 + 4 - 2))
+    same_size_apart = dice_iou(
+        np.eye(4, dtype=bool), np.fliplr(np.eye(4, dtype=bool)) & ~np.eye(4, dtype=bool)
+    )
+    assert same_size_apart["dice"] == 0.0 and same_size_apart["iou"] == 0.0
+    assert dice_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == {"dice": 1.0, "iou": 1.0}
+
+
+def test_segmentation_keys_misses_and_empty_cases(tmp_path: Path) -> None:
+    ts, truth = _seg_case(tmp_path)
+    # a class in the truth that no tile predicts still counts (Dice 0)
+    meta = json.loads(truth.read_text())
+    lym = np.zeros((1, 4), np.uint8)
+    lym[0, 3] = 255
+    Image.fromarray(lym).save(tmp_path / "MUC.png")
+    meta["masks"]["MUC"] = "MUC.png"
+    truth.write_text(json.dumps(meta))
+    classes = ["TUM", "STR", "LYM", "MUC"]
+    probs = np.c_[ts.probs(), np.zeros(4)]
+    ts4 = TileScores(
+        "s",
+        tuple(classes),
+        planted_table("0.50mpp", 0.5, np.asarray(ts.table[["x", "y"]]), 100, probs, classes),
+    )
+    res = evaluate_segmentation(ts4, truth)
+    assert res["per_class"]["MUC"] == {"dice": 0.0, "iou": 0.0, "in_truth": True}
+    assert res["per_class"]["TUM"]["in_truth"] is True and res["threshold"] is None
+    assert res["iou_macro"] == pytest.approx(np.mean([v["iou"] for v in res["per_class"].values()]))
+    # a probability exactly at the threshold is in (p >= threshold); the default threshold is 0.5
+    thr = evaluate_segmentation(ts4, truth, mode="threshold")
+    assert thr["threshold"] == 0.5 and thr["mode"] == "threshold"
+    edge = np.array([[0.5, 0.25, 0.25, 0.0]] * 4)
+    ts_edge = TileScores(
+        "s",
+        tuple(classes),
+        planted_table("0.50mpp", 0.5, np.asarray(ts.table[["x", "y"]]), 100, edge, classes),
+    )
+    assert evaluate_segmentation(ts_edge, truth, mode="threshold")["per_class"]["TUM"][
+        "dice"
+    ] == pytest.approx(2 * 2 / (4 + 2))
+    # nothing predicted and nothing true: no per-class entry and no averages (not NaN)
+    empty = TileScores(
+        "s",
+        tuple(classes),
+        planted_table("0.50mpp", 0.5, np.zeros((0, 2), np.int32), 100, np.zeros((0, 4)), classes),
+    )
+    res0 = evaluate_segmentation(empty, truth)
+    assert res0["dice_macro"] == pytest.approx(0.0) and res0["dice_micro"] == pytest.approx(0.0)
+    Image.fromarray(np.zeros((1, 4), np.uint8)).save(tmp_path / "none.png")
+    (tmp_path / "none.json").write_text(
+        json.dumps({"level0_px_per_mask_px": 100, "masks": {"TUM": "none.png"}})
+    )
+    res1 = evaluate_segmentation(empty, tmp_path / "none.json")
+    assert res1["per_class"] == {} and res1["dice_macro"] is None and res1["iou_macro"] is None
+    assert res1["dice_micro"] is None
