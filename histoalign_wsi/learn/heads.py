@@ -1,0 +1,246 @@
+"""Slide-level heads on stored features: a linear probe on pooled per-scale features and
+the scale-aware attention MIL (with its no-scale-embedding ablation); stratified k-fold
+cross-validation by slide (by patient when given); saving and loading as safetensors +
+JSON (no pickle anywhere: the probe is stored as its coefficients)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .._atomic import atomic_dir
+from ..errors import ConfigError, StoreError
+from .abmil import ABMILConfig, ScaleAwareABMIL, predict_bag, train_abmil
+from .bags import Bag, BagSource
+
+__all__ = ["HEADS", "Head", "Scorer", "cross_validate", "fit_head", "fit_linear"]
+
+#: metrics of held-out predictions: (true labels, probabilities [n, K]) -> {name: value};
+#: given by the caller (the outputs stage owns the metrics)
+Scorer = Callable[[Sequence[str], NDArray[np.float32]], dict[str, Any]]
+
+log = logging.getLogger(__name__)
+
+#: head name -> what it is; ``abmil_noscale`` is the ablation of ``abmil``
+HEADS = {
+    "linear": "logistic regression on per-scale mean features",
+    "abmil": "gated attention MIL over all scales with learnable scale embeddings",
+    "abmil_noscale": "the same attention MIL without scale embeddings (ablation)",
+}
+_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def fit_linear(
+    x: NDArray[np.float32], y: NDArray[np.int64], *, seed: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """L2 logistic regression; C by stratified cross-validation on these rows only (C = 1
+    when a class has a single example). Returns (coef [K', D], intercept [K'], C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    counts = np.bincount(y)
+    least = int(counts[counts > 0].min())
+    base = LogisticRegression(max_iter=5000)
+    if least >= 2:
+        cv = StratifiedKFold(n_splits=min(5, least), shuffle=True, random_state=seed)
+        grid = GridSearchCV(base, {"C": list(_CS)}, cv=cv, scoring="neg_log_loss").fit(x, y)
+        model, c = grid.best_estimator_, float(grid.best_params_["C"])
+    else:
+        model, c = base.set_params(C=1.0).fit(x, y), 1.0
+    return model.coef_.astype(np.float64), model.intercept_.astype(np.float64), c
+
+
+def _linear_probs(
+    coef: NDArray[np.float64], intercept: NDArray[np.float64], x: NDArray[np.float32], k: int
+) -> NDArray[np.float32]:
+    z = x.astype(np.float64) @ coef.T + intercept
+    if coef.shape[0] == 1 and k == 2:  # sklearn's binary form: one row for class 1
+        z = np.concatenate([np.zeros_like(z), z], axis=-1)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Head:
+    """A trained head and what it needs to be applied to new stores."""
+
+    name: str
+    kind: str  # "linear" or "abmil"
+    classes: tuple[str, ...]
+    scale_names: tuple[str, ...]
+    encoders: Mapping[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    model: ScaleAwareABMIL | None = None
+    coef: NDArray[np.float64] | None = None
+    intercept: NDArray[np.float64] | None = None
+
+    def predict(self, bag: Bag) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+        """(probabilities [K], attention [N] or None) of one slide."""
+        if self.kind == "linear":
+            assert self.coef is not None and self.intercept is not None
+            return _linear_probs(self.coef, self.intercept, bag.pooled()[None], len(self.classes))[0], None
+        assert self.model is not None
+        return predict_bag(self.model, bag)
+
+    def check(self, source: BagSource) -> None:
+        """Refuse stores made with other encoders or scales than the head was trained on."""
+        if tuple(source.scale_names) != tuple(self.scale_names):
+            raise StoreError(
+                f"head {self.name!r} was trained on scales {list(self.scale_names)}, "
+                f"the stores have {list(source.scale_names)}"
+            )
+        if dict(source.encoders) != dict(self.encoders):
+            raise StoreError(
+                f"head {self.name!r} was trained on encoders {dict(self.encoders)}, "
+                f"the stores have {dict(source.encoders)}"
+            )
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.numpy import save_file as save_np
+        from safetensors.torch import save_file as save_torch
+
+        meta = {
+            "name": self.name,
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "scale_names": list(self.scale_names),
+            "encoders": dict(self.encoders),
+            "params": self.params,
+        }
+        with atomic_dir(folder) as tmp:
+            if self.kind == "linear":
+                assert self.coef is not None and self.intercept is not None
+                save_np({"coef": self.coef, "intercept": self.intercept}, str(tmp / "model.safetensors"))
+            else:
+                assert self.model is not None
+                meta["abmil"] = self.model.cfg.to_dict()
+                save_torch(
+                    {k: v.contiguous() for k, v in self.model.state_dict().items()},
+                    str(tmp / "model.safetensors"),
+                )
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Head:
+        """Load a saved head (safetensors only: a pickle-bearing file is refused)."""
+        f = Path(folder)
+        try:
+            meta = json.loads((f / "config.json").read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{str(f)!r} is not a saved head (no config.json)") from exc
+        w = f / "model.safetensors"
+        head = cls(
+            meta["name"],
+            meta["kind"],
+            tuple(meta["classes"]),
+            tuple(meta["scale_names"]),
+            meta["encoders"],
+            meta.get("params", {}),
+        )
+        try:
+            if head.kind == "linear":
+                from safetensors.numpy import load_file as load_np
+
+                arrays = load_np(str(w))
+                head.coef, head.intercept = arrays["coef"], arrays["intercept"]
+            else:
+                from safetensors.torch import load_file as load_torch
+
+                model = ScaleAwareABMIL(ABMILConfig(**meta["abmil"]))
+                model.load_state_dict(load_torch(str(w)))
+                head.model = model.eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ConfigError(
+                f"head {str(f)!r}: {w.name} is not a valid safetensors file ({exc}); pickles are refused"
+            ) from exc
+        return head
+
+
+def fit_head(
+    name: str,
+    source: BagSource,
+    ids: Sequence[str],
+    y: NDArray[np.int64],
+    classes: Sequence[str],
+    *,
+    seed: int,
+    epochs: int,
+) -> Head:
+    """Train head ``name`` (see :data:`HEADS`) on the slides ``ids``."""
+    cls, scales, encs = tuple(classes), source.scale_names, source.encoders
+    if name == "linear":
+        x = np.stack([source.bag(s).pooled() for s in ids])
+        coef, intercept, c = fit_linear(x, y, seed=seed)
+        return Head(name, "linear", cls, scales, encs, {"C": c}, coef=coef, intercept=intercept)
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r} (choose {', '.join(HEADS)})")
+    cfg = ABMILConfig(
+        in_dim=source.dim,
+        n_classes=len(classes),
+        n_scales=len(source.scale_names),
+        scale_embedding=name == "abmil",
+    )
+    model, hist = train_abmil(source, ids, y.tolist(), cfg, seed=seed, epochs=epochs)
+    params = {"seed": seed, **{k: v for k, v in hist.items() if k != "val_losses"}}
+    return Head(name, "abmil", cls, scales, encs, params, model=model)
+
+
+def cross_validate(
+    source: BagSource,
+    ids: Sequence[str],
+    labels: Mapping[str, str],
+    classes: Sequence[str],
+    *,
+    heads: Sequence[str],
+    folds: int,
+    seed: int,
+    epochs: int,
+    score: Scorer,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Stratified k-fold by slide (by ``groups``, e.g. patient, when given): per-fold and
+    mean metrics (``score(y_true, probs)``) of each head on its held-out slides, with the
+    out-of-fold probabilities."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.array([list(classes).index(labels[s]) for s in ids], np.int64)
+    least = int(np.bincount(y)[np.bincount(y) > 0].min())
+    if folds > least:
+        raise ConfigError(
+            f"{folds}-fold cross-validation needs at least {folds} slides of every class; "
+            f"the smallest class has {least} (lower 'folds' or add slides)"
+        )
+    g = np.array([(groups or {}).get(s, s) for s in ids])
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out: dict[str, Any] = {h: {"folds": [], "oof": {}} for h in heads}
+    for f, (tr, te) in enumerate(splitter.split(np.zeros(len(ids)), y, g)):
+        for h in heads:
+            head = fit_head(h, source, [ids[i] for i in tr], y[tr], classes, seed=seed + f, epochs=epochs)
+            probs = np.stack([head.predict(source.bag(ids[i]))[0] for i in te])
+            out[h]["folds"].append(score([labels[ids[i]] for i in te], probs))
+            out[h]["oof"].update({ids[i]: probs[j].tolist() for j, i in enumerate(te)})
+    for h in heads:
+        fm = out[h]["folds"]
+        keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")
+        out[h]["mean"] = {k: _mean([m[k] for m in fm]) for k in keys}
+        out[h]["sd"] = {k: _sd([m[k] for m in fm]) for k in keys}
+    return out
+
+
+def _mean(v: Sequence[float | None]) -> float | None:
+    xs = [x for x in v if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _sd(v: Sequence[float | None]) -> float | None:
+    xs = [x for x in v if x is not None]
+    return float(np.std(xs)) if xs else None
