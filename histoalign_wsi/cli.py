@@ -110,6 +110,40 @@ def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
+    s = stages.run_few_shot(
+        a.dir, a.out, cfg, shots=a.shots, repeats=a.repeats, seed=a.seed, mapping=a.mapping, text_path=a.text
+    )
+    _print_json({m: [r for r in rows if r["method"] != "zero-shot"][-2:] for m, rows in s["curves"].items()})
+    return 0
+
+
+def _fit(a: argparse.Namespace, cfg: Config) -> int:
+    fit = cfg.fit
+    report = stages.run_fit(
+        a.stores,
+        a.labels or (Path(cfg.labels) if cfg.labels else None) or _missing("--labels"),
+        a.out,
+        cfg,
+        heads=a.heads or list(cfg.heads),
+        folds=a.folds or fit.folds,
+        seed=fit.seed if a.seed is None else a.seed,
+        epochs=a.epochs or fit.epochs,
+        attention_dir=a.attention,
+    )
+    _print_json({h: v["mean"] for h, v in report["heads"].items()})
+    return 0
+
+
+def _missing(flag: str) -> Path:
+    raise HistoAlignError(f"give {flag} (or set it in the configuration)")
+
+
+def _predict(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_predict(a.stores, a.head, a.out, cfg)
+    return 0
+
+
 def _heatmap(a: argparse.Namespace, cfg: Config) -> int:
     stages.run_heatmap(a.tile_scores, a.prediction, a.slide, a.out, cfg)
     return 0
@@ -236,6 +270,38 @@ def _zeroshot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--text", type=Path)
 
 
+def _learn_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "few-shot", _few_shot, "k-shot curves: zero-shot vs linear probe vs Tip-Adapter on patches")
+    p.add_argument("dir", type=Path, help="patch folder (class = sub-folder), as classify-patches takes")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder (curves.csv, summary.json, curves.png)"
+    )
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--repeats", type=int, default=10, help="seeded draws per k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mapping", type=Path, help="folder -> class (YAML mapping or CSV folder,class)")
+    p.add_argument("--text", type=Path)
+
+    p = _add(sub, "fit", _fit, "train slide-level heads on stored features (cross-validated)")
+    p.add_argument("stores", type=Path, nargs="+", help="feature stores")
+    p.add_argument("--labels", type=Path, help="label sheet slide_id,label (default: config labels)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="models folder: {head}/model.safetensors + config.json"
+    )
+    p.add_argument("--heads", nargs="+", help="linear, abmil (its ablation abmil_noscale comes along)")
+    p.add_argument("--folds", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--attention", type=Path, help="folder for per-tile attention of the abmil head (.parquet)"
+    )
+
+    p = _add(sub, "predict", _predict, "predict new slides' stores with a saved head")
+    p.add_argument("stores", type=Path, nargs="+")
+    p.add_argument("--head", type=Path, required=True, help="a saved head folder (models/NAME)")
+    p.add_argument("--out", type=Path, required=True, help="folder for predictions/ and predictions.csv")
+
+
 def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(sub, "summarize", _summarize, "cohort predictions.csv, and metrics when labels are given")
     p.add_argument("predictions", type=Path, nargs="+", help="prediction JSONs")
@@ -293,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _slide_commands(sub)
     _feature_commands(sub)
     _zeroshot_commands(sub)
+    _learn_commands(sub)
     _output_commands(sub)
     return parser
 

@@ -24,6 +24,7 @@ __all__ = [
     "ConchParams",
     "Config",
     "EncodeParams",
+    "FitParams",
     "GeoJSONParams",
     "HeatmapParams",
     "PoolingParams",
@@ -209,6 +210,13 @@ class ConchParams:
 
 
 @dataclass(frozen=True)
+class FitParams:
+    folds: int
+    seed: int
+    epochs: int
+
+
+@dataclass(frozen=True)
 class HeatmapParams:
     max_size: int
     alpha: float
@@ -247,6 +255,8 @@ class Config:
     conch: ConchParams
     calibration: bool
     calibration_weighting: str
+    heads: tuple[str, ...]
+    fit: FitParams
     heatmap: HeatmapParams
     geojson: GeoJSONParams
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -286,6 +296,8 @@ class Config:
             ),
             calibration=cfg["calibration"],
             calibration_weighting=cfg["calibration_weighting"],
+            heads=tuple(cfg["heads"]),
+            fit=FitParams(**cfg["fit"]),
             heatmap=HeatmapParams(**cfg["heatmap"]),
             geojson=GeoJSONParams(**cfg["geojson"]),
             raw=cfg,
@@ -332,6 +344,8 @@ STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
     "score": ("scales_mpp", "alignment", "pooling", "protocol", "conch", "encoder_weights"),
     "heatmap": ("reader", "mpp_override", "max_read_megapixels", "heatmap"),
     "export_geojson": ("geojson",),
+    "fit": ("prompt_bag", "heads", "fit"),
+    "predict": ("prompt_bag", "pooling"),
 }
 
 

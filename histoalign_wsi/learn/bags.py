@@ -66,6 +66,7 @@ class BagSource:
                     "stores must come from the same encoders and weights"
                 )
         self.ids = [st.slide_id for st in opened]
+        self.untrained = any(bool(st.attrs.get("untrained")) for st in opened)
         dup = sorted({s for s in self.ids if self.ids.count(s) > 1})
         if dup:
             raise StoreError(f"several stores hold slide {', '.join(map(repr, dup))}")

@@ -20,7 +20,7 @@ from ..errors import ConfigError, StoreError
 from .abmil import ABMILConfig, ScaleAwareABMIL, predict_bag, train_abmil
 from .bags import Bag, BagSource
 
-__all__ = ["HEADS", "Head", "Scorer", "cross_validate", "fit_head", "fit_linear"]
+__all__ = ["HEADS", "Head", "Scorer", "cross_validate", "fit_head", "fit_linear", "linear_probs"]
 
 #: metrics of held-out predictions: (true labels, probabilities [n, K]) -> {name: value};
 #: given by the caller (the outputs stage owns the metrics)
@@ -57,7 +57,7 @@ def fit_linear(
     return model.coef_.astype(np.float64), model.intercept_.astype(np.float64), c
 
 
-def _linear_probs(
+def linear_probs(
     coef: NDArray[np.float64], intercept: NDArray[np.float64], x: NDArray[np.float32], k: int
 ) -> NDArray[np.float32]:
     z = x.astype(np.float64) @ coef.T + intercept
@@ -86,7 +86,7 @@ class Head:
         """(probabilities [K], attention [N] or None) of one slide."""
         if self.kind == "linear":
             assert self.coef is not None and self.intercept is not None
-            return _linear_probs(self.coef, self.intercept, bag.pooled()[None], len(self.classes))[0], None
+            return linear_probs(self.coef, self.intercept, bag.pooled()[None], len(self.classes))[0], None
         assert self.model is not None
         return predict_bag(self.model, bag)
 
@@ -158,7 +158,7 @@ class Head:
                 model = ScaleAwareABMIL(ABMILConfig(**meta["abmil"]))
                 model.load_state_dict(load_torch(str(w)))
                 head.model = model.eval()
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except Exception as exc:  # safetensors raises its own error type for a bad header
             raise ConfigError(
                 f"head {str(f)!r}: {w.name} is not a valid safetensors file ({exc}); pickles are refused"
             ) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from .pooling import softmax
 from .text import TextEmbeddings
 from .tile_scores import class_columns
 
-__all__ = ["PatchPredictions", "classify_patches", "find_patches", "read_mapping"]
+__all__ = ["PatchPredictions", "classify_patches", "encode_patches", "find_patches", "read_mapping"]
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -59,6 +59,7 @@ class PatchPredictions:
     folders: tuple[str, ...]
     labels: tuple[str, ...]
     probs: NDArray[np.float32]
+    features: dict[str, NDArray[np.float32]] = field(default_factory=dict, repr=False)
 
     @property
     def predicted(self) -> list[str]:
@@ -97,21 +98,26 @@ def classify_patches(
             f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); "
             "give a mapping file (folder: class)"
         )
-    transforms = {e.name: e.pil_transform() for e in encoders}
-    logits = []
-    for i in range(0, len(items), batch_size):
-        imgs = [Image.open(p).convert("RGB") for p, _ in items[i : i + batch_size]]
-        feats = {
-            e.name: e.encode_image(torch.stack([transforms[e.name](im) for im in imgs]).to(e.device))
-            .cpu()
-            .numpy()
-            for e in encoders
-        }
-        logits.append(fused_logits(feats, text, spec))
+    feats = encode_patches([p for p, _ in items], encoders, batch_size=batch_size)
     return PatchPredictions(
         classes=tuple(classes),
         images=tuple(p for p, _ in items),
         folders=tuple(f for _, f in items),
         labels=tuple(labels),
-        probs=softmax(np.concatenate(logits)),
+        probs=softmax(fused_logits(feats, text, spec)),
+        features=feats,
     )
+
+
+def encode_patches(
+    images: Sequence[Path], encoders: Sequence[LoadedEncoder], *, batch_size: int = 32
+) -> dict[str, NDArray[np.float32]]:
+    """L2-normalised features [n, D] of every image, per encoder (each its own transform)."""
+    transforms = {e.name: e.pil_transform() for e in encoders}
+    out: dict[str, list[NDArray[np.float32]]] = {e.name: [] for e in encoders}
+    for i in range(0, len(images), batch_size):
+        imgs = [Image.open(p).convert("RGB") for p in images[i : i + batch_size]]
+        for e in encoders:
+            x = torch.stack([transforms[e.name](im) for im in imgs]).to(e.device)
+            out[e.name].append(e.encode_image(x).cpu().numpy().astype(np.float32))
+    return {n: np.concatenate(v) for n, v in out.items()}

@@ -1,6 +1,6 @@
-"""The stages: one ``run_*`` per CLI subcommand. Each opens its inputs, calls the library
-and writes its outputs through their owner modules (atomically). The CLI only parses
-arguments and calls one of these; the workflow's rules only call the CLI.
+"""The zero-shot pipeline's stages (slides, features, zero-shot, outputs): one ``run_*``
+per CLI subcommand. Each opens its inputs, calls the library and writes its outputs
+through their owner modules (atomically).
 
 Heavy modules (torch, the encode pipeline) are imported inside the stages that need
 them, so that light subcommands start fast.
@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config, config_hash
-from .errors import ConfigError, SlideError
-from .slides.cohort import read_labels, slide_id_for
-from .slides.reader import Slide, open_slide
+from .. import __version__
+from ..config import Config, config_hash
+from ..errors import ConfigError, SlideError
+from ..slides.cohort import read_labels, slide_id_for
+from ..slides.reader import Slide, open_slide
 
 __all__ = [
     "open_for",
@@ -62,14 +62,14 @@ def run_info(slide_path: Path, cfg: Config, *, mpp: float | None = None) -> dict
 
 
 def run_make_demo_slides(outdir: Path, *, truth: Path | None = None, **spec: Any) -> list[Path]:
-    from .slides.synthetic import make_demo_cohort
+    from ..slides.synthetic import make_demo_cohort
 
     return make_demo_cohort(outdir, masks_dir=truth, **spec)
 
 
 def run_tissue(slide_path: str | Path, out_png: str | Path, cfg: Config, *, mpp: float | None = None) -> Path:
     """Detect tissue and write ``out_png`` (+ ``.json`` with scale and polygons)."""
-    from .slides.tissue import detect_tissue, save_tissue
+    from ..slides.tissue import detect_tissue, save_tissue
 
     with open_for(slide_path, cfg, mpp=mpp) as slide:
         result = detect_tissue(slide, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
@@ -87,9 +87,9 @@ def run_tile(
     mpp: float | None = None,
 ) -> Path:
     """Lay the nested grids and write the tile store (the feature-store layout)."""
-    from .features.store import write_tiling
-    from .slides.tiling import tile_slide
-    from .slides.tissue import detect_tissue, load_tissue
+    from ..features.store import write_tiling
+    from ..slides.tiling import tile_slide
+    from ..slides.tissue import detect_tissue, load_tissue
 
     sid = slide_id or slide_id_for(slide_path)
     with open_for(slide_path, cfg, mpp=mpp) as slide:
@@ -133,9 +133,9 @@ def run_encode(
     import torch
     import zarr
 
-    from .features.adapters import load_encoders, resolve_device
-    from .features.encode import EncodeSettings, run_pipeline, thread_budget
-    from .features.store import copy_geometry, create_features, open_store
+    from ..features.adapters import load_encoders, resolve_device
+    from ..features.encode import EncodeSettings, run_pipeline, thread_budget
+    from ..features.store import copy_geometry, create_features, open_store
 
     src = open_store(tile_store)
     device = resolve_device(cfg.device)
@@ -183,7 +183,7 @@ def run_encode(
 
 def run_encoders(cfg: Config) -> list[dict[str, Any]]:
     """The registry: one row per encoder with where its weights are (or why not)."""
-    from .features import availability, load_registry
+    from ..features import availability, load_registry
 
     return [
         {
@@ -199,7 +199,7 @@ def run_encoders(cfg: Config) -> list[dict[str, Any]]:
 
 
 def run_inspect(store: Path) -> dict[str, Any]:
-    from .features.store import open_store
+    from ..features.store import open_store
 
     return open_store(store).summary()
 
@@ -208,14 +208,14 @@ def run_inspect(store: Path) -> dict[str, Any]:
 
 
 def run_embed_prompts(out: Path, cfg: Config, *, cache: Path | None = None) -> Path:
-    from .zeroshot.text import save_text, text_for
+    from ..zeroshot.text import save_text, text_for
 
     return save_text(text_for(cfg, None, cache or Path(cfg.results) / "cache" / "text"), out)
 
 
 def run_calibrate(stores: Sequence[Path], text_path: Path, out: Path, cfg: Config) -> Path:
-    from .zeroshot.calibration import cohort_offsets
-    from .zeroshot.text import load_text
+    from ..zeroshot.calibration import cohort_offsets
+    from ..zeroshot.text import load_text
 
     return cohort_offsets(stores, load_text(text_path), cfg).write(out)
 
@@ -233,10 +233,10 @@ def run_score(
 ) -> list[Path]:
     """Score stores into ``out`` (predictions/, tile_scores/, predictions.csv), or one
     store into the paths ``prediction`` and ``tile_scores``."""
-    from .features.store import open_store
-    from .zeroshot.calibration import CalibrationOffsets
-    from .zeroshot.scoring import score_store, write_scores
-    from .zeroshot.text import text_for
+    from ..features.store import open_store
+    from ..zeroshot.calibration import CalibrationOffsets
+    from ..zeroshot.scoring import score_store, write_scores
+    from ..zeroshot.text import text_for
 
     if (prediction or tile_scores) and len(stores) != 1:
         raise ConfigError("--prediction/--tile-scores name one slide's outputs: give exactly one store")
@@ -268,12 +268,12 @@ def run_classify_patches(
     root: Path, out: Path, cfg: Config, *, text_path: Path | None = None, mapping: Path | None = None
 ) -> dict[str, Any]:
     """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG."""
-    from ._atomic import atomic_file
-    from .features.adapters import load_encoders, resolve_device
-    from .outputs.metrics import classification_metrics, plot_confusion, write_json
-    from .zeroshot.alignment import AlignmentSpec
-    from .zeroshot.patches import classify_patches, read_mapping
-    from .zeroshot.text import text_for
+    from .._atomic import atomic_file
+    from ..features.adapters import load_encoders, resolve_device
+    from ..outputs.metrics import classification_metrics, plot_confusion, write_json
+    from ..zeroshot.alignment import AlignmentSpec
+    from ..zeroshot.patches import classify_patches, read_mapping
+    from ..zeroshot.text import text_for
 
     text = text_for(cfg, text_path, out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
@@ -301,8 +301,8 @@ def run_summarize(
     metrics: Path | None = None,
     confusion: Path | None = None,
 ) -> Path:
-    from .outputs.predictions import summarize
-    from .zeroshot.prediction import load_predictions
+    from ..outputs.predictions import summarize
+    from ..zeroshot.prediction import load_predictions
 
     sheet = read_labels(labels) if labels else None
     summarize(load_predictions(predictions), out, labels=sheet, metrics_json=metrics, confusion_png=confusion)
@@ -310,9 +310,9 @@ def run_summarize(
 
 
 def run_heatmap(tile_scores_path: Path, prediction: Path, slide_path: Path, out: Path, cfg: Config) -> Path:
-    from .outputs.heatmaps import write_heatmaps
-    from .zeroshot import tile_scores
-    from .zeroshot.prediction import Prediction
+    from ..outputs.heatmaps import write_heatmaps
+    from ..zeroshot import tile_scores
+    from ..zeroshot.prediction import Prediction
 
     pred = Prediction.read(prediction)
     with open_for(slide_path, cfg) as slide:
@@ -338,9 +338,9 @@ def run_export_geojson(
     tissue: Path | None = None,
     gzip: bool = False,
 ) -> Path:
-    from .features.store import open_store
-    from .outputs.geojson import export_geojson
-    from .zeroshot.prediction import Prediction
+    from ..features.store import open_store
+    from ..outputs.geojson import export_geojson
+    from ..zeroshot.prediction import Prediction
 
     mpp = None
     if store is not None:
@@ -372,9 +372,9 @@ def run_evaluate_segmentation(
     dims: tuple[int, int] | None = None,
     out: Path | None = None,
 ) -> Mapping[str, Any]:
-    from .outputs.metrics import write_json
-    from .outputs.segmentation import evaluate_segmentation
-    from .zeroshot import tile_scores
+    from ..outputs.metrics import write_json
+    from ..outputs.segmentation import evaluate_segmentation
+    from ..zeroshot import tile_scores
 
     res = evaluate_segmentation(
         tile_scores.read(tile_scores_path), truth, mode=mode, threshold=cfg.geojson.threshold, dims=dims
@@ -385,12 +385,12 @@ def run_evaluate_segmentation(
 
 
 def run_unlock(results: Path, *, force: bool = False) -> dict[str, Any] | None:
-    from .runlock import unlock
+    from ..runlock import unlock
 
     return unlock(results, force=force)
 
 
 def run_report(predictions_csv: Path, out: Path, *, results: Path | None = None) -> Path:
-    from .outputs.report import write_report
+    from ..outputs.report import write_report
 
     return write_report(predictions_csv, out, results=results)

@@ -1,0 +1,51 @@
+"""The stages: one ``run_*`` per CLI subcommand. The CLI only parses arguments and calls
+one of these; the workflow's rules only call the CLI. ``pipeline`` holds the zero-shot
+chain (slides to report), ``learning`` the heads trained on stored features."""
+
+from __future__ import annotations
+
+from .learning import run_few_shot, run_fit, run_predict
+from .pipeline import (
+    open_for,
+    run_calibrate,
+    run_classify_patches,
+    run_embed_prompts,
+    run_encode,
+    run_encoders,
+    run_evaluate_segmentation,
+    run_export_geojson,
+    run_heatmap,
+    run_info,
+    run_inspect,
+    run_make_demo_slides,
+    run_report,
+    run_score,
+    run_summarize,
+    run_tile,
+    run_tissue,
+    run_unlock,
+)
+
+__all__ = [
+    "open_for",
+    "run_calibrate",
+    "run_classify_patches",
+    "run_embed_prompts",
+    "run_encode",
+    "run_encoders",
+    "run_evaluate_segmentation",
+    "run_export_geojson",
+    "run_few_shot",
+    "run_fit",
+    "run_heatmap",
+    "run_info",
+    "run_inspect",
+    "run_make_demo_slides",
+    "run_predict",
+    "run_report",
+    "run_score",
+    "run_summarize",
+    "run_tile",
+    "run_tissue",
+    "run_unlock",
+]

@@ -1,0 +1,203 @@
+"""The stages that learn from labels on stored features: few-shot curves on patches,
+slide-level heads (fit, cross-validated), and predictions with a saved head."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+
+from .._atomic import atomic_file
+from ..config import Config
+from ..errors import ConfigError
+from ..slides.cohort import read_labels
+
+__all__ = ["run_few_shot", "run_fit", "run_predict"]
+
+log = logging.getLogger(__name__)
+
+
+def _scorer(classes: Sequence[str]) -> Any:
+    from ..outputs.metrics import classification_metrics
+
+    def score(y_true: Sequence[str], probs: NDArray[np.float32]) -> dict[str, Any]:
+        pred = [classes[k] for k in probs.argmax(axis=1)]
+        m = classification_metrics(list(y_true), pred, probs.astype(np.float64), classes)
+        return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")}
+
+    return score
+
+
+def run_few_shot(
+    patch_dir: Path,
+    out: Path,
+    cfg: Config,
+    *,
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    mapping: Path | None = None,
+    text_path: Path | None = None,
+) -> dict[str, Any]:
+    """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches:
+    ``curves.csv`` (every draw), ``summary.json`` (mean and sd) and ``curves.png``."""
+    from ..features.adapters import load_encoders, resolve_device
+    from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
+    from ..outputs.metrics import plot_curves, write_json
+    from ..zeroshot.alignment import AlignmentSpec, fused_logits
+    from ..zeroshot.patches import encode_patches, find_patches, read_mapping
+    from ..zeroshot.text import text_for
+
+    text = text_for(cfg, text_path, out / "cache")
+    classes = list(text.classes)
+    items = find_patches(patch_dir)
+    names = dict(read_mapping(mapping)) if mapping else {}
+    labels = [names.get(f, f) for _, f in items]
+    bad = sorted(set(labels) - set(classes))
+    if bad:
+        raise ConfigError(
+            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); give --mapping"
+        )
+    encs = load_encoders(cfg, device=resolve_device(cfg.device))
+    feats = encode_patches([p for p, _ in items], encs)
+    zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
+    data = FewShotData.from_encoders(feats, labels, zs, classes)
+    rows = few_shot_curves(data, shots=shots, repeats=repeats, seed=seed, score=_scorer(classes))
+    with atomic_file(out / "curves.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    metrics = ("balanced_accuracy", "macro_f1", "auc_macro_ovr")
+    curves = {m: summarize_curves(rows, m) for m in metrics}
+    summary: dict[str, Any] = {
+        "shots": list(shots),
+        "repeats": repeats,
+        "seed": seed,
+        "tip_adapter": {"alpha": TIP_ALPHA, "beta": TIP_BETA},
+        "n_patches": len(items),
+        "untrained": any(e.entry.untrained for e in encs),
+        "encoders": {e.name: e.weights_sha256 for e in encs},
+        "curves": curves,
+    }
+    write_json(summary, out / "summary.json")
+    title = "few-shot (UNTRAINED demo encoder: meaningless)" if summary["untrained"] else "few-shot"
+    plot_curves(curves, out / "curves.png", title=title)
+    return summary
+
+
+def run_fit(
+    stores: Sequence[Path],
+    labels_sheet: Path,
+    out: Path,
+    cfg: Config,
+    *,
+    heads: Sequence[str],
+    folds: int,
+    seed: int,
+    epochs: int,
+    attention_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Cross-validate the heads, then train each on every labelled slide and save it to
+    ``out/{head}/`` (safetensors + JSON); ``out/cv_metrics.json`` holds per-fold and mean
+    metrics; the attention of the ``abmil`` head per tile goes to ``attention_dir``."""
+    from ..learn.bags import BagSource, match_labels
+    from ..learn.heads import HEADS, cross_validate, fit_head
+    from ..outputs.metrics import write_json
+    from ..zeroshot.prompts import load_bag
+
+    unknown = sorted(set(heads) - set(HEADS))
+    if unknown:
+        raise ConfigError(f"unknown heads {unknown} (choose {', '.join(HEADS)})")
+    names = list(dict.fromkeys([*heads, *(["abmil_noscale"] if "abmil" in heads else [])]))
+    source = BagSource(stores)
+    labels = read_labels(labels_sheet)
+    bag_classes = load_bag(cfg.prompt_bag).class_names
+    ids = match_labels(labels, source.ids, classes=bag_classes)
+    classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
+    cv = cross_validate(
+        source,
+        ids,
+        labels,
+        classes,
+        heads=names,
+        folds=folds,
+        seed=seed,
+        epochs=epochs,
+        score=_scorer(classes),
+    )
+    y = np.array([classes.index(labels[s]) for s in ids], np.int64)
+    for name in names:
+        head = fit_head(name, source, ids, y, classes, seed=seed, epochs=epochs)
+        head.save(out / name)
+        if name == "abmil" and attention_dir is not None:
+            _write_attention(head, source, attention_dir)
+    report = {"classes": classes, "n_slides": len(ids), "folds": folds, "seed": seed, "heads": cv}
+    write_json(report, out / "cv_metrics.json")
+    for name in names:
+        log.info(
+            "%s: balanced accuracy %s (mean of %d folds)", name, cv[name]["mean"]["balanced_accuracy"], folds
+        )
+    return report
+
+
+def _write_attention(head: Any, source: Any, folder: Path) -> None:
+    """Per tile (every scale) of every slide: the head's attention, as parquet."""
+    for sid in source.ids:
+        bag = source.bag(sid)
+        _, att = head.predict(bag)
+        scales = np.array(bag.scale_names)[bag.scale] if len(bag.scale) else np.array([], str)
+        df = pd.DataFrame({"scale": scales, "x": bag.coords[:, 0], "y": bag.coords[:, 1], "attention": att})
+        with atomic_file(folder / f"{sid}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+
+
+def run_predict(stores: Sequence[Path], head_dir: Path, out: Path, cfg: Config) -> Path:
+    """Predictions of a saved head for new slides' stores: ``out/predictions/{slide}.json``
+    and ``out/predictions.csv``, in the zero-shot formats, the method named."""
+    from ..learn.bags import BagSource
+    from ..learn.heads import Head
+    from ..outputs.predictions import summarize
+    from ..zeroshot.prediction import Prediction
+    from ..zeroshot.prompts import load_bag
+
+    head = Head.load(head_dir)
+    source = BagSource(stores)
+    head.check(source)
+    colors = load_bag(cfg.prompt_bag).colors()
+    preds = []
+    for sid in source.ids:
+        bag = source.bag(sid)
+        probs, att = head.predict(bag)
+        ok = len(bag.features) > 0
+        top = []
+        if att is not None and len(att):
+            for i in np.argsort(-att)[: cfg.pooling.top_tiles]:
+                x, y = (int(v) for v in bag.coords[i])
+                top.append(
+                    {"scale": bag.scale_names[bag.scale[i]], "x": x, "y": y, "attention": float(att[i])}
+                )
+        p = Prediction(
+            slide_id=sid,
+            slide_path=str(source.path_of(sid)),
+            classes=head.classes,
+            colors={c: colors.get(c, (128, 128, 128)) for c in head.classes},
+            status="ok" if ok else "no_tissue",
+            predicted_class=head.classes[int(np.argmax(probs))] if ok else "no tissue",
+            probabilities=dict(zip(head.classes, map(float, probs), strict=True)) if ok else None,
+            prompt_bag={"name": cfg.prompt_bag, "hash": ""},
+            encoders=[{"name": n, **v} for n, v in head.encoders.items()],
+            untrained=source.untrained,
+            alignment={"head": head.name},
+            pooling={"method": head.kind},
+            calibrated=False,
+            per_scale={s: {"n_tiles": int((bag.scale == i).sum())} for i, s in enumerate(bag.scale_names)},
+            top_tiles=top,
+            method=head.name,
+        )
+        preds.append(p)
+        p.write(out / "predictions" / f"{sid}.json")
+    summarize(preds, out / "predictions.csv")
+    return out / "predictions.csv"
