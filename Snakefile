@@ -16,10 +16,12 @@ include: "workflow/rules/tile.smk"
 include: "workflow/rules/encode.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/outputs.smk"
+include: "workflow/rules/learn.smk"
 
 
 wildcard_constraints:
     slide=SLIDE_ID_PATTERN,
+    head="linear|abmil|abmil_noscale",
 
 
 rule all:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import logging
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__, stages
+from ._logging import setup_logging
 from .config import Config, load_config, parse_overrides
 from .errors import HistoAlignError
 
@@ -84,17 +83,14 @@ def _calibrate(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _opts(a: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named arguments as keyword options of a stage."""
+    return {n: getattr(a, n) for n in names}
+
+
 def _score(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_score(
-        a.stores,
-        cfg,
-        text_path=a.text,
-        out=a.out,
-        prediction=a.prediction,
-        tile_scores=a.tile_scores,
-        calibration=a.calibration,
-        labels=a.labels,
-    )
+    opts = _opts(a, "out", "prediction", "tile_scores", "calibration", "labels")
+    stages.run_score(a.stores, cfg, text_path=a.text, **opts)
     return 0
 
 
@@ -111,32 +107,17 @@ def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
-    s = stages.run_few_shot(
-        a.dir, a.out, cfg, shots=a.shots, repeats=a.repeats, seed=a.seed, mapping=a.mapping, text_path=a.text
-    )
+    opts = _opts(a, "shots", "repeats", "seed", "mapping")
+    s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **opts)
     _print_json({m: [r for r in rows if r["method"] != "zero-shot"][-2:] for m, rows in s["curves"].items()})
     return 0
 
 
 def _fit(a: argparse.Namespace, cfg: Config) -> int:
-    fit = cfg.fit
-    report = stages.run_fit(
-        a.stores,
-        a.labels or (Path(cfg.labels) if cfg.labels else None) or _missing("--labels"),
-        a.out,
-        cfg,
-        heads=a.heads or list(cfg.heads),
-        folds=a.folds or fit.folds,
-        seed=fit.seed if a.seed is None else a.seed,
-        epochs=a.epochs or fit.epochs,
-        attention_dir=a.attention,
-    )
+    opts = _opts(a, "heads", "folds", "seed", "epochs")
+    report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, **opts)
     _print_json({h: v["mean"] for h, v in report["heads"].items()})
     return 0
-
-
-def _missing(flag: str) -> Path:
-    raise HistoAlignError(f"give {flag} (or set it in the configuration)")
 
 
 def _predict(a: argparse.Namespace, cfg: Config) -> int:
@@ -145,15 +126,14 @@ def _predict(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _heatmap(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_heatmap(a.tile_scores, a.prediction, a.slide, a.out, cfg)
+    stages.run_heatmap(a.tile_scores, a.prediction, a.slide, a.out, cfg, attention=a.attention)
     return 0
 
 
 def _export(a: argparse.Namespace, cfg: Config) -> int:
     dims = tuple(a.dims) if a.dims else None
-    stages.run_export_geojson(
-        a.tile_scores, a.prediction, a.out, cfg, store=a.store, dims=dims, tissue=a.tissue, gzip=a.gzip
-    )
+    opts = _opts(a, "store", "tissue", "gzip", "attention")
+    stages.run_export_geojson(a.tile_scores, a.prediction, a.out, cfg, dims=dims, **opts)
     return 0
 
 
@@ -315,6 +295,9 @@ def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--prediction", type=Path, required=True, help="the slide's prediction JSON (colours)")
     p.add_argument("--slide", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--attention", type=Path, help="a head's per-tile attention (.parquet): adds attention.png"
+    )
 
     p = _add(sub, "export-geojson", _export, "QuPath GeoJSON: tiles, class regions, tissue")
     p.add_argument("tile_scores", type=Path)
@@ -323,6 +306,9 @@ def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--dims", type=int, nargs=2, metavar=("W", "H"), help="level-0 size if no --store")
     p.add_argument("--tissue", type=Path, help="tissue JSON from 'tissue' (exported as annotation)")
     p.add_argument("--gzip", action="store_true", help="write gzip (also implied by a .gz name)")
+    p.add_argument(
+        "--attention", type=Path, help="a head's per-tile attention (.parquet): an 'attention' measurement"
+    )
     p.add_argument("--out", type=Path, required=True)
 
     p = _add(sub, "evaluate-segmentation", _evaluate_seg, "Dice and IoU per class against ground truth")
@@ -364,27 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Library chatter (asyncio's "Task was destroyed", tifffile's offset warnings) is not
-    for users: our own error line says what went wrong. ``-v`` shows everything."""
-    if verbose:
-        return
-    for name in ("asyncio", "tifffile", "zarr", "numcodecs"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module="zarr")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Errors are one line on stderr naming the slide or file and
     the problem (exit 2 for bad input, 1 for anything unexpected); ``-v`` adds the
     traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    _quiet_libraries(args.verbose)
+    setup_logging(verbose=args.verbose)
     prefix = f"histoalign-wsi {args.command}: error:"
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))

@@ -75,8 +75,10 @@ class Workflow:
             f"--confusion {shlex.quote(r + '/confusion_matrix.png')}"
         )
 
-    def calibration_flag(self, inputs: Mapping[str, Any]) -> str:
-        return f"--calibration {shlex.quote(str(inputs['calibration']))}" if "calibration" in inputs else ""
+    def calibration_flag(self, inputs: Any) -> str:
+        if "calibration" not in _names(inputs):
+            return ""
+        return f"--calibration {shlex.quote(str(inputs['calibration']))}"
 
     def score_inputs(self, slide_id: str) -> dict[str, str]:
         r = self.results
@@ -84,6 +86,28 @@ class Workflow:
         if self.config.calibration:
             d["calibration"] = f"{r}/calibration.json"
         return d
+
+    @property
+    def head_names(self) -> list[str]:
+        """The heads ``fit`` trains (``abmil`` brings its ablation along)."""
+        h = list(self.config.heads)
+        return list(dict.fromkeys([*h, *(["abmil_noscale"] if "abmil" in h else [])]))
+
+    @property
+    def with_attention(self) -> bool:
+        """Heatmaps and GeoJSON carry the abmil head's attention (heads set, labels given)."""
+        return "abmil" in self.config.heads and bool(self.labels_sheet)
+
+    def attention_input(self, slide_id: str) -> dict[str, str]:
+        return {"attention": f"{self.results}/attention"} if self.with_attention else {}
+
+    def attention_flag(self, inputs: Any, slide_id: str) -> str:
+        if "attention" not in _names(inputs):
+            return ""
+        return f"--attention {shlex.quote(str(Path(str(inputs['attention'])) / f'{slide_id}.parquet'))}"
+
+    def fit_labels_flag(self) -> str:
+        return f"--labels {shlex.quote(self.labels_sheet)}" if self.labels_sheet else ""
 
     def final_outputs(self) -> list[str]:
         r = self.results
@@ -93,6 +117,12 @@ class Workflow:
         if self.labels_sheet:
             out.append(f"{r}/metrics.json")
         return out
+
+
+def _names(inputs: Any) -> set[str]:
+    """The names of a rule's inputs (Snakemake's ``input`` is a list with names; ``in``
+    on it looks at the file paths, not the names)."""
+    return set(inputs.keys()) if hasattr(inputs, "keys") else set()
 
 
 def load_workflow(config: Mapping[str, Any]) -> Workflow:

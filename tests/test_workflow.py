@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -367,3 +368,33 @@ def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Pat
         ).read_bytes()
     assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
     assert (b / "report.html").is_file()
+
+
+def test_fit_and_predict_targets_and_attention_outputs(tmp_path: Path) -> None:
+    """`snakemake fit predict` trains the configured heads and predicts with each; with
+    an abmil head the heatmaps and the GeoJSON then carry its attention."""
+    make_demo_cohort(tmp_path / "slides", n=4, width=3072, height=2304, ome_every=0)
+    w = tmp_path
+    write_config(w, heads=["linear", "abmil"], fit={"folds": 2, "epochs": 4})
+    smk(w, "--cores", "2", "fit", "predict")
+    r = w / "results"
+    cv = json.loads((r / "models" / "cv_metrics.json").read_text())
+    assert set(cv["heads"]) == {"linear", "abmil", "abmil_noscale"} and cv["n_slides"] == 4
+    for head in ("linear", "abmil", "abmil_noscale"):
+        table = pd.read_csv(r / "heads" / head / "predictions.csv")
+        assert sorted(table["slide_id"]) == ["demo_01", "demo_02", "demo_03", "demo_04"]
+    smk(w, "--cores", "2")
+    assert (r / "heatmaps" / "demo_01" / "attention.png").is_file()
+    gj = json.loads((r / "geojson" / "demo_01.geojson").read_text())
+    tile = next(f for f in gj["features"] if f["properties"]["objectType"] == "tile")
+    assert "attention" in tile["properties"]["measurements"]
+
+
+def test_calibrated_run_hands_the_offsets_to_score(slides: Path, tmp_path: Path) -> None:
+    w = _workdir(tmp_path, slides)
+    write_config(w, calibration=True)
+    out = smk(w, "-n", "-p", "--forceall")
+    text = out.stdout + out.stderr
+    score_cmds = [ln for ln in text.splitlines() if "histoalign-wsi score " in ln]
+    assert len(score_cmds) == 3 and all("--calibration results/calibration.json" in c for c in score_cmds)
+    assert "rule calibrate" in text

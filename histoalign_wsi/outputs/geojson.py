@@ -95,6 +95,7 @@ def export_geojson(
     threshold: float = 0.5,
     simplify_px: float = 1.0,
     gzip_output: bool | None = None,
+    attention: Mapping[tuple[int, int], float] | None = None,
 ) -> Path:
     """Stream the FeatureCollection to ``out`` (gzip when it ends in ``.gz``); region
     areas are also given in µm² when the level-0 ``mpp`` is known."""
@@ -110,7 +111,9 @@ def export_geojson(
             colors,
             level0_dims,
             tissue_polygons,
-            _RegionSpec(regions, threshold, simplify_px, mpp),
+            _RegionSpec(
+                regions, threshold, simplify_px, mpp, dict(attention) if attention is not None else None
+            ),
         )
     return out
 
@@ -121,6 +124,7 @@ class _RegionSpec:
     threshold: float
     simplify: float
     mpp: float | None
+    attention: dict[tuple[int, int], float] | None = None
 
 
 def _write(
@@ -141,6 +145,7 @@ def _write(
 
     scores = tile_scores.read(path)
     slide_id, classes, t = scores.slide_id, list(scores.classes), scores.table
+    att = spec.attention
     cols = (t["x"].tolist(), t["y"].tolist(), t["size0"].tolist(), scores.probs().tolist())
     bar = Progress(len(t), desc=f"export-geojson {slide_id}")
     for i, (x, y, s, pr) in enumerate(zip(*cols, strict=True)):
@@ -151,7 +156,8 @@ def _write(
             "objectType": "tile",
             "name": f"{slide_id} tile {x},{y}",
             "classification": {"name": classes[best], "color": list(colors[classes[best]])},
-            "measurements": {f"prob_{c}": float(p) for c, p in zip(classes, pr, strict=True)},
+            "measurements": {f"prob_{c}": float(p) for c, p in zip(classes, pr, strict=True)}
+            | ({"attention": att.get((x, y), 0.0)} if att is not None else {}),
             "isLocked": True,
         }
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
@@ -17,7 +18,7 @@ from ..slides.tissue import read_thumbnail
 from ..zeroshot.tile_scores import TileScores, safe_names
 from .raster import probability_raster
 
-__all__ = ["class_files", "write_heatmaps"]
+__all__ = ["attention_scores", "class_files", "write_heatmaps"]
 
 
 def class_files(classes: list[str]) -> dict[str, str]:
@@ -79,9 +80,11 @@ def write_heatmaps(
     max_size: int,
     alpha: float,
     max_megapixels: float,
+    attention: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``{class}.png`` per class, ``argmax.png`` and ``thumbnail.png`` into ``outdir``
-    from the finest scale of ``scores``."""
+    from the finest scale of ``scores``; with a head's ``attention`` (scale, x, y,
+    attention per tile) also ``attention.png``."""
     fine = scores.finest()
     classes, slide_id = list(scores.classes), scores.slide_id
     w, h = slide.dimensions
@@ -111,4 +114,33 @@ def write_heatmaps(
         img = Image.fromarray(_blend(thumb, pal[arg], covered, max(alpha, 0.7)))
         _legend(img, [(c, tuple(colors[c])) for c in classes])  # type: ignore[misc]
         img.save(tmp / "argmax.png")
+        if attention is not None:
+            att = attention_scores(attention, fine)
+            a_raster, a_count = probability_raster(att, shape=thumb.shape[:2], scale=scale)
+            rgb = (cmap(a_raster[0])[..., :3] * 255).astype(np.float32)
+            img = Image.fromarray(_blend(thumb, rgb, a_count > 0.5, alpha))
+            _colorbar(img, "attention (max = 1)", cmap)
+            img.save(tmp / "attention.png")
     return Path(outdir)
+
+
+def attention_scores(attention: pd.DataFrame, fine: TileScores) -> TileScores:
+    """A head's per-tile attention at the finest scale, scaled so its maximum is 1, as a
+    one-class tile-score table (so it rasterises like the class probabilities)."""
+    finest = fine.table["scale"].iloc[0] if len(fine.table) else ""
+    a = attention[attention["scale"] == finest]
+    top = float(a["attention"].max()) if len(a) else 1.0
+    size0 = int(fine.table["size0"].iloc[0]) if len(fine.table) else 1
+    table = pd.DataFrame(
+        {
+            "scale": a["scale"].to_numpy(),
+            "mpp": 0.0,
+            "x": a["x"].to_numpy(),
+            "y": a["y"].to_numpy(),
+            "size0": size0,
+            "tissue_fraction": 1.0,
+            "prob_attention": (a["attention"] / max(top, 1e-12)).to_numpy(np.float32),
+            "logit_attention": a["attention"].to_numpy(np.float32),
+        }
+    )
+    return TileScores(fine.slide_id, ("attention",), table)

@@ -1,14 +1,15 @@
 """The stages: one ``run_*`` per CLI subcommand. The CLI only parses arguments and calls
 one of these; the workflow's rules only call the CLI. ``pipeline`` holds the zero-shot
-chain (slides to report), ``learning`` the heads trained on stored features."""
+chain (slides to report), ``patches`` the patch-folder stages (zero-shot and few-shot),
+``learning`` the heads trained on stored features."""
 
 from __future__ import annotations
 
-from .learning import run_few_shot, run_fit, run_predict
+from .learning import run_fit, run_predict
+from .patches import run_classify_patches, run_few_shot
 from .pipeline import (
     open_for,
     run_calibrate,
-    run_classify_patches,
     run_embed_prompts,
     run_encode,
     run_encoders,

@@ -17,12 +17,14 @@ from ..config import Config
 from ..errors import ConfigError
 from ..slides.cohort import read_labels
 
-__all__ = ["run_few_shot", "run_fit", "run_predict"]
+__all__ = ["run_fit", "run_predict", "scorer"]
 
 log = logging.getLogger(__name__)
 
 
-def _scorer(classes: Sequence[str]) -> Any:
+def scorer(classes: Sequence[str]) -> Any:
+    """Metrics of held-out probabilities (given to the learning code, which must not
+    import the outputs stage)."""
     from ..outputs.metrics import classification_metrics
 
     def score(y_true: Sequence[str], probs: NDArray[np.float32]) -> dict[str, Any]:
@@ -33,76 +35,33 @@ def _scorer(classes: Sequence[str]) -> Any:
     return score
 
 
-def run_few_shot(
-    patch_dir: Path,
-    out: Path,
-    cfg: Config,
-    *,
-    shots: Sequence[int],
-    repeats: int,
-    seed: int,
-    mapping: Path | None = None,
-    text_path: Path | None = None,
-) -> dict[str, Any]:
-    """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches:
-    ``curves.csv`` (every draw), ``summary.json`` (mean and sd) and ``curves.png``."""
-    from ..features.adapters import load_encoders, resolve_device
-    from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
-    from ..outputs.metrics import plot_curves, write_json
-    from ..zeroshot.alignment import AlignmentSpec, fused_logits
-    from ..zeroshot.patches import encode_patches, find_patches, read_mapping
-    from ..zeroshot.text import text_for
-
-    text = text_for(cfg, text_path, out / "cache")
-    classes = list(text.classes)
-    items = find_patches(patch_dir)
-    names = dict(read_mapping(mapping)) if mapping else {}
-    labels = [names.get(f, f) for _, f in items]
-    bad = sorted(set(labels) - set(classes))
-    if bad:
-        raise ConfigError(
-            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); give --mapping"
-        )
-    encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    feats = encode_patches([p for p, _ in items], encs)
-    zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
-    data = FewShotData.from_encoders(feats, labels, zs, classes)
-    rows = few_shot_curves(data, shots=shots, repeats=repeats, seed=seed, score=_scorer(classes))
-    with atomic_file(out / "curves.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    metrics = ("balanced_accuracy", "macro_f1", "auc_macro_ovr")
-    curves = {m: summarize_curves(rows, m) for m in metrics}
-    summary: dict[str, Any] = {
-        "shots": list(shots),
-        "repeats": repeats,
-        "seed": seed,
-        "tip_adapter": {"alpha": TIP_ALPHA, "beta": TIP_BETA},
-        "n_patches": len(items),
-        "untrained": any(e.entry.untrained for e in encs),
-        "encoders": {e.name: e.weights_sha256 for e in encs},
-        "curves": curves,
-    }
-    write_json(summary, out / "summary.json")
-    title = "few-shot (UNTRAINED demo encoder: meaningless)" if summary["untrained"] else "few-shot"
-    plot_curves(curves, out / "curves.png", title=title)
-    return summary
-
-
 def run_fit(
     stores: Sequence[Path],
-    labels_sheet: Path,
+    labels_sheet: Path | None,
     out: Path,
     cfg: Config,
     *,
-    heads: Sequence[str],
-    folds: int,
-    seed: int,
-    epochs: int,
+    heads: Sequence[str] | None = None,
+    folds: int | None = None,
+    seed: int | None = None,
+    epochs: int | None = None,
     attention_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the heads, then train each on every labelled slide and save it to
     ``out/{head}/`` (safetensors + JSON); ``out/cv_metrics.json`` holds per-fold and mean
-    metrics; the attention of the ``abmil`` head per tile goes to ``attention_dir``."""
+    metrics; the attention of the ``abmil`` head per tile goes to ``attention_dir``.
+    Options left ``None`` come from the configuration (``labels``, ``heads``, ``fit``)."""
+    sheet = labels_sheet or (Path(cfg.labels) if cfg.labels else None)
+    if sheet is None:
+        raise ConfigError("fit needs a label sheet: give --labels or set labels in the configuration")
+    heads = list(heads or cfg.heads)
+    if not heads:
+        raise ConfigError(
+            "no heads to fit: give --heads or set heads (e.g. [linear, abmil]) in the configuration"
+        )
+    folds = folds or cfg.fit.folds
+    seed = cfg.fit.seed if seed is None else seed
+    epochs = epochs or cfg.fit.epochs
     from ..learn.bags import BagSource, match_labels
     from ..learn.heads import HEADS, cross_validate, fit_head
     from ..outputs.metrics import write_json
@@ -113,7 +72,7 @@ def run_fit(
         raise ConfigError(f"unknown heads {unknown} (choose {', '.join(HEADS)})")
     names = list(dict.fromkeys([*heads, *(["abmil_noscale"] if "abmil" in heads else [])]))
     source = BagSource(stores)
-    labels = read_labels(labels_sheet)
+    labels = read_labels(sheet)
     bag_classes = load_bag(cfg.prompt_bag).class_names
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
@@ -126,7 +85,7 @@ def run_fit(
         folds=folds,
         seed=seed,
         epochs=epochs,
-        score=_scorer(classes),
+        score=scorer(classes),
     )
     y = np.array([classes.index(labels[s]) for s in ids], np.int64)
     for name in names:

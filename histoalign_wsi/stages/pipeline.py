@@ -24,7 +24,6 @@ from ..slides.reader import Slide, open_slide
 __all__ = [
     "open_for",
     "run_calibrate",
-    "run_classify_patches",
     "run_embed_prompts",
     "run_encode",
     "run_encoders",
@@ -264,32 +263,6 @@ def run_score(
     return written
 
 
-def run_classify_patches(
-    root: Path, out: Path, cfg: Config, *, text_path: Path | None = None, mapping: Path | None = None
-) -> dict[str, Any]:
-    """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG."""
-    from .._atomic import atomic_file
-    from ..features.adapters import load_encoders, resolve_device
-    from ..outputs.metrics import classification_metrics, plot_confusion, write_json
-    from ..zeroshot.alignment import AlignmentSpec
-    from ..zeroshot.patches import classify_patches, read_mapping
-    from ..zeroshot.text import text_for
-
-    text = text_for(cfg, text_path, out / "cache")
-    encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    res = classify_patches(
-        root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
-    )
-    with atomic_file(out / "predictions.csv") as tmp:
-        res.table().to_csv(tmp, index=False)
-    m = classification_metrics(res.labels, res.predicted, res.probs.astype("float64"), res.classes)
-    m["untrained"] = any(e.entry.untrained for e in encs)
-    m["encoders"] = {e.name: e.weights_sha256 for e in encs}
-    write_json(m, out / "metrics.json")
-    plot_confusion(m["confusion_matrix"], out / "confusion_matrix.png")
-    return m
-
-
 # --- outputs --------------------------------------------------------------------------
 
 
@@ -309,7 +282,21 @@ def run_summarize(
     return out
 
 
-def run_heatmap(tile_scores_path: Path, prediction: Path, slide_path: Path, out: Path, cfg: Config) -> Path:
+def _attention(path: Path | None) -> Any:
+    import pandas as pd
+
+    return pd.read_parquet(path) if path is not None else None
+
+
+def run_heatmap(
+    tile_scores_path: Path,
+    prediction: Path,
+    slide_path: Path,
+    out: Path,
+    cfg: Config,
+    *,
+    attention: Path | None = None,
+) -> Path:
     from ..outputs.heatmaps import write_heatmaps
     from ..zeroshot import tile_scores
     from ..zeroshot.prediction import Prediction
@@ -324,6 +311,7 @@ def run_heatmap(tile_scores_path: Path, prediction: Path, slide_path: Path, out:
             max_size=cfg.heatmap.max_size,
             alpha=cfg.heatmap.alpha,
             max_megapixels=cfg.max_read_megapixels,
+            attention=_attention(attention),
         )
 
 
@@ -337,6 +325,7 @@ def run_export_geojson(
     dims: tuple[int, int] | None = None,
     tissue: Path | None = None,
     gzip: bool = False,
+    attention: Path | None = None,
 ) -> Path:
     from ..features.store import open_store
     from ..outputs.geojson import export_geojson
@@ -360,7 +349,19 @@ def run_export_geojson(
         threshold=cfg.geojson.threshold,
         simplify_px=cfg.geojson.simplify_px,
         gzip_output=True if gzip or cfg.geojson.gzip else None,
+        attention=_attention_map(attention),
     )
+
+
+def _attention_map(path: Path | None) -> dict[tuple[int, int], float] | None:
+    """Finest-scale attention by tile position (the GeoJSON's tiles are the finest)."""
+    a = _attention(path)
+    if a is None or not len(a):
+        return None if a is None else {}
+    fine = a[a["scale"] == min(a["scale"], key=lambda s: float(str(s).removesuffix("mpp")))]
+    return {
+        (int(x), int(y)): float(v) for x, y, v in zip(fine["x"], fine["y"], fine["attention"], strict=True)
+    }
 
 
 def run_evaluate_segmentation(

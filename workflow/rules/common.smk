@@ -1,6 +1,7 @@
 # Shared by the stage files: the validated configuration and cohort (checked before
 # anything runs; see histoalign_wsi/workflow.py), and the names the rules use.
 
+import os
 import sys
 
 from histoalign_wsi.errors import ConfigError

@@ -1,11 +1,13 @@
 rule heatmap:
     input:
+        unpack(lambda w: WF.attention_input(w.slide)),
         slide=lambda w: WF.slide_path(w.slide),
         tiles=rules.score.output.tiles,
         prediction=rules.score.output.prediction,
     output:
         heatmaps=directory(f"{R}/heatmaps/{{slide}}"),
     params:
+        attention=lambda w, input: WF.attention_flag(input, w.slide),
         settings=WF.settings("heatmap"),
     log:
         f"{R}/logs/heatmap/{{slide}}.log",
@@ -18,11 +20,12 @@ rule heatmap:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi heatmap {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
-        "--out {output.heatmaps:q} {params.settings} 2>&1 | tee {log:q} >&2"
+        "--out {output.heatmaps:q} {params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule export_geojson:
     input:
+        unpack(lambda w: WF.attention_input(w.slide)),
         tiles=rules.score.output.tiles,
         prediction=rules.score.output.prediction,
         tissue=rules.tissue.output.meta,
@@ -30,6 +33,7 @@ rule export_geojson:
     output:
         geojson=f"{R}/geojson/{{slide}}.geojson",
     params:
+        attention=lambda w, input: WF.attention_flag(input, w.slide),
         settings=WF.settings("export_geojson"),
     log:
         f"{R}/logs/export_geojson/{{slide}}.log",
@@ -43,7 +47,7 @@ rule export_geojson:
     shell:
         "histoalign-wsi export-geojson {input.tiles:q} --prediction {input.prediction:q} "
         "--store {input.tile_store:q} --tissue {input.tissue:q} --out {output.geojson:q} "
-        "{params.settings} 2>&1 | tee {log:q} >&2"
+        "{params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule report:

@@ -1,0 +1,53 @@
+# Heads trained on the stored features (`snakemake fit`, `snakemake predict`); driven by
+# config `heads` and a label sheet. The default run stays zero-shot.
+
+
+rule fit:
+    input:
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+    output:
+        models=directory(f"{R}/models"),
+        attention=directory(f"{R}/attention"),
+    params:
+        labels=WF.fit_labels_flag(),
+        settings=WF.settings("fit"),
+    log:
+        f"{R}/logs/fit.log",
+    benchmark:
+        f"{R}/benchmarks/fit.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi fit {input.features:q} {params.labels} --out {output.models:q} "
+        "--attention {output.attention:q} {params.settings} 2>&1 | tee {log:q} >&2"
+
+
+rule predict_head:
+    input:
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        models=rules.fit.output.models,
+    output:
+        csv=f"{R}/heads/{{head}}/predictions.csv",
+    params:
+        out=lambda w, output: os.path.dirname(output.csv),
+        settings=WF.settings("predict"),
+    log:
+        f"{R}/logs/predict_{{head}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_{{head}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi predict {input.features:q} --head {input.models:q}/{wildcards.head} "
+        "--out {params.out:q} {params.settings} 2>&1 | tee {log:q} >&2"
+
+
+rule predict:
+    input:
+        expand(f"{R}/heads/{{head}}/predictions.csv", head=WF.head_names),
