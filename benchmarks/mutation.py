@@ -37,10 +37,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--keep", action="store_true", help="reuse an earlier run's mutants/ (resume)")
+    ap.add_argument(
+        "modules",
+        nargs="*",
+        help="only these modules, e.g. histoalign_wsi.zeroshot.pooling (default: all configured)",
+    )
     args = ap.parse_args()
     if not args.keep:
         shutil.rmtree(REPO / "mutants", ignore_errors=True)
-    print(_mutmut("run", "--max-children", str(args.max_children))[-2000:])
+    names = [f"{m}*" for m in args.modules]
+    print(_mutmut("run", "--max-children", str(args.max_children), *names)[-2000:])
     lines = _mutmut("results", "--all", "true").splitlines()
     status = {}
     for ln in lines:

@@ -109,7 +109,13 @@ def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
 def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
     opts = _opts(a, "shots", "repeats", "seed", "mapping")
     s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **opts)
-    _print_json({m: [r for r in rows if r["method"] != "zero-shot"][-2:] for m, rows in s["curves"].items()})
+    curve = s["curves"]["balanced_accuracy"]
+    _print_json(
+        {
+            m: {r["shots"]: round(r["mean"], 3) for r in curve if r["method"] == m}
+            for m in dict.fromkeys(r["method"] for r in curve)
+        }
+    )
     return 0
 
 

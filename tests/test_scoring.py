@@ -323,6 +323,7 @@ def test_conch_protocol_is_one_scale_centroid_and_topj(tmp_path: Path) -> None:
     cfg = _cfg(alignment={"rule": "mean"}, protocol="conch", conch={"topj": 5})
     pred = score_store(st, text, cfg).prediction
     assert pred.alignment == {"protocol": "conch", "rule": "centroid"}
+    assert pred.pooling == {"method": "topk", "topj": 5, "scale_mpp": 0.5} and pred.calibrated is False
     assert list(pred.per_scale) == ["0.50mpp"] and pred.predicted_class == "NORM"
     topj = pred.extra["topj"]
     assert sorted(topj, key=int) == ["1", "5", "10", "50", "100"]

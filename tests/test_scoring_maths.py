@@ -227,3 +227,17 @@ def test_softmax_is_a_distribution() -> None:
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(p[0], np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum(), rtol=1e-5)
     np.testing.assert_allclose(p[1], [0.5, 0.5, 0.0], atol=1e-6)
+
+
+def test_calibration_file_is_checked_for_schema_and_encoder_weights(tmp_path: Path) -> None:
+    from histoalign_wsi.errors import StoreError
+    from histoalign_wsi.zeroshot.calibration import cohort_offsets
+
+    text = make_text()
+    p = build_store(tmp_path / "s.zarr", {m: planted_features(text, 16, {}, seed=2) for m in (0.5, 1.0, 2.0)})
+    off = cohort_offsets([p], text, _cfg())
+    with pytest.raises(StoreError, match="encoder_weights"):
+        off.check(text, AlignmentSpec(encoder_weights={"demo": 2.0}))
+    (tmp_path / "other.json").write_text('{"offsets": {}}')
+    with pytest.raises(StoreError, match="is not a histoalign-calibration/1 file"):
+        CalibrationOffsets.read(tmp_path / "other.json")
