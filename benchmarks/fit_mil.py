@@ -24,7 +24,7 @@ CHILD = """
 import json, resource, time
 import numpy as np, torch
 from pathlib import Path
-from histoalign_wsi.learn.abmil import ABMILConfig, ScaleAwareABMIL, _tensors
+from histoalign_wsi.learn.abmil import ABMILConfig, ScaleAwareABMIL, train_epoch
 from histoalign_wsi.learn.bags import BagSource
 torch.set_num_threads(2)
 paths = sorted(Path({folder!r}).glob("*.zarr"))[: {n}]
@@ -36,12 +36,9 @@ for s in ids:
 read_s = time.perf_counter() - t
 model = ScaleAwareABMIL(ABMILConfig(in_dim=src.dim, n_classes=2, n_scales=len(src.scale_names)))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-y = torch.tensor([i % 2 for i in range(len(ids))])
+y = np.array([i % 2 for i in range(len(ids))])
 t = time.perf_counter()
-for i, s in enumerate(ids):
-    logits, _ = model(*_tensors(src.bag(s)))
-    loss = torch.nn.functional.cross_entropy(logits[None], y[i : i + 1])
-    opt.zero_grad(); loss.backward(); opt.step()
+train_epoch(model, opt, src, ids, y)  # the training code itself: bags prefetched in a thread
 epoch_s = time.perf_counter() - t
 print(json.dumps({{"read_s": read_s, "epoch_s": epoch_s,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._atomic import pid_alive as _alive
 from .errors import ConfigError
 
 __all__ = ["LOCK_NAME", "acquire", "holder", "release", "unlock"]
@@ -22,16 +23,6 @@ __all__ = ["LOCK_NAME", "acquire", "holder", "release", "unlock"]
 LOCK_NAME = ".histoalign-run.lock"
 
 log = logging.getLogger(__name__)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder(results: str | Path) -> dict[str, Any] | None:

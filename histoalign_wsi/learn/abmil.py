@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from .bags import Bag, BagSource
 
-__all__ = ["ABMILConfig", "ScaleAwareABMIL", "train_abmil"]
+__all__ = ["ABMILConfig", "ScaleAwareABMIL", "predict_bag", "prefetched", "train_abmil", "train_epoch"]
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,8 @@ def train_abmil(
     loss_fn = nn.CrossEntropyLoss()
     best, best_state, since, losses = float("inf"), copy.deepcopy(model.state_dict()), 0, []
     for _ in range(epochs):
-        model.train()
-        for i in rng.permutation(tr):
-            bag = source.bag(slide_ids[i])
-            if len(bag.features) == 0:
-                continue
-            logits, _ = model(*_tensors(bag))
-            loss = loss_fn(logits[None], torch.tensor([yy[i]]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        order = rng.permutation(tr).tolist()
+        train_epoch(model, opt, source, [slide_ids[i] for i in order], yy[order])
         val_ids = va or tr
         model.eval()
         with torch.no_grad():
@@ -137,6 +130,41 @@ def train_abmil(
         "abmil (scale embedding %s): %d epochs, best inner loss %.4f", cfg.scale_embedding, len(losses), best
     )
     return model, {"epochs": len(losses), "best_val_loss": best, "val_losses": losses, "n_val": len(va)}
+
+
+def prefetched(source: BagSource, slide_ids: Sequence[str]) -> Iterator[Bag]:
+    """The bags in order, the next one read in a background thread while the caller
+    works on the current one (store reads overlap with training)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bag-reader") as pool:
+        nxt: Future[Bag] | None = pool.submit(source.bag, slide_ids[0]) if slide_ids else None
+        for k in range(len(slide_ids)):
+            assert nxt is not None
+            bag = nxt.result()
+            nxt = pool.submit(source.bag, slide_ids[k + 1]) if k + 1 < len(slide_ids) else None
+            yield bag
+
+
+def train_epoch(
+    model: ScaleAwareABMIL,
+    opt: torch.optim.Optimizer,
+    source: BagSource,
+    slide_ids: Sequence[str],
+    y: NDArray[np.int64],
+) -> float:
+    """One pass over ``slide_ids`` (one slide per step); returns the mean loss."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total = 0.0
+    for bag, label in zip(prefetched(source, slide_ids), y, strict=True):
+        if len(bag.features) == 0:
+            continue
+        logits, _ = model(*_tensors(bag))
+        loss = loss_fn(logits[None], torch.tensor([int(label)]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss)
+    return total / max(len(slide_ids), 1)
 
 
 @torch.no_grad()
