@@ -79,17 +79,18 @@ def test_fused_logits_weight_each_encoder_by_its_own_text() -> None:
 def test_topk_pooling_takes_the_top_fraction_or_count() -> None:
     lg = np.arange(100, dtype=np.float32)[:, None] * np.array([[1.0, -1.0]], np.float32)
     assert topk_count(0.1, 100) == 10 and topk_count(5, 100) == 5 and topk_count(0.001, 100) == 1
-    np.testing.assert_allclose(pool(lg, method="topk", k=0.1), [94.5, -4.5])
-    np.testing.assert_allclose(pool(lg, method="topk", k=5), [97.0, -2.0])
-    np.testing.assert_allclose(pool(lg, method="mean"), [49.5, -49.5])
-    np.testing.assert_allclose(pool(lg, method="max"), [99.0, 0.0])
+    kw = {"temperature": 1.0}
+    np.testing.assert_allclose(pool(lg, method="topk", k=0.1, **kw), [94.5, -4.5])
+    np.testing.assert_allclose(pool(lg, method="topk", k=5, **kw), [97.0, -2.0])
+    np.testing.assert_allclose(pool(lg, method="mean", k=1, **kw), [49.5, -49.5])
+    np.testing.assert_allclose(pool(lg, method="max", k=1, **kw), [99.0, 0.0])
 
 
 def test_soft_pooling_moves_from_mean_to_max() -> None:
     lg = np.random.default_rng(1).normal(scale=3.0, size=(200, 3)).astype(np.float32)
     mean, mx = lg.mean(axis=0), lg.max(axis=0)
     temps = [1000.0, 10.0, 3.0, 1.0, 0.3, 0.01]
-    out = np.stack([pool(lg, method="soft", temperature=t) for t in temps])
+    out = np.stack([pool(lg, method="soft", k=1, temperature=t) for t in temps])
     np.testing.assert_allclose(out[0], mean, atol=0.05)
     np.testing.assert_allclose(out[-1], mx, atol=1e-2)
     assert (np.diff(out, axis=0) > -1e-5).all()  # monotone from mean to max as t falls
@@ -241,3 +242,16 @@ def test_calibration_file_is_checked_for_schema_and_encoder_weights(tmp_path: Pa
     (tmp_path / "other.json").write_text('{"offsets": {}}')
     with pytest.raises(StoreError, match="is not a histoalign-calibration/1 file"):
         CalibrationOffsets.read(tmp_path / "other.json")
+
+
+def test_pooling_edge_cases_and_types() -> None:
+    one = np.array([[1.0, 2.0]], np.float32)
+    for method in ("mean", "max", "topk", "soft"):
+        out = pool(one, method=method, k=0.05, temperature=1.0)
+        np.testing.assert_allclose(out, [1.0, 2.0], rtol=1e-6)
+        assert out.dtype == np.float32
+    with pytest.raises(ValueError, match="at least one tile"):
+        pool(np.zeros((0, 2), np.float32), method="mean", k=1, temperature=1.0)
+    assert topk_count(1, 100) == 1 and topk_count(1.0, 7) == 1  # a count of one, not a fraction
+    assert topk_count(0.999, 100) == 100 and topk_count(250, 100) == 100
+    assert softmax(np.zeros((1, 3), np.float32)).dtype == np.float32

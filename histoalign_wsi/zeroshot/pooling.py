@@ -25,9 +25,7 @@ def topk_count(k: float, n: int) -> int:
     return max(1, min(n, kk))
 
 
-def pool(
-    logits: NDArray[np.float32], *, method: str = "topk", k: float = 0.05, temperature: float = 1.0
-) -> NDArray[np.float32]:
+def pool(logits: NDArray[np.float32], *, method: str, k: float, temperature: float) -> NDArray[np.float32]:
     """Slide logits [K] from tile logits [N, K]; N must be >= 1.
 
     ``topk`` is the MI-Zero / CONCH top-K mean per class (``k`` a count >= 1 or a

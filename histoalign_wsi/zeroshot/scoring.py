@@ -143,7 +143,7 @@ def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> Slid
     classes = list(text.classes)
     lg = tile_logits(store, s, text, AlignmentSpec.from_config(cfg))
     js = sorted({*cfg.conch.report_topj, cfg.conch.topj})
-    by_j = {j: pool(lg, method="topk", k=j) if len(lg) else None for j in js}
+    by_j = {j: pool(lg, method="topk", k=j, temperature=1.0) if len(lg) else None for j in js}
     topj: dict[str, Any] = {}
     for j, v in by_j.items():
         probs = None if v is None else softmax(v)
