@@ -257,3 +257,32 @@ def test_few_shot_cli_writes_curves(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(rows) == 2 * 2 * 3 and (out / "curves.png").stat().st_size > 1000
     assert main(["few-shot", str(tmp_path / "p"), "--out", str(out), "--shots", "6"]) == 2
     assert "6-shot needs more than 6 patches" in capsys.readouterr().err
+
+
+def test_folds_split_by_patient_when_given(scale_cohort: tuple[list[Path], dict[str, str]]) -> None:
+    from histoalign_wsi.learn.heads import cross_validate
+
+    paths, labels = scale_cohort
+    source = BagSource(paths[:16])
+    ids = sorted(source.ids)
+    patients = {s: f"p{int(s[1:]) // 4}" for s in ids}  # 4 patients of 4 slides, both classes each
+
+    def score(y: list[str], probs: np.ndarray) -> dict[str, float]:
+        return {"accuracy": 0.0, "balanced_accuracy": 0.0, "macro_f1": 0.0, "auc_macro_ovr": None}
+
+    cv = cross_validate(
+        source,
+        ids,
+        labels,
+        ["TUM", "STR"],
+        heads=["linear"],
+        folds=2,
+        seed=0,
+        epochs=1,
+        score=score,
+        groups=patients,
+    )
+    for fold in cv["linear"]["folds"]:
+        held = {patients[s] for s in fold["slides"]}
+        others = {patients[s] for s in ids if s not in fold["slides"]}
+        assert held and not held & others

@@ -226,7 +226,8 @@ def cross_validate(
         for h in heads:
             head = fit_head(h, source, [ids[i] for i in tr], y[tr], classes, seed=seed + f, epochs=epochs)
             probs = np.stack([head.predict(source.bag(ids[i]))[0] for i in te])
-            out[h]["folds"].append(score([labels[ids[i]] for i in te], probs))
+            held_out = [ids[i] for i in te]
+            out[h]["folds"].append(dict(score([labels[s] for s in held_out], probs)) | {"slides": held_out})
             out[h]["oof"].update({ids[i]: probs[j].tolist() for j, i in enumerate(te)})
     for h in heads:
         fm = out[h]["folds"]

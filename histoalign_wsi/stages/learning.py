@@ -73,6 +73,7 @@ def run_fit(
     names = list(dict.fromkeys([*heads, *(["abmil_noscale"] if "abmil" in heads else [])]))
     source = BagSource(stores)
     labels = read_labels(sheet)
+    groups = _patients(sheet)
     bag_classes = load_bag(cfg.prompt_bag).class_names
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
@@ -86,6 +87,7 @@ def run_fit(
         seed=seed,
         epochs=epochs,
         score=scorer(classes),
+        groups=groups,
     )
     y = np.array([classes.index(labels[s]) for s in ids], np.int64)
     for name in names:
@@ -100,6 +102,18 @@ def run_fit(
             "%s: balanced accuracy %s (mean of %d folds)", name, cv[name]["mean"]["balanced_accuracy"], folds
         )
     return report
+
+
+def _patients(sheet: Path) -> dict[str, str] | None:
+    """slide_id -> patient_id when the label sheet has that column (folds then split by
+    patient, so no patient is on both sides)."""
+    sep = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
+    df = pd.read_csv(sheet, sep=sep, dtype=str)
+    if "patient_id" not in df.columns:
+        return None
+    return dict(
+        zip(df["slide_id"].str.strip(), df["patient_id"].fillna(df["slide_id"]).str.strip(), strict=True)
+    )
 
 
 def _write_attention(head: Any, source: Any, folder: Path) -> None:
