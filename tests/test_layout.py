@@ -117,3 +117,9 @@ def test_encoders_listing_loads_no_model_and_says_where_it_looked(tmp_path: Path
     assert out.strip().endswith("NO-TORCH 0")
     plip = next(ln for ln in out.splitlines() if ln.startswith("plip"))
     assert str(tmp_path / "hf") in plip and "vinid/plip" in plip and "offline is true" in plip
+
+
+def test_tests_mirror_the_layout() -> None:
+    tests = REPO / "tests"
+    for sub in ORDER:
+        assert (tests / sub / "__init__.py").is_file() and list((tests / sub).glob("test_*.py")), sub

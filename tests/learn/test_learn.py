@@ -19,7 +19,7 @@ from histoalign_wsi.learn.bags import BagSource, match_labels
 from histoalign_wsi.learn.fewshot import FewShotData, draw, few_shot_curves, tip_adapter
 from histoalign_wsi.learn.heads import Head, fit_head
 
-from .planting import D, build_store, unit
+from ..planting import D, build_store, unit
 
 RNG = np.random.default_rng(0)
 

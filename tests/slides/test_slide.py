@@ -12,7 +12,7 @@ from histoalign_wsi.cli import main
 from histoalign_wsi.errors import SlideError
 from histoalign_wsi.slides.reader import open_slide
 
-from .conftest import CMU, shared
+from ..conftest import CMU, shared
 
 
 def test_info_cmu_reports_aperio_mpp(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,7 @@ from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
 from histoalign_wsi.slides.tiling import tile_slide, tissue_fractions
 from histoalign_wsi.slides.tissue import detect_tissue
 
-from .conftest import jpeg_close, read_scaled
+from ..conftest import jpeg_close, read_scaled
 
 
 def _truth_at(masks_json: Path, name: str, shape: tuple[int, int]) -> np.ndarray:

@@ -29,7 +29,7 @@ from histoalign_wsi.slides.reader import open_slide
 from histoalign_wsi.zeroshot import tile_scores
 from histoalign_wsi.zeroshot.tile_scores import TileScores
 
-from .planting import make_prediction, planted_table
+from ..planting import make_prediction, planted_table
 
 CLASSES = ["TUM", "STR", "LYM & <other>"]
 HM = {"max_size": 1024, "alpha": 0.55, "max_megapixels": 1000.0}

@@ -16,7 +16,7 @@ from histoalign_wsi.outputs.predictions import summarize
 from histoalign_wsi.outputs.segmentation import evaluate_segmentation
 from histoalign_wsi.zeroshot.tile_scores import TileScores
 
-from .planting import make_prediction, planted_table
+from ..planting import make_prediction, planted_table
 
 EIGHT = ["A", "B", "C", "D", "E", "F", "G", "H"]
 

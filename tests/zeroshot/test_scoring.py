@@ -20,7 +20,7 @@ from histoalign_wsi.zeroshot.prediction import load_predictions
 from histoalign_wsi.zeroshot.prompts import load_bag, parse_bag
 from histoalign_wsi.zeroshot.scoring import score_store, write_scores
 
-from .planting import build_store, make_text, planted_features
+from ..planting import build_store, make_text, planted_features
 
 SCALES = {"scales_mpp": [0.5, 1.0, 2.0]}
 

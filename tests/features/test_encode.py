@@ -18,7 +18,7 @@ from histoalign_wsi.features.store import open_store
 from histoalign_wsi.slides.reader import Slide
 from histoalign_wsi.slides.synthetic import DemoSlideSpec, write_slide
 
-from .conftest import read_scaled
+from ..conftest import read_scaled
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from histoalign_wsi.zeroshot.pooling import add_parent_context, pool, softmax, t
 from histoalign_wsi.zeroshot.scoring import score_store
 from histoalign_wsi.zeroshot.text import EncoderText, TextEmbeddings
 
-from .planting import build_store, make_text, planted_features
+from ..planting import build_store, make_text, planted_features
 
 SCALES = {"scales_mpp": [0.5, 1.0, 2.0]}
 
