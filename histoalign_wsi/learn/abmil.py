@@ -163,7 +163,7 @@ def train_epoch(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += float(loss.detach())
     return total / max(len(slide_ids), 1)
 
 
