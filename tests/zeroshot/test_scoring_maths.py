@@ -255,3 +255,15 @@ def test_pooling_edge_cases_and_types() -> None:
     assert topk_count(1, 100) == 1 and topk_count(1.0, 7) == 1  # a count of one, not a fraction
     assert topk_count(0.999, 100) == 100 and topk_count(250, 100) == 100
     assert softmax(np.zeros((1, 3), np.float32)).dtype == np.float32
+
+
+def test_scale_fusion_is_a_normalised_weighted_mean() -> None:
+    from histoalign_wsi.zeroshot.pooling import fuse_scales
+
+    a, b = np.array([1.0, 0.0], np.float32), np.array([0.0, 8.0], np.float32)
+    out = fuse_scales({"a": a, "b": b, "c": None}, {"a": 1.0, "b": 3.0, "c": 5.0})
+    np.testing.assert_allclose(out, [0.25, 6.0])  # (1 * a + 3 * b) / 4; c has no tiles
+    assert out is not None and out.dtype == np.float32
+    # a scale without a weight, or with weight 0, takes no part; none left gives None
+    np.testing.assert_allclose(fuse_scales({"a": a, "b": b}, {"a": 2.0}), a)
+    assert fuse_scales({"a": a}, {"a": 0.0}) is None
