@@ -267,3 +267,16 @@ def test_scale_fusion_is_a_normalised_weighted_mean() -> None:
     # a scale without a weight, or with weight 0, takes no part; none left gives None
     np.testing.assert_allclose(fuse_scales({"a": a, "b": b}, {"a": 2.0}), a)
     assert fuse_scales({"a": a}, {"a": 0.0}) is None
+
+
+def test_parent_context_with_a_single_parent_and_encoder_weight_defaults() -> None:
+    from histoalign_wsi.zeroshot.alignment import fuse_encoders
+
+    fine = np.array([[2.0, 0.0], [4.0, 0.0]], np.float32)
+    coarse = np.array([[10.0, 0.0]], np.float32)
+    out = add_parent_context(fine, [(np.array([0, -1], np.int32), coarse)], 0.5)
+    np.testing.assert_allclose(out[:, 0], [6.0, 4.0])  # one parent is enough for context
+    a, b = np.ones((1, 2), np.float32), np.full((1, 2), 5.0, np.float32)
+    np.testing.assert_allclose(fuse_encoders({"a": a, "b": b}, {"a": 3.0}), [[2.0, 2.0]])  # (3 + 5) / 4
+    with pytest.raises(ValueError, match="sum to zero"):
+        fuse_encoders({"a": a}, {"a": 0.0})
