@@ -280,3 +280,23 @@ def test_parent_context_with_a_single_parent_and_encoder_weight_defaults() -> No
     np.testing.assert_allclose(fuse_encoders({"a": a, "b": b}, {"a": 3.0}), [[2.0, 2.0]])  # (3 + 5) / 4
     with pytest.raises(ValueError, match="sum to zero"):
         fuse_encoders({"a": a}, {"a": 0.0})
+
+
+def test_alignment_spec_carries_every_setting_to_the_logits() -> None:
+    spec = AlignmentSpec.from_config(
+        _cfg(alignment={"rule": "lse", "temperature": 1.0, "topk": 0.5}, encoder_weights={"demo": 2.0})
+    )
+    assert (spec.rule, spec.temperature, spec.topk, dict(spec.encoder_weights)) == (
+        "lse",
+        1.0,
+        0.5,
+        {"demo": 2.0},
+    )
+    conch = AlignmentSpec.from_config(_cfg(protocol="conch", alignment={"rule": "mean"}))
+    assert conch.rule == "centroid"
+    t = _axes_text(scale=10.0)
+    text = TextEmbeddings("b", "h", ("c0", "c1"), {}, "histoalign", {"e": t})
+    x = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    for rule, kw in (("lse", {"temperature": 1.0}), ("topk", {"topk": 0.5})):
+        got = fused_logits({"e": x}, text, AlignmentSpec(rule=rule, **kw))  # type: ignore[arg-type]
+        np.testing.assert_allclose(got, class_logits(x, t, 2, rule=rule, **kw), rtol=1e-6)
