@@ -6,25 +6,20 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import __version__, stages
+from ._cli_common import add as _add
+from ._cli_common import opts as _opts
+from ._cli_common import print_json as _print_json
 from ._logging import setup_logging
+from .cli_learn import learn_commands, report_commands
 from .config import Config, load_config, parse_overrides
 from .errors import HistoAlignError
 
 __all__ = ["build_parser", "main"]
-
-Handler = Callable[[argparse.Namespace, Config], int]
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
-
 
 # --- handlers: arguments in, one stage call, exit status out ----------------------------
 
@@ -83,11 +78,6 @@ def _calibrate(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _opts(a: argparse.Namespace, *names: str) -> dict[str, Any]:
-    """The named arguments as keyword options of a stage."""
-    return {n: getattr(a, n) for n in names}
-
-
 def _score(a: argparse.Namespace, cfg: Config) -> int:
     opts = _opts(a, "out", "prediction", "tile_scores", "calibration", "labels")
     stages.run_score(a.stores, cfg, text_path=a.text, **opts)
@@ -103,31 +93,6 @@ def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
     m = stages.run_classify_patches(a.dir, a.out, cfg, text_path=a.text, mapping=a.mapping)
     keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr", "untrained")
     _print_json({k: m[k] for k in keys})
-    return 0
-
-
-def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
-    opts = _opts(a, "shots", "repeats", "seed", "mapping")
-    s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **opts)
-    curve = s["curves"]["balanced_accuracy"]
-    _print_json(
-        {
-            m: {r["shots"]: round(r["mean"], 3) for r in curve if r["method"] == m}
-            for m in dict.fromkeys(r["method"] for r in curve)
-        }
-    )
-    return 0
-
-
-def _fit(a: argparse.Namespace, cfg: Config) -> int:
-    opts = _opts(a, "heads", "folds", "seed", "epochs")
-    report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, **opts)
-    _print_json({h: v["mean"] for h, v in report["heads"].items()})
-    return 0
-
-
-def _predict(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_predict(a.stores, a.head, a.out, cfg)
     return 0
 
 
@@ -163,24 +128,6 @@ def _report(a: argparse.Namespace, cfg: Config) -> int:
 
 
 # --- the parser -------------------------------------------------------------------------
-
-
-def _add(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, help: str
-) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help)
-    p.set_defaults(handler=handler)
-    p.add_argument("--config", type=Path, help="config.yaml (defaults apply without one)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (dotted for nested keys); repeatable",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    return p
 
 
 def _slide_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -256,38 +203,6 @@ def _zeroshot_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--text", type=Path)
 
 
-def _learn_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = _add(sub, "few-shot", _few_shot, "k-shot curves: zero-shot vs linear probe vs Tip-Adapter on patches")
-    p.add_argument("dir", type=Path, help="patch folder (class = sub-folder), as classify-patches takes")
-    p.add_argument(
-        "--out", type=Path, required=True, help="output folder (curves.csv, summary.json, curves.png)"
-    )
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--repeats", type=int, default=10, help="seeded draws per k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mapping", type=Path, help="folder -> class (YAML mapping or CSV folder,class)")
-    p.add_argument("--text", type=Path)
-
-    p = _add(sub, "fit", _fit, "train slide-level heads on stored features (cross-validated)")
-    p.add_argument("stores", type=Path, nargs="+", help="feature stores")
-    p.add_argument("--labels", type=Path, help="label sheet slide_id,label (default: config labels)")
-    p.add_argument(
-        "--out", type=Path, required=True, help="models folder: {head}/model.safetensors + config.json"
-    )
-    p.add_argument("--heads", nargs="+", help="linear, abmil (its ablation abmil_noscale comes along)")
-    p.add_argument("--folds", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument(
-        "--attention", type=Path, help="folder for per-tile attention of the abmil head (.parquet)"
-    )
-
-    p = _add(sub, "predict", _predict, "predict new slides' stores with a saved head")
-    p.add_argument("stores", type=Path, nargs="+")
-    p.add_argument("--head", type=Path, required=True, help="a saved head folder (models/NAME)")
-    p.add_argument("--out", type=Path, required=True, help="folder for predictions/ and predictions.csv")
-
-
 def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(sub, "summarize", _summarize, "cohort predictions.csv, and metrics when labels are given")
     p.add_argument("predictions", type=Path, nargs="+", help="prediction JSONs")
@@ -351,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     _slide_commands(sub)
     _feature_commands(sub)
     _zeroshot_commands(sub)
-    _learn_commands(sub)
+    learn_commands(sub)
+    report_commands(sub)
     _output_commands(sub)
     return parser
 

@@ -3,19 +3,17 @@ and parse it once into frozen dataclasses."""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
+from ._schema import default_filling_validator, load_schema, schema_error_line
 from .errors import ConfigError
 
 __all__ = [
@@ -23,13 +21,16 @@ __all__ = [
     "AlignmentParams",
     "ConchParams",
     "Config",
+    "DistillParams",
     "EncodeParams",
     "FitParams",
     "GeoJSONParams",
     "HeatmapParams",
+    "PairingParams",
     "PoolingParams",
     "TilingParams",
     "TissueParams",
+    "TrainReportsParams",
     "config_hash",
     "load_config",
     "load_schema",
@@ -39,50 +40,7 @@ __all__ = [
 ]
 
 
-def load_schema(name: str = "config") -> dict[str, Any]:
-    """The JSON schema shipped with the package (``config`` or ``sheet``)."""
-    text = resources.files("histoalign_wsi").joinpath("data", f"{name}.schema.yaml").read_text()
-    schema: dict[str, Any] = yaml.safe_load(text)
-    return schema
-
-
-def _default_filling_validator() -> type[jsonschema.protocols.Validator]:
-    base = jsonschema.Draft202012Validator
-
-    def set_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
-        if isinstance(instance, dict):
-            for key, sub in properties.items():
-                if isinstance(sub, dict) and "default" in sub:
-                    instance.setdefault(key, json.loads(json.dumps(sub["default"])))
-        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(base, {"properties": set_defaults})
-
-
-_NULLABLE = ("labels", "encoder_registry", "mpp_override")
-
-
-def schema_error_line(err: jsonschema.ValidationError) -> str:
-    """One line for a schema violation: the key, its value, the rule and what is allowed
-    (never the schema itself)."""
-    where = ".".join(str(p) for p in err.path) or "(top level)"
-    rule = err.validator
-    schema = err.schema if isinstance(err.schema, Mapping) else {}
-    if rule == "additionalProperties" and isinstance(err.instance, dict):
-        allowed = sorted(schema.get("properties", {}))
-        extra = sorted(set(err.instance) - set(allowed))
-        hints = [
-            f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1)) else repr(k)
-            for k in extra
-        ]
-        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
-    value = json.dumps(err.instance, ensure_ascii=False)
-    value = value if len(value) <= 80 else value[:77] + "..."
-    if rule == "enum":
-        return f"{where} = {value}: must be one of {', '.join(str(v) for v in schema.get('enum', ()))}"
-    if rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "pattern", "type"):
-        return f"{where} = {value}: breaks {rule} {json.dumps(err.validator_value)}"
-    return f"{where} = {value}: {err.message[:200]}"
+_NULLABLE = ("labels", "encoder_registry", "mpp_override", "reports", "report_corpus", "report_encoder")
 
 
 def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,7 +57,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         # value (`labels=`) clears a key too
         if isinstance(cfg.get(key), str) and cfg[key].strip().lower() in ("", "null", "none", "~"):
             cfg[key] = None
-    validator = _default_filling_validator()(load_schema("config"))
+    validator = default_filling_validator()(load_schema("config"))
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         raise ConfigError(f"invalid configuration: {schema_error_line(errors[0])}")
@@ -217,6 +175,38 @@ class FitParams:
 
 
 @dataclass(frozen=True)
+class TrainReportsParams:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    hidden: int
+    temperature: float
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    probe_folds: int
+
+
+@dataclass(frozen=True)
+class PairingParams:
+    k: int
+    temperature: float
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    epochs: int
+    lr: float
+    weight_decay: float
+    hidden: int
+    weight: float
+    seed: int
+    test_fraction: float
+
+
+@dataclass(frozen=True)
 class HeatmapParams:
     max_size: int
     alpha: float
@@ -257,6 +247,12 @@ class Config:
     calibration_weighting: str
     heads: tuple[str, ...]
     fit: FitParams
+    reports: str | None
+    report_corpus: str | None
+    report_encoder: str | None
+    train_reports: TrainReportsParams
+    pairing: PairingParams
+    distill: DistillParams
     heatmap: HeatmapParams
     geojson: GeoJSONParams
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -298,6 +294,12 @@ class Config:
             calibration_weighting=cfg["calibration_weighting"],
             heads=tuple(cfg["heads"]),
             fit=FitParams(**cfg["fit"]),
+            reports=cfg["reports"],
+            report_corpus=cfg["report_corpus"],
+            report_encoder=cfg["report_encoder"],
+            train_reports=TrainReportsParams(**cfg["train_reports"]),
+            pairing=PairingParams(**cfg["pairing"]),
+            distill=DistillParams(**cfg["distill"]),
             heatmap=HeatmapParams(**cfg["heatmap"]),
             geojson=GeoJSONParams(**cfg["geojson"]),
             raw=cfg,
@@ -346,6 +348,16 @@ STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
     "export_geojson": ("geojson",),
     "fit": ("prompt_bag", "heads", "fit"),
     "predict": ("prompt_bag", "pooling"),
+    "train_reports": (
+        "encoders",
+        "encoder_registry",
+        "offline",
+        "prompt_bag",
+        "report_encoder",
+        "train_reports",
+    ),
+    "pair_reports": ("encoders", "encoder_registry", "offline", "report_encoder", "pairing"),
+    "distill": ("prompt_bag", "distill"),
 }
 
 

@@ -114,14 +114,15 @@ def build_store(
     )
     import zarr
 
+    dim = next(iter(feats.values())).shape[1]
     root = zarr.open_group(path, mode="r+")
     for m, g in zip(mpps, grids, strict=True):
         arr = create_features(
             root[f"scales/{g.name}/features"],
             encoder,
             len(g),
-            D,  # type: ignore[arg-type]
-            {"encoder": encoder, "weights_sha256": sha, "embedding_dim": D, "normalized": True},
+            dim,  # type: ignore[arg-type]
+            {"encoder": encoder, "weights_sha256": sha, "embedding_dim": dim, "normalized": True},
         )
         if len(g):
             arr[...] = feats[m].astype(np.float16)

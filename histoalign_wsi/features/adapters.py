@@ -33,6 +33,9 @@ class LoadedEncoder:
     weights_sha256: str
     logit_scale: float
     device: torch.device
+    #: tokens each text takes in the text tower (special tokens included), before truncation
+    token_count: Callable[[Sequence[str]], list[int]] | None = None
+    context_length: int = 77
 
     @property
     def name(self) -> str:
@@ -110,7 +113,19 @@ def _finish_open_clip(
         return clip.encode_text(tok(texts).to(device))
 
     scale = float(clip.logit_scale.exp().item()) if hasattr(clip, "logit_scale") else 100.0
-    return LoadedEncoder(entry, model, clip.encode_image, text_fn, sha, scale, device)
+    ctx = int(getattr(tok, "context_length", 77))
+    count = _token_counter(tok)
+    return LoadedEncoder(entry, model, clip.encode_image, text_fn, sha, scale, device, count, ctx)
+
+
+def _token_counter(tok: Any) -> Callable[[Sequence[str]], list[int]]:
+    """Token counts (start and end tokens included) of open_clip's BPE or a Hugging Face
+    tokenizer, without truncation: what tells a long report from one the tower sees whole."""
+    if hasattr(tok, "byte_encoder"):  # open_clip's SimpleTokenizer (CLIP's BPE)
+        clean = getattr(tok, "clean_fn", lambda t: t)
+        return lambda texts: [len(tok.encode(clean(t))) + 2 for t in texts]
+    hf = getattr(tok, "tokenizer", tok)  # open_clip's HFTokenizer wraps a Hugging Face one
+    return lambda texts: [len(ids) for ids in hf(list(texts), truncation=False)["input_ids"]]
 
 
 def _demo(entry: EncoderEntry, device: torch.device) -> LoadedEncoder:
@@ -174,6 +189,7 @@ def _hf_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> L
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(str(folder))
+        counter = _token_counter(hf_tok)
 
         def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
             enc = hf_tok(
@@ -185,6 +201,7 @@ def _hf_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> L
         import open_clip
 
         simple = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        counter = _token_counter(simple)
 
         def tokenize(texts: Sequence[str]) -> dict[str, torch.Tensor]:
             ids = simple(list(texts))
@@ -200,7 +217,7 @@ def _hf_clip(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> L
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     scale = float(model.logit_scale.exp().item())
-    return LoadedEncoder(entry, model, image_fn, text_fn, w.sha256, scale, device)
+    return LoadedEncoder(entry, model, image_fn, text_fn, w.sha256, scale, device, counter, ctx)
 
 
 def _conch(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> LoadedEncoder:
@@ -217,7 +234,8 @@ def _conch(entry: EncoderEntry, w: ResolvedWeights, device: torch.device) -> Loa
         return model.encode_text(tokenize(texts=list(texts), tokenizer=tok).to(device))
 
     scale = float(model.logit_scale.exp().item())
-    return LoadedEncoder(entry, model, image_fn, text_fn, w.sha256, scale, device)
+    ctx = int(entry.text.get("context_length", 128))
+    return LoadedEncoder(entry, model, image_fn, text_fn, w.sha256, scale, device, _token_counter(tok), ctx)
 
 
 def load_encoder(

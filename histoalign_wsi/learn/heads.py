@@ -19,6 +19,7 @@ from .._atomic import atomic_dir
 from ..errors import ConfigError, StoreError
 from .abmil import ABMILConfig, ScaleAwareABMIL, predict_bag, train_abmil
 from .bags import Bag, BagSource
+from .distill import MLPConfig, MLPHead
 
 __all__ = ["HEADS", "Head", "Scorer", "cross_validate", "fit_head", "fit_linear", "linear_probs"]
 
@@ -73,12 +74,12 @@ class Head:
     """A trained head and what it needs to be applied to new stores."""
 
     name: str
-    kind: str  # "linear" or "abmil"
+    kind: str  # "linear", "abmil" or "mlp" (distilled from reports: learn.distill)
     classes: tuple[str, ...]
     scale_names: tuple[str, ...]
     encoders: Mapping[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
-    model: ScaleAwareABMIL | None = None
+    model: ScaleAwareABMIL | MLPHead | None = None
     coef: NDArray[np.float64] | None = None
     intercept: NDArray[np.float64] | None = None
 
@@ -87,7 +88,9 @@ class Head:
         if self.kind == "linear":
             assert self.coef is not None and self.intercept is not None
             return linear_probs(self.coef, self.intercept, bag.pooled()[None], len(self.classes))[0], None
-        assert self.model is not None
+        if isinstance(self.model, MLPHead):
+            return self.model.probs(bag.pooled()[None])[0], None
+        assert isinstance(self.model, ScaleAwareABMIL)
         return predict_bag(self.model, bag)
 
     def check(self, source: BagSource) -> None:
@@ -121,7 +124,7 @@ class Head:
                 save_np({"coef": self.coef, "intercept": self.intercept}, str(tmp / "model.safetensors"))
             else:
                 assert self.model is not None
-                meta["abmil"] = self.model.cfg.to_dict()
+                meta[self.kind] = self.model.cfg.to_dict()
                 save_torch(
                     {k: v.contiguous() for k, v in self.model.state_dict().items()},
                     str(tmp / "model.safetensors"),
@@ -155,7 +158,11 @@ class Head:
             else:
                 from safetensors.torch import load_file as load_torch
 
-                model = ScaleAwareABMIL(ABMILConfig(**meta["abmil"]))
+                model: ScaleAwareABMIL | MLPHead = (
+                    MLPHead(MLPConfig(**meta["mlp"]))
+                    if head.kind == "mlp"
+                    else ScaleAwareABMIL(ABMILConfig(**meta["abmil"]))
+                )
                 model.load_state_dict(load_torch(str(w)))
                 head.model = model.eval()
         except Exception as exc:  # safetensors raises its own error type for a bad header

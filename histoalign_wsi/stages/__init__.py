@@ -1,11 +1,13 @@
 """The stages: one ``run_*`` per CLI subcommand. The CLI only parses arguments and calls
 one of these; the workflow's rules only call the CLI. ``pipeline`` holds the zero-shot
 chain (slides to report), ``patches`` the patch-folder stages (zero-shot and few-shot),
-``learning`` the heads trained on stored features."""
+``learning`` the heads trained on stored features, ``reports`` and ``pairing`` what is
+learned from pathology reports."""
 
 from __future__ import annotations
 
 from .learning import run_fit, run_predict
+from .pairing import run_distill, run_pair_reports
 from .patches import run_classify_patches, run_few_shot
 from .pipeline import (
     open_for,
@@ -26,11 +28,13 @@ from .pipeline import (
     run_tissue,
     run_unlock,
 )
+from .reports import run_train_reports
 
 __all__ = [
     "open_for",
     "run_calibrate",
     "run_classify_patches",
+    "run_distill",
     "run_embed_prompts",
     "run_encode",
     "run_encoders",
@@ -42,11 +46,13 @@ __all__ = [
     "run_info",
     "run_inspect",
     "run_make_demo_slides",
+    "run_pair_reports",
     "run_predict",
     "run_report",
     "run_score",
     "run_summarize",
     "run_tile",
     "run_tissue",
+    "run_train_reports",
     "run_unlock",
 ]
