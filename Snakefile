@@ -17,6 +17,7 @@ include: "workflow/rules/encode.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/outputs.smk"
 include: "workflow/rules/learn.smk"
+include: "workflow/rules/reports.smk"
 
 
 wildcard_constraints:

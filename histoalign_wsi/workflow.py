@@ -109,6 +109,24 @@ class Workflow:
     def fit_labels_flag(self) -> str:
         return f"--labels {shlex.quote(self.labels_sheet)}" if self.labels_sheet else ""
 
+    def reports_flag(self) -> str:
+        return f"--reports {shlex.quote(self.config.reports)}" if self.config.reports else ""
+
+    def corpus_flag(self) -> str:
+        return f"--corpus {shlex.quote(self.config.report_corpus)}" if self.config.report_corpus else ""
+
+    def learned_from_reports(self) -> dict[str, str]:
+        """The report-learning results the report page shows, when configured: the
+        slide-report models' metrics (``reports``), the distilled classifier's
+        (``report_corpus`` with labels)."""
+        r = self.results
+        out = {}
+        if self.config.reports:
+            out["reports"] = f"{r}/reports/metrics.json"
+        if self.config.report_corpus and self.labels_sheet:
+            out["distill"] = f"{r}/distill/metrics.json"
+        return out
+
     def final_outputs(self) -> list[str]:
         r = self.results
         out = [f"{r}/predictions.csv", f"{r}/report.html"]
@@ -116,7 +134,7 @@ class Workflow:
         out += [f"{r}/geojson/{s}.geojson" for s in self.slides]
         if self.labels_sheet:
             out.append(f"{r}/metrics.json")
-        return out
+        return out + list(self.learned_from_reports().values())
 
 
 def _names(inputs: Any) -> set[str]:
@@ -150,9 +168,27 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
         if sheet is not None:
             labels = read_labels(sheet) if cfg.labels else {e.slide_id: e.label for e in entries if e.label}
             _check_labels(labels, cohort, bag.class_names, sheet)
+        _check_reports(cfg, cohort)
     except HistoAlignError as exc:
         raise ConfigError(f"configuration check failed: {exc}") from exc
     return Workflow(cfg, cohort, sheet)
+
+
+def _check_reports(cfg: Config, cohort: Mapping[str, SlideEntry]) -> None:
+    """A configured report sheet is read and matched to the cohort, and a configured
+    corpus must exist, before any job runs."""
+    from .learn.reports import read_reports
+
+    if cfg.reports:
+        sheet = read_reports(cfg.reports)
+        unmatched = [s for s in sheet.ids if s not in cohort]
+        if unmatched:
+            raise ConfigError(
+                f"report sheet {cfg.reports!r}: {len(unmatched)} slide id(s) are not in the cohort: "
+                + ", ".join(map(repr, unmatched[:20]))
+            )
+    if cfg.report_corpus and not Path(cfg.report_corpus).exists():
+        raise ConfigError(f"report_corpus {cfg.report_corpus!r} does not exist")
 
 
 def _check_labels(

@@ -296,6 +296,8 @@ def test_kill_during_encoding_then_rerun_gives_same_features(
         ("missing_labels", "label sheet 'nolabels.csv' does not exist"),
         ("labels_unknown_class", "classes not in the prompt bag: Tumour"),
         ("bad_device", "device"),
+        ("reports_unknown_slide", "report sheet 'reports.csv': 1 slide id(s) are not in the cohort: 'nope'"),
+        ("corpus_missing", "report_corpus 'no_corpus' does not exist"),
     ],
 )
 def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path: Path) -> None:
@@ -324,7 +326,10 @@ def test_bad_configuration_fails_at_validation(setup: str, needle: str, tmp_path
             "missing_labels": {"labels": "nolabels.csv"},
             "labels_unknown_class": {"labels": "labels.csv"},
             "bad_device": {"device": "gpu0"},
+            "reports_unknown_slide": {"reports": "reports.csv"},
+            "corpus_missing": {"report_corpus": "no_corpus"},
         }[setup]
+        (w / "reports.csv").write_text("slide_id,report\nCMU-1-Small-Region,Befund\nnope,x\n")
     write_config(w, **kw)
     out = smk(w, "-n", check=False)
     assert out.returncode != 0
@@ -388,6 +393,46 @@ def test_fit_and_predict_targets_and_attention_outputs(tmp_path: Path) -> None:
     gj = json.loads((r / "geojson" / "demo_01.geojson").read_text())
     tile = next(f for f in gj["features"] if f["properties"]["objectType"] == "tile")
     assert "attention" in tile["properties"]["measurements"]
+
+
+def test_report_targets_train_pair_distill_and_reach_the_report_page(tmp_path: Path) -> None:
+    """`snakemake train_reports distill` on a generated cohort with a report sheet and an
+    unpaired corpus; the full run then shows both results on the report page."""
+    make_demo_cohort(tmp_path / "slides", n=6, width=3072, height=2304, ome_every=0)
+    w = tmp_path
+    labels = pd.read_csv(w / "slides_truth" / "labels.csv")
+    reports = pd.DataFrame(
+        {
+            "slide_id": labels["slide_id"],
+            "report": [f"Befund: {c}; Fall {i} — ü" for i, c in enumerate(labels["label"])],
+        }
+    )
+    reports.to_csv(w / "reports.csv", index=False)
+    (w / "corpus").mkdir()
+    for i in range(12):
+        (w / "corpus" / f"r{i:02d}.txt").write_text(f"Report {i}: {labels['label'][i % 6]}", encoding="utf-8")
+    write_config(
+        w,
+        reports="reports.csv",
+        report_corpus="corpus",
+        train_reports={"epochs": 2, "batch_size": 2},
+        distill={"epochs": 5},
+    )
+    smk(w, "--cores", "2", "train_reports", "distill")
+    r = w / "results"
+    m = json.loads((r / "reports" / "metrics.json").read_text())
+    assert set(m["models"]) == {"scale_aware", "no_scale"} and m["splits"] == {
+        "train": 2,
+        "val": 2,
+        "test": 2,
+    }
+    assert (r / "reports" / "scale_aware" / "model.safetensors").is_file()
+    assert len(pd.read_csv(r / "pairs" / "pairs.csv")) == 6 * 5
+    d = json.loads((r / "distill" / "metrics.json").read_text())
+    assert set(d["metrics"]) == {"student", "baseline", "teacher_with_text"}
+    smk(w, "--cores", "2")
+    page = (r / "report.html").read_text(encoding="utf-8")
+    assert "id='report-models'" in page and "id='distill'" in page
 
 
 def test_calibrated_run_hands_the_offsets_to_score(slides: Path, tmp_path: Path) -> None:

@@ -151,6 +151,54 @@ def _heatmap_card(
     )
 
 
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v if v is not None else "–"))
+
+
+def _learned_from_reports(res: Path) -> str:
+    """Short tables of ``reports/metrics.json`` (slide-report models: held-out retrieval
+    beside chance, zero-shot diagnosis, linear probe) and ``distill/metrics.json``
+    (distilled classifier against no pairing), when those runs exist."""
+    out = []
+    rp = res / "reports" / "metrics.json"
+    if rp.is_file():
+        m = json.loads(rp.read_text(encoding="utf-8"))
+        out.append(
+            "<h2>Learned from reports</h2><div class='scroll'><table id='report-models'><tr><th>model</th>"
+            "<th>slide→report R@1 / R@5 / R@10</th><th>report→slide R@1</th><th>chance R@1 / R@5</th>"
+            "<th>zero-shot AUC</th><th>zero-shot bal. acc.</th><th>probe bal. acc.</th></tr>"
+        )
+        for name, r in m["models"].items():
+            s2r, ch = r["retrieval"]["slide_to_report"], r["retrieval"]["chance"]
+            zs, probe = r.get("zero_shot", {}), r.get("linear_probe", {}).get("mean", {})
+            out.append(
+                f"<tr><td>{html.escape(name)}</td>"
+                f"<td>{_fmt(s2r['R@1'])} / {_fmt(s2r['R@5'])} / {_fmt(s2r['R@10'])}</td>"
+                f"<td>{_fmt(r['retrieval']['report_to_slide']['R@1'])}</td>"
+                f"<td>{_fmt(ch['R@1'])} / {_fmt(ch['R@5'])}</td>"
+                f"<td>{_fmt(zs.get('auc_macro_ovr'))}</td><td>{_fmt(zs.get('balanced_accuracy'))}</td>"
+                f"<td>{_fmt(probe.get('balanced_accuracy'))}</td></tr>"
+            )
+        out.append(
+            f"</table></div><p>{r['retrieval']['n']} held-out slides; {m['reports']['n_truncated']} of "
+            f"{m['reports']['n_texts']} reports truncated by the text tower.</p>"
+        )
+    dp = res / "distill" / "metrics.json"
+    if dp.is_file():
+        m = json.loads(dp.read_text(encoding="utf-8"))
+        out.append(
+            "<h2>Distilled from paired reports</h2><div class='scroll'><table id='distill'><tr>"
+            "<th>classifier</th><th>balanced accuracy</th><th>macro F1</th><th>AUC</th></tr>"
+        )
+        for name, r in m["metrics"].items():
+            out.append(
+                f"<tr><td>{html.escape(name)}</td><td>{_fmt(r.get('balanced_accuracy'))}</td>"
+                f"<td>{_fmt(r.get('macro_f1'))}</td><td>{_fmt(r.get('auc_macro_ovr'))}</td></tr>"
+            )
+        out.append(f"</table></div><p>{m['n_test']} held-out items, same split and seed for each.</p>")
+    return "".join(out)
+
+
 def write_report(predictions_csv: str | Path, out: str | Path, *, results: str | Path | None = None) -> Path:
     """Write the HTML report; ``results`` defaults to the folder holding ``predictions.csv``."""
     res = Path(results) if results else Path(predictions_csv).parent
@@ -213,6 +261,7 @@ def write_report(predictions_csv: str | Path, out: str | Path, *, results: str |
         for key in (*keys, "classes_absent", "n_without_tiles"):
             parts.append(f"<tr><th>{e(key)}</th><td>{e(str(m.get(key)))}</td></tr>")
         parts.append("</table></div>" + _img(res / "confusion_matrix.png", 480))
+    parts.append(_learned_from_reports(res))
     parts.append("<h2>Heatmaps</h2><div class='cards'>")
     for sid in table["slide_id"].astype(str) if len(table) else []:
         parts.append(_heatmap_card(sid, by_id.get(sid), res / "heatmaps" / sid, classes, colors))

@@ -55,6 +55,7 @@ rule report:
         csv=rules.summarize.output.csv,
         metrics=rules.summarize.output.metrics,
         heatmaps=expand(f"{R}/heatmaps/{{slide}}", slide=WF.slides),
+        **WF.learned_from_reports(),
     output:
         html=f"{R}/report.html",
     params:

@@ -1,0 +1,76 @@
+# Learning from pathology reports, on the stored features (optional targets; the default
+# run stays zero-shot): `snakemake train_reports` needs config `reports`,
+# `snakemake distill` needs `report_corpus` and labels. When configured, `all` and the
+# report page include them.
+
+
+rule train_reports:
+    input:
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+    output:
+        metrics=f"{R}/reports/metrics.json",
+    params:
+        out=lambda w, output: os.path.dirname(output.metrics),
+        reports=WF.reports_flag(),
+        labels=WF.fit_labels_flag(),
+        settings=WF.settings("train_reports"),
+    log:
+        f"{R}/logs/train_reports.log",
+    benchmark:
+        f"{R}/benchmarks/train_reports.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi train-reports {input.features:q} {params.reports} {params.labels} "
+        "--out {params.out:q} {params.settings} 2>&1 | tee {log:q} >&2"
+
+
+rule pair_reports:
+    input:
+        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+    output:
+        pairs=f"{R}/pairs/pairs.csv",
+        npz=f"{R}/pairs/items.npz",
+    params:
+        out=lambda w, output: os.path.dirname(output.pairs),
+        corpus=WF.corpus_flag(),
+        settings=WF.settings("pair_reports"),
+    log:
+        f"{R}/logs/pair_reports.log",
+    benchmark:
+        f"{R}/benchmarks/pair_reports.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi pair-reports {input.features:q} {params.corpus} --out {params.out:q} "
+        "{params.settings} 2>&1 | tee {log:q} >&2"
+
+
+rule distill:
+    input:
+        npz=rules.pair_reports.output.npz,
+    output:
+        metrics=f"{R}/distill/metrics.json",
+    params:
+        pairs=lambda w, input: os.path.dirname(input.npz),
+        out=lambda w, output: os.path.dirname(output.metrics),
+        labels=WF.fit_labels_flag(),
+        settings=WF.settings("distill"),
+    log:
+        f"{R}/logs/distill.log",
+    benchmark:
+        f"{R}/benchmarks/distill.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi distill {params.pairs:q} {params.labels} --out {params.out:q} "
+        "{params.settings} 2>&1 | tee {log:q} >&2"
