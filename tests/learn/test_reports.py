@@ -369,3 +369,47 @@ def test_cli_chain_pair_distill_predict(cohort: tuple[list[Path], Path], tmp_pat
         main(["pair-reports", *stores, "--corpus", str(tmp_path / "void"), "--out", str(tmp_path / "x")]) == 2
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_shot_centroids_and_probe_on_known_answers() -> None:
+    from histoalign_wsi.learn.evaluation import class_centroids, probe_cv, zero_shot_probs
+    from histoalign_wsi.stages.learning import scorer
+
+    emb = np.array([[1, 0], [0.6, 0.8], [0, 1], [0, 1]], np.float32)
+    c = class_centroids(emb, np.array([0, 0, 1, 1], np.int32), 2)
+    assert np.allclose(c, [[0.8 / np.hypot(0.8, 0.4), 0.4 / np.hypot(0.8, 0.4)], [0, 1]])
+    z = np.array([[1, 0], [0, 1]], np.float32)
+    p = zero_shot_probs(z, c, 10.0)
+    logit = 10 * (z @ c.T)
+    assert np.allclose(p, np.exp(logit) / np.exp(logit).sum(1, keepdims=True), atol=1e-6)
+    assert p[0].argmax() == 0 and p[1].argmax() == 1
+    rng = np.random.default_rng(0)
+    y = ["STR", "TUM"] * 15
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    x[:, 0] += np.where(np.array(y) == "TUM", 4.0, -4.0)
+    res = probe_cv(x, y, ["STR", "TUM"], scorer(["STR", "TUM"]), folds=5, seed=0)
+    assert res["folds"] == 5 and res["mean"]["balanced_accuracy"] == 1.0
+    noise = probe_cv(rng.normal(size=(30, 4)).astype(np.float32), y, ["STR", "TUM"], scorer(["STR", "TUM"]))
+    assert noise["mean"]["balanced_accuracy"] < 0.8
+    assert "skipped" in probe_cv(x[:3], ["STR", "STR", "TUM"], ["STR", "TUM"], scorer(["STR", "TUM"]))
+
+
+def test_train_reports_refuses_a_sheet_too_small_to_split(tmp_path: Path, demo: LoadedEncoder) -> None:
+    paths = []
+    for i in range(3):
+        f = unit(np.random.default_rng(i).normal(size=(6, D)))
+        paths.append(
+            build_store(tmp_path / f"s{i}.zarr", {0.5: f}, slide_id=f"s{i}", sha=demo.weights_sha256)
+        )
+    sheet = tmp_path / "Berichte é.csv"
+    pd.DataFrame({"slide_id": ["s0", "s1", "s2"], "report": ["a", "b", "c"]}).to_csv(sheet, index=False)
+    with pytest.raises(ConfigError, match=r"report sheet '.*Berichte é\.csv': every split needs at least 2"):
+        run_train_reports(paths, sheet, tmp_path / "out", load_config())
+    assert not (tmp_path / "out").exists()
+    from histoalign_wsi.errors import StoreError
+    from histoalign_wsi.stages.reports import report_encoder
+
+    with pytest.raises(StoreError, match="text and images must share one model"):
+        report_encoder(load_config(), {"demo": {"weights_sha256": "0" * 64}})
+    with pytest.raises(StoreError, match=r"report encoder 'demo' is not among the stores' encoders \(plip\)"):
+        report_encoder(load_config(), {"plip": {"weights_sha256": "0" * 64}})
