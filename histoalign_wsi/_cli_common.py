@@ -39,5 +39,10 @@ def add(
         metavar="KEY=VALUE",
         help="override a config key (dotted for nested keys); repeatable",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads this stage may use in all (default: every CPU it may run on)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     return p

@@ -15,6 +15,7 @@ from ._cli_common import add as _add
 from ._cli_common import opts as _opts
 from ._cli_common import print_json as _print_json
 from ._logging import setup_logging
+from ._threads import apply_thread_budget
 from .cli_learn import learn_commands, report_commands
 from .config import Config, load_config, parse_overrides
 from .errors import HistoAlignError
@@ -164,9 +165,6 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("tiles", type=Path, help="tile store from 'tile'")
     p.add_argument("--slide", type=Path, required=True, help="the slide the tiles came from")
     p.add_argument("--out", type=Path, required=True, help="feature store (.zarr)")
-    p.add_argument(
-        "--threads", type=int, help="CPU threads in all, split between readers and torch (default: all CPUs)"
-    )
 
     p = _add(sub, "encoders", _encoders, "list the encoder registry and what is available here")
     p.add_argument("--json", action="store_true")
@@ -278,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback."""
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
+    apply_thread_budget(args.threads)
     prefix = f"histoalign-wsi {args.command}: error:"
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))

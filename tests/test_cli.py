@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histoalign_wsi.cli import main
+from histoalign_wsi.cli import build_parser, main
 from histoalign_wsi.slides.reader import open_slide
 
 from .conftest import shared
@@ -212,3 +213,36 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "scales_mmp" in capsys.readouterr().err
     assert main(["encoders", "--set", "scales_mpp=[1.0, 0.5]"]) == 2
     assert "ascending" in capsys.readouterr().err
+
+
+def test_every_subcommand_holds_its_thread_pools_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--threads N` (the rule's threads) caps OpenMP/BLAS pools and torch's intra-op
+    threads in every stage; without it a user's own OMP_NUM_THREADS is respected."""
+    import torch
+
+    before = torch.get_num_threads()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        assert main(["encoders", "--threads", "1"]) == 0
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert main(["encoders"]) == 0
+        assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's own setting stands
+    finally:
+        torch.set_num_threads(before)
+    for sub in ("tissue", "tile", "score", "fit", "train-reports", "distill", "report"):
+        assert build_parser().parse_args([sub, *_min_args(sub), "--threads", "2"]).threads == 2
+
+
+def _min_args(sub: str) -> list[str]:
+    return {
+        "tissue": ["s.svs", "--out", "m.png"],
+        "tile": ["s.svs", "--tissue", "m.png", "--out", "t.zarr"],
+        "score": ["f.zarr", "--text", "t.npz", "--prediction", "p.json"],
+        "fit": ["f.zarr", "--out", "m"],
+        "train-reports": ["f.zarr", "--out", "r"],
+        "distill": ["pairs", "--out", "d"],
+        "report": ["p.csv", "--out", "r.html"],
+    }[sub]

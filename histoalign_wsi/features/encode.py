@@ -1,16 +1,17 @@
 """The encode pipeline: read each coarse block of the slide once, make every scale's tiles
 from that one read on the device, and feed every encoder from the same pixels.
 
-Readers run in threads with a bounded prefetch; uint8 pixels go to the device and are
-resized (area) and normalised there; on CUDA the forward pass runs under bf16 autocast in
-channels-last layout, and a batch that runs out of memory is halved and retried. Features
+Readers run in threads with a bounded prefetch. On a CPU the pixels stay uint8 through
+the area resizes and become float one batch at a time; on an accelerator uint8 pixels go
+to the device and are resized (area) and normalised there; on CUDA the forward pass runs
+under bf16 autocast in channels-last layout, and a batch that runs out of memory is
+halved and retried. Features
 are L2-normalised and appended, in store order, as float16 by a writer thread.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from PIL import Image
 
 from .._progress import Progress
+from .._threads import available_cpus
 from ..slides.reader import Slide
 from .adapters import LoadedEncoder
 from .store import ROW_CHUNK, ScaleView
@@ -74,9 +77,10 @@ def plan_blocks(scales: Sequence[ScaleView], *, block_size0: int) -> list[Block]
 
 
 def preprocess_on_device(tiles: torch.Tensor, enc: LoadedEncoder) -> torch.Tensor:
-    """Float 0-255 NCHW tiles -> the encoder's normalised input (resize, scale, normalise)."""
+    """0-255 NCHW tiles (uint8 or float) -> the encoder's normalised float input (resize,
+    scale, normalise); uint8 becomes float here, one batch at a time."""
     p = enc.entry.preprocess
-    x = tiles
+    x = tiles.float() if tiles.dtype == torch.uint8 else tiles
     if x.shape[-1] != p.size or x.shape[-2] != p.size:
         mode = "bicubic" if p.interpolation == "bicubic" else "bilinear"
         x = F.interpolate(x, size=(p.size, p.size), mode=mode, antialias=True, align_corners=False)
@@ -121,6 +125,44 @@ class _BlockPyramid:
             ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
             crops.append(self.img[..., oy : oy + sz, ox : ox + sz])
         return F.interpolate(torch.cat(crops), size=(t, t), mode="area")
+
+
+class _CpuPyramid:
+    """The CPU form of :class:`_BlockPyramid`: the block stays uint8 (H, W, 3) and each
+    scale's image is a uint8 area reduce (Pillow's box ``reduce``, cascading when the
+    factors nest); tiles are uint8 crops, made float only per batch by the encoder's
+    preprocessing. About ten times cheaper than float ``avg_pool2d`` on a CPU, in a
+    quarter of the memory."""
+
+    def __init__(self, img: NDArray[np.uint8], tile_px: int) -> None:
+        self.tile_px = tile_px
+        self.cache: dict[int, NDArray[np.uint8]] = {1: np.ascontiguousarray(img)}
+
+    def _down(self, r: int) -> NDArray[np.uint8]:
+        if r not in self.cache:
+            base = max((k for k in self.cache if r % k == 0), default=1)
+            self.cache[r] = np.asarray(Image.fromarray(self.cache[base]).reduce(r // base))
+        return self.cache[r]
+
+    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
+        """uint8 NCHW tiles of ``size_px`` block pixels at level-0 ``coords``, at ``tile_px``."""
+        t = self.tile_px
+        ratio = size_px / t
+        crops = []
+        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
+            r = round(ratio)
+            img = self._down(r)
+            for x, y in coords:
+                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
+                crops.append(img[oy : oy + t, ox : ox + t])
+        else:  # non-integer factor (rare): crop, then the device path's area resize, rounded
+            sz = max(1, round(size_px))
+            for x, y in coords:
+                ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
+                crops.append(self.cache[1][oy : oy + sz, ox : ox + sz])
+            x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
+            return F.interpolate(x, size=(t, t), mode="area").round_().to(torch.uint8)
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
 
 
 class _Forward:
@@ -219,8 +261,7 @@ class _Appender:
 def thread_budget(threads: int | None, readers: int) -> tuple[int, int]:
     """Split ``threads`` (default: the CPUs this process may use) between slide-reader
     threads and torch's intra-op threads: (readers, torch threads), never more in all."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    budget = max(1, threads or cpus)
+    budget = max(1, threads or available_cpus())
     r = max(1, min(readers, budget // 2))
     return r, max(1, budget - r)
 
@@ -261,11 +302,15 @@ def run_pipeline(
     bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
         for b, pixels in _read_blocks(slide, blocks, level, settings):
-            src = torch.from_numpy(pixels)
-            if dev.type == "cuda":
-                src = src.pin_memory()
-            img = src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-            pyramid = _BlockPyramid(img, settings.tile_px)
+            pyramid: _BlockPyramid | _CpuPyramid
+            if dev.type == "cpu":
+                pyramid = _CpuPyramid(pixels, settings.tile_px)
+            else:
+                src = torch.from_numpy(pixels)
+                if dev.type == "cuda":
+                    src = src.pin_memory()
+                img = src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+                pyramid = _BlockPyramid(img, settings.tile_px)
             for s, (lo, hi) in enumerate(b.rows):
                 if hi <= lo:
                     continue

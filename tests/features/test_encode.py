@@ -231,3 +231,71 @@ def test_progress_lines_when_not_a_terminal(
     )
     err = capsys.readouterr().err
     assert f"encode planted.svs: {n}/{n} tiles (100%) in " in err and "tiles/s" in err
+
+
+def test_cpu_uint8_pyramid_matches_the_float_area_resize() -> None:
+    """The CPU path keeps tiles uint8 (Pillow box reduce); the device path resizes floats
+    (avg_pool2d / area). Same tiles within rounding, at integer and non-integer factors."""
+    import torch
+
+    from histoalign_wsi.features.encode import _BlockPyramid, _CpuPyramid
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(896, 896, 3), dtype=np.uint8)
+    img[:448, :448] = 30  # flat areas keep a wrong crop offset visible
+    cpu = _CpuPyramid(img, 112)
+    dev = _BlockPyramid(torch.from_numpy(img).permute(2, 0, 1)[None].float(), 112)
+    coords = np.array([[0, 0], [448, 0], [448, 448], [224, 672]], np.int32)
+    for size_px in (112.0, 224.0, 448.0, 300.0):
+        keep = coords[(coords + size_px <= 896).all(axis=1)]
+        a = cpu.tiles(keep, 0, 0, size_px, 1.0)
+        b = dev.tiles(keep, 0, 0, size_px, 1.0)
+        assert a.dtype == torch.uint8 and a.shape == b.shape == (len(keep), 3, 112, 112)
+        diff = (a.float() - b).abs()
+        # one uint8 rounding per reduce: 4x cascades from 2x, so it is rounded twice
+        assert float(diff.max()) <= (1.0 if size_px == 448.0 else 0.5 + 1e-3), size_px
+        assert float(diff.mean()) < 0.3
+        if size_px == 224.0:  # a 2x area reduce, checked by hand for one pixel
+            x, y = keep[1]
+            want = img[y : y + 2, x : x + 2].reshape(-1, 3).mean(axis=0)
+            assert np.allclose(a[1, :, 0, 0].numpy(), want, atol=0.5 + 1e-6)
+
+
+def test_encode_runs_torch_on_its_share_of_the_thread_budget(
+    tiles: Path, planted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import histoalign_wsi.features.encode as encode_mod
+    from histoalign_wsi.features.encode import thread_budget
+
+    seen: list[tuple[int, int]] = []
+    real = encode_mod.run_pipeline
+
+    def spy(slide, scales, encoders, arrays, settings):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), settings.readers))
+        return real(slide, scales, encoders, arrays, settings)
+
+    monkeypatch.setattr(encode_mod, "run_pipeline", spy)
+    before = torch.get_num_threads()
+    try:
+        assert (
+            main(
+                [
+                    "encode",
+                    str(tiles),
+                    "--slide",
+                    str(planted[0]),
+                    "--out",
+                    str(tmp_path / "f.zarr"),
+                    "--threads",
+                    "3",
+                ]
+            )
+            == 0
+        )
+    finally:
+        torch.set_num_threads(before)
+    readers, torch_threads = thread_budget(3, 2)
+    assert seen == [(torch_threads, readers)] and readers + torch_threads == 3
+    assert thread_budget(1, 2) == (1, 1) and thread_budget(8, 2) == (2, 6)

@@ -17,5 +17,5 @@ rule encode:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi encode {input.tiles:q} --slide {input.slide:q} --out {output.features:q} --threads {threads} "
+        "histoalign-wsi encode --threads {threads} {input.tiles:q} --slide {input.slide:q} --out {output.features:q} "
         "{params.settings} 2>&1 | tee {log:q} >&2"

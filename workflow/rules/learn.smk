@@ -21,7 +21,7 @@ rule fit:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi fit {input.features:q} {params.labels} --out {output.models:q} "
+        "histoalign-wsi fit --threads {threads} {input.features:q} {params.labels} --out {output.models:q} "
         "--attention {output.attention:q} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -44,7 +44,7 @@ rule predict_head:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi predict {input.features:q} --head {input.models:q}/{wildcards.head} "
+        "histoalign-wsi predict --threads {threads} {input.features:q} --head {input.models:q}/{wildcards.head} "
         "--out {params.out:q} {params.settings} 2>&1 | tee {log:q} >&2"
 
 

@@ -19,7 +19,7 @@ rule heatmap:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi heatmap {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
+        "histoalign-wsi heatmap --threads {threads} {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
         "--out {output.heatmaps:q} {params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -45,7 +45,7 @@ rule export_geojson:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi export-geojson {input.tiles:q} --prediction {input.prediction:q} "
+        "histoalign-wsi export-geojson --threads {threads} {input.tiles:q} --prediction {input.prediction:q} "
         "--store {input.tile_store:q} --tissue {input.tissue:q} --out {output.geojson:q} "
         "{params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
 
@@ -70,4 +70,4 @@ rule report:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi report {input.csv:q} --results {params.results:q} --out {output.html:q} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi report --threads {threads} {input.csv:q} --results {params.results:q} --out {output.html:q} 2>&1 | tee {log:q} >&2"

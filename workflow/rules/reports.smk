@@ -24,7 +24,7 @@ rule train_reports:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi train-reports {input.features:q} {params.reports} {params.labels} "
+        "histoalign-wsi train-reports --threads {threads} {input.features:q} {params.reports} {params.labels} "
         "--out {params.out:q} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -48,7 +48,7 @@ rule pair_reports:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi pair-reports {input.features:q} {params.corpus} --out {params.out:q} "
+        "histoalign-wsi pair-reports --threads {threads} {input.features:q} {params.corpus} --out {params.out:q} "
         "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -72,5 +72,5 @@ rule distill:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi distill {params.pairs:q} {params.labels} --out {params.out:q} "
+        "histoalign-wsi distill --threads {threads} {params.pairs:q} {params.labels} --out {params.out:q} "
         "{params.settings} 2>&1 | tee {log:q} >&2"

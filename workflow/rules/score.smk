@@ -16,7 +16,7 @@ rule embed_prompts:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi embed-prompts --out {output.text:q} --cache {params.cache:q} "
+        "histoalign-wsi embed-prompts --threads {threads} --out {output.text:q} --cache {params.cache:q} "
         "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -38,7 +38,7 @@ rule calibrate:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi calibrate {input.features:q} --text {input.text:q} --out {output.calibration:q} "
+        "histoalign-wsi calibrate --threads {threads} {input.features:q} --text {input.text:q} --out {output.calibration:q} "
         "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -61,7 +61,7 @@ rule score:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi score {input.features:q} --text {input.text:q} --prediction {output.prediction:q} "
+        "histoalign-wsi score --threads {threads} {input.features:q} --text {input.text:q} --prediction {output.prediction:q} "
         "--tile-scores {output.tiles:q} {params.calibration} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
@@ -84,4 +84,4 @@ rule summarize:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi summarize {input.predictions:q} --out {output.csv:q} {params.labels} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi summarize --threads {threads} {input.predictions:q} --out {output.csv:q} {params.labels} 2>&1 | tee {log:q} >&2"

@@ -17,5 +17,5 @@ rule tile:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi tile {input.slide:q} --tissue {input.mask:q} --slide-id {wildcards.slide:q} "
+        "histoalign-wsi tile --threads {threads} {input.slide:q} --tissue {input.mask:q} --slide-id {wildcards.slide:q} "
         "--out {output.tiles:q} {params.mpp} {params.settings} 2>&1 | tee {log:q} >&2"

@@ -17,4 +17,4 @@ rule tissue:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi tissue {input.slide:q} --out {output.mask:q} {params.mpp} {params.settings} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi tissue --threads {threads} {input.slide:q} --out {output.mask:q} {params.mpp} {params.settings} 2>&1 | tee {log:q} >&2"
