@@ -18,6 +18,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from _common import report
 from histoalign_wsi.config import load_config
 from histoalign_wsi.features import EncoderEntry, load_registry
 from histoalign_wsi.features.adapters import load_encoder
-from histoalign_wsi.features.encode import EncodeSettings, _read_blocks, plan_blocks, run_pipeline
+from histoalign_wsi.features.encode import EncodeSettings, _read_blocks, dct_factor, plan_blocks, run_pipeline
 from histoalign_wsi.features.store import copy_geometry, create_features, open_store
 from histoalign_wsi.slides.reader import open_slide
 from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
@@ -151,35 +152,46 @@ def main() -> None:
     scales = [src.scale(n) for n in src.scale_names]
     n_tiles = sum(len(sv.coords) for sv in scales)
     encoders = encoders_for(args)
-    settings = EncodeSettings(
-        tile_px=224, batch_size=args.batch, readers=args.workers, prefetch=4, device=args.device
-    )
-
-    with open_slide(slide_path) as slide:
-        # (d) decode ceiling: the same block reads, nothing else
-        blocks = plan_blocks(scales, block_size0=scales[-1].size0)
-        level = slide.best_level(scales[0].size0 / 224)
-        t = time.perf_counter()
-        for _ in _read_blocks(slide, blocks, level, settings):
-            pass
-        decode_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
-        # (a) our pipeline, written to a real store
-        t = time.perf_counter()
-        with copy_geometry(src, work / "features.zarr") as root:
-            arrays = {
-                (i, e.name): create_features(
-                    root[f"scales/{sv.name}/features"],
-                    e.name,
-                    len(sv.coords),  # type: ignore[arg-type]
-                    e.entry.embed_dim,
-                    e.attrs(),
-                )
-                for i, sv in enumerate(scales)
-                for e in encoders
-            }
-            run_pipeline(slide, scales, encoders, arrays, settings)
-        sync(args.device)
-        ours_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
+    results = {}
+    for native in (False, True, False, True):  # interleaved: each path twice, best kept
+        settings = EncodeSettings(
+            tile_px=224,
+            batch_size=args.batch,
+            readers=args.workers,
+            prefetch=4,
+            device=args.device,
+            native_jpeg=native,
+        )
+        with open_slide(slide_path) as slide:
+            # (d) decode ceiling: the same block reads (and DCT factor), nothing else
+            blocks = plan_blocks(scales, block_size0=scales[-1].size0)
+            level = slide.best_level(scales[0].size0 / 224)
+            f = dct_factor(scales, slide.level_downsamples[level], 224) if native else 1
+            path = f"{slide.pixel_path(level)} 1/{f}" if native else slide.reader
+            t = time.perf_counter()
+            for _ in _read_blocks(slide, blocks, level, settings, f):
+                pass
+            decode_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
+            # (a) our pipeline, written to a real store
+            shutil.rmtree(work / "features.zarr", ignore_errors=True)
+            t = time.perf_counter()
+            with copy_geometry(src, work / "features.zarr") as root:
+                arrays = {
+                    (i, e.name): create_features(
+                        root[f"scales/{sv.name}/features"],
+                        e.name,
+                        len(sv.coords),  # type: ignore[arg-type]
+                        e.entry.embed_dim,
+                        e.attrs(),
+                    )
+                    for i, sv in enumerate(scales)
+                    for e in encoders
+                }
+                run_pipeline(slide, scales, encoders, arrays, settings)
+            sync(args.device)
+            ours_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
+        old = results.get(path, (0.0, 0.0))
+        results[path] = (max(old[0], ours_tps), max(old[1], decode_tps))
     clam_tps = clam_style(slide_path, scales, encoders, args.device, args.workers, args.batch)
     # forward ceiling in embeddings/s over all encoders (each tile costs every encoder once)
     fwd_tiles_tps = forward_ceiling(encoders, args.device, args.batch, min(n_tiles, 512))
@@ -187,16 +199,18 @@ def main() -> None:
     rows = [
         {
             "device": device_name,
+            "pixels": path,
             "encoders": "+".join(e.name for e in encoders),
             "scales": len(scales),
             "tiles": n_tiles,
-            "a_ours_emb_per_s": ours_tps,
+            "a_ours_emb_per_s": ours,
             "b_clam_emb_per_s": clam_tps,
             "c_forward_emb_per_s": fwd_tiles_tps,
-            "d_decode_emb_per_s": decode_tps,
-            "a/b": ours_tps / clam_tps,
-            "a/min(c,d)": ours_tps / min(fwd_tiles_tps, decode_tps),
+            "d_decode_emb_per_s": dec,
+            "a/b": ours / clam_tps,
+            "a/min(c,d)": ours / min(fwd_tiles_tps, dec),
         }
+        for path, (ours, dec) in results.items()
     ]
     report(
         "encode_throughput",

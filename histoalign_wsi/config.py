@@ -141,6 +141,7 @@ class EncodeParams:
     batch_size: int
     readers: int
     prefetch: int
+    native_jpeg: bool
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,15 @@ from ..slides.reader import Slide
 from .adapters import LoadedEncoder
 from .store import ROW_CHUNK, ScaleView
 
-__all__ = ["Block", "EncodeSettings", "plan_blocks", "preprocess_on_device", "run_pipeline", "thread_budget"]
+__all__ = [
+    "Block",
+    "EncodeSettings",
+    "dct_factor",
+    "plan_blocks",
+    "preprocess_on_device",
+    "run_pipeline",
+    "thread_budget",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ class EncodeSettings:
     readers: int = 2
     prefetch: int = 4
     device: str = "cpu"
+    native_jpeg: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,17 +209,34 @@ class _Forward:
         return torch.cat(outs) if outs else torch.empty(0, self.enc.entry.embed_dim)
 
 
+def dct_factor(scales: Sequence[ScaleView], lds: float, tile_px: int) -> int:
+    """The largest JPEG DCT scaling (1, 2, 4 or 8) every scale's tiles can be cut from
+    with whole-number area reduces: each scale's block-pixels-per-tile-pixel ratio must be
+    a multiple of it."""
+    ratios = [sv.size0 / lds / tile_px for sv in scales]
+    for f in (8, 4, 2):
+        if all(abs(r / f - round(r / f)) < 1e-6 and round(r / f) >= 1 for r in ratios):
+            return f
+    return 1
+
+
 def _read_blocks(
-    slide: Slide, blocks: Sequence[Block], level: int, settings: EncodeSettings
-) -> Iterator[tuple[Block, NDArray[np.uint8]]]:
+    slide: Slide, blocks: Sequence[Block], level: int, settings: EncodeSettings, factor: int = 1
+) -> Iterator[tuple[Block, NDArray[np.uint8], int]]:
+    """(block, pixels, DCT factor used): native JPEG tiles decoded at 1/``factor`` where
+    the level and box allow, else the backend's full-resolution read (factor 1)."""
     lds = slide.level_downsamples[level]
 
-    def read(b: Block) -> NDArray[np.uint8]:
+    def read(b: Block) -> tuple[NDArray[np.uint8], int]:
         n = int(np.ceil(b.size0 / lds))
-        return slide.read_region((b.x0, b.y0), level, (n, n))
+        if settings.native_jpeg:
+            px = slide.read_scaled((b.x0, b.y0), level, (n, n), factor)
+            if px is not None:
+                return px, factor
+        return slide.read_region((b.x0, b.y0), level, (n, n)), 1
 
     with ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="reader") as pool:
-        pending: deque[tuple[Block, Future[NDArray[np.uint8]]]] = deque()
+        pending: deque[tuple[Block, Future[tuple[NDArray[np.uint8], int]]]] = deque()
         it = iter(blocks)
         for b in it:
             pending.append((b, pool.submit(read, b)))
@@ -221,7 +247,8 @@ def _read_blocks(
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(read, nxt)))
-            yield b, fut.result()
+            pixels, f = fut.result()
+            yield b, pixels, f
 
 
 class _Appender:
@@ -286,6 +313,16 @@ def run_pipeline(
     finest_ds = scales[0].size0 / settings.tile_px
     level = slide.best_level(finest_ds)
     lds = slide.level_downsamples[level]
+    factor = dct_factor(scales, lds, settings.tile_px) if settings.native_jpeg else 1
+    log.info(
+        "%s: level %d pixels via %s%s",
+        slide.path.name,
+        level,
+        slide.pixel_path(level) if settings.native_jpeg else slide.reader,
+        f", decoded at 1/{factor} (DCT scaling)"
+        if factor > 1 and slide.pixel_path(level) == "native-jpeg"
+        else "",
+    )
     forwards = [_Forward(e, settings.batch_size) for e in encoders]
     appender = _Appender(arrays)
     pending: dict[int, list[torch.Tensor]] = {s: [] for s in range(len(scales))}
@@ -301,7 +338,7 @@ def run_pipeline(
 
     bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
-        for b, pixels in _read_blocks(slide, blocks, level, settings):
+        for b, pixels, f in _read_blocks(slide, blocks, level, settings, factor):
             pyramid: _BlockPyramid | _CpuPyramid
             if dev.type == "cpu":
                 pyramid = _CpuPyramid(pixels, settings.tile_px)
@@ -315,7 +352,7 @@ def run_pipeline(
                 if hi <= lo:
                     continue
                 sv = scales[s]
-                tiles = pyramid.tiles(sv.coords[lo:hi], b.x0, b.y0, sv.size0 / lds, 1.0 / lds)
+                tiles = pyramid.tiles(sv.coords[lo:hi], b.x0, b.y0, sv.size0 / lds / f, 1.0 / (lds * f))
                 pending[s].append(tiles)
                 if sum(t.shape[0] for t in pending[s]) >= settings.batch_size:
                     flush(s)

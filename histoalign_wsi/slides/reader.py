@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import SlideError
 from .integrity import check_tiff
+from .native_jpeg import NativeJpeg, open_native_jpeg
 
 __all__ = ["SLIDE_EXTENSIONS", "Slide", "SlideInfo", "open_slide"]
 
@@ -214,6 +215,40 @@ class Slide:
             ) from exc
         return _to_rgb(img)
 
+    def native_jpeg(self) -> NativeJpeg | None:
+        """The native JPEG tile reader of this file's qualifying levels (None if none)."""
+        if not hasattr(self, "_native"):
+            self._native = open_native_jpeg(self.path, self.level_dimensions)
+        return self._native
+
+    def pixel_path(self, level: int) -> str:
+        """How pixels of ``level`` are decoded: ``native-jpeg`` (compressed tiles straight
+        to libjpeg-turbo, DCT scaling available) or the backend's name."""
+        nj = self.native_jpeg()
+        return "native-jpeg" if nj is not None and nj.supports(level) else self.reader
+
+    def read_scaled(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], scale: int
+    ) -> NDArray[np.uint8] | None:
+        """Pixels of ``size`` (w, h, level pixels) at ``level`` decoded at 1/``scale``
+        (DCT scaling) from native JPEG tiles, shape (h / scale, w / scale, 3); None when
+        this level or box cannot be read that way (then use :meth:`read_region`)."""
+        nj = self.native_jpeg()
+        if nj is None or not nj.supports(level):
+            return None
+        d = self.level_downsamples[level]
+        lx, ly = location[0] / d, location[1] / d
+        if lx != int(lx) or ly != int(ly) or any(int(v) % scale for v in (lx, ly, *size)):
+            return None
+        try:
+            return nj.read_region(level, int(lx), int(ly), int(size[0]), int(size[1]), scale)
+        except Exception as exc:
+            raise SlideError(
+                self.path,
+                f"cannot decode JPEG tiles at level-0 x={location[0]}, y={location[1]}, level {level}: "
+                f"{exc or type(exc).__name__}",
+            ) from exc
+
     def attrs(self, slide_id: str) -> dict[str, Any]:
         """What a store records about its slide."""
         return {
@@ -245,6 +280,9 @@ class Slide:
         )
 
     def close(self) -> None:
+        nj = getattr(self, "_native", None)
+        if nj is not None:
+            nj.close()
         self._b.close()
 
     def __enter__(self) -> Slide:

@@ -150,6 +150,7 @@ def run_encode(
         readers=readers,
         prefetch=cfg.encode.prefetch,
         device=device,
+        native_jpeg=cfg.encode.native_jpeg,
     )
     with open_slide(slide_path, reader=cfg.reader, mpp_override=float(meta["mpp"])) as slide:
         if list(slide.dimensions) != list(meta["level0_dims"]):

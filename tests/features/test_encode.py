@@ -130,25 +130,33 @@ def test_zero_tile_slide_gives_empty_valid_store(tmp_path: Path) -> None:
     assert all(st.features_array(n, "demo").shape == (0, 64) for n in st.scale_names)
 
 
+@pytest.mark.parametrize(
+    ("method", "extra"), [("read_region", ["--set", "encode.native_jpeg=false"]), ("read_scaled", [])]
+)
 def test_read_failure_mid_slide_names_coordinates(
     tiles: Path,
     planted: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    method: str,
+    extra: list[str],
 ) -> None:
-    orig = Slide.read_region
+    """A decode failure in the fourth block read, through OpenSlide or the native JPEG
+    path: exit 2 naming the slide and the coordinates, and no store left behind."""
+    orig = getattr(Slide, method)
     calls = {"n": 0}
 
-    def flaky(self: Slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def flaky(self: Slide, location: tuple[int, int], *rest: object) -> object:
         calls["n"] += 1
         if calls["n"] == 4:
             raise SlideError(self.path, f"cannot decode pixels at level-0 x={location[0]}, y={location[1]}")
-        return orig(self, location, level, size)
+        return orig(self, location, *rest)
 
-    monkeypatch.setattr(Slide, "read_region", flaky)
+    monkeypatch.setattr(Slide, method, flaky)
     out = tmp_path / "f.zarr"
-    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out)]) == 2
+    assert main(["encode", str(tiles), "--slide", str(planted[0]), "--out", str(out), *extra]) == 2
+    assert calls["n"] >= 4
     err = capsys.readouterr().err
     assert "planted.svs" in err and "x=" in err and "y=" in err
     assert not out.exists() and not list(tmp_path.glob(".f.zarr*"))
