@@ -115,13 +115,9 @@ def test_features_from_both_paths_agree(tmp_path: Path, planted: tuple[Path, Pat
     tiles = tmp_path / "tiles.zarr"
     assert main(["tile", str(slide), "--out", str(tiles)]) == 0
     for name, flag in (("native", "true"), ("openslide", "false")):
-        assert (
-            main(
-                ["encode", str(tiles), "--slide", str(slide), "--out", str(tmp_path / f"{name}.zarr")]
-                + ["--set", f"encode.native_jpeg={flag}", "--set", "encode.batch_size=32"]
-            )
-            == 0
-        )
+        out = tmp_path / f"{name}.zarr"
+        opts = ["--set", f"encode.native_jpeg={flag}", "--set", "encode.batch_size=32"]
+        assert main(["encode", str(tiles), "--slide", str(slide), "--out", str(out), *opts]) == 0
     a, b = open_store(tmp_path / "native.zarr"), open_store(tmp_path / "openslide.zarr")
     for sc in a.scale_names:
         fa, fb = a.features(sc, "demo").astype(np.float32), b.features(sc, "demo").astype(np.float32)
