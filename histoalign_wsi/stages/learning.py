@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from numpy.typing import NDArray
 
 from .._atomic import atomic_file
@@ -108,6 +107,8 @@ def _patients(sheet: Path) -> dict[str, str] | None:
     """slide_id -> patient_id when the label sheet has that column (folds then split by
     patient, so no patient is on both sides)."""
     sep = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
+    import pandas as pd  # lazily: the CLI's start-up stays light
+
     df = pd.read_csv(sheet, sep=sep, dtype=str)
     if "patient_id" not in df.columns:
         return None
@@ -118,6 +119,8 @@ def _patients(sheet: Path) -> dict[str, str] | None:
 
 def _write_attention(head: Any, source: Any, folder: Path) -> None:
     """Per tile (every scale) of every slide: the head's attention, as parquet."""
+    import pandas as pd  # lazily: the CLI's start-up stays light
+
     for sid in source.ids:
         bag = source.bag(sid)
         _, att = head.predict(bag)

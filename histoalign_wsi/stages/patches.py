@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from .._atomic import atomic_file
 from ..config import Config
 from ..errors import ConfigError
@@ -78,6 +76,8 @@ def run_few_shot(
     data = FewShotData.from_encoders(feats, labels, zs, classes)
     rows = few_shot_curves(data, shots=shots, repeats=repeats, seed=seed, score=scorer(classes))
     with atomic_file(out / "curves.csv") as tmp:
+        import pandas as pd  # lazily: the CLI's start-up stays light
+
         pd.DataFrame(rows).to_csv(tmp, index=False)
     metrics = ("balanced_accuracy", "macro_f1", "auc_macro_ovr")
     curves = {m: summarize_curves(rows, m) for m in metrics}
