@@ -109,6 +109,26 @@ class Workflow:
     def fit_labels_flag(self) -> str:
         return f"--labels {shlex.quote(self.labels_sheet)}" if self.labels_sheet else ""
 
+    def reports_input(self, wildcards: Any = None) -> list[str]:
+        """The report sheet as the input of ``train_reports`` (a changed sheet retrains);
+        asked for without ``reports`` configured, the target is refused before any job."""
+        if not self.config.reports:
+            raise ConfigError("the train_reports target needs a report sheet: --config reports=PATH")
+        return [self.config.reports]
+
+    def corpus_input(self, wildcards: Any = None) -> list[str]:
+        """The report corpus as the input of ``pair_reports`` (and so of ``distill``)."""
+        if not self.config.report_corpus:
+            raise ConfigError(
+                "the pair_reports and distill targets need a corpus: --config report_corpus=PATH"
+            )
+        return [self.config.report_corpus]
+
+    def distill_labels_input(self, wildcards: Any = None) -> list[str]:
+        if not self.labels_sheet:
+            raise ConfigError("the distill target needs labels: --config labels=PATH")
+        return [self.labels_sheet]
+
     def reports_flag(self) -> str:
         return f"--reports {shlex.quote(self.config.reports)}" if self.config.reports else ""
 

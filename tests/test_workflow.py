@@ -395,6 +395,25 @@ def test_fit_and_predict_targets_and_attention_outputs(tmp_path: Path) -> None:
     assert "attention" in tile["properties"]["measurements"]
 
 
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [
+        ("train_reports", "the train_reports target needs a report sheet: --config reports=PATH"),
+        ("distill", "the distill target needs labels: --config labels=PATH"),
+        ("pair_reports", "the pair_reports and distill targets need a corpus: --config report_corpus=PATH"),
+    ],
+)
+def test_report_targets_without_their_inputs_are_refused_before_any_job(
+    target: str, needle: str, tmp_path: Path
+) -> None:
+    (tmp_path / "slides").mkdir()
+    shutil.copy(CMU, tmp_path / "slides" / CMU.name)
+    write_config(tmp_path, labels=None)
+    out = smk(tmp_path, "-n", target, check=False)
+    assert out.returncode != 0 and needle in out.stdout + out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
 def test_report_targets_train_pair_distill_and_reach_the_report_page(tmp_path: Path) -> None:
     """`snakemake train_reports distill` on a generated cohort with a report sheet and an
     unpaired corpus; the full run then shows both results on the report page."""

@@ -7,6 +7,7 @@
 rule train_reports:
     input:
         features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        sheet=WF.reports_input,
     output:
         metrics=f"{R}/reports/metrics.json",
     params:
@@ -31,6 +32,7 @@ rule train_reports:
 rule pair_reports:
     input:
         features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        corpus=WF.corpus_input,
     output:
         pairs=f"{R}/pairs/pairs.csv",
         npz=f"{R}/pairs/items.npz",
@@ -55,6 +57,7 @@ rule pair_reports:
 rule distill:
     input:
         npz=rules.pair_reports.output.npz,
+        labels=WF.distill_labels_input,
     output:
         metrics=f"{R}/distill/metrics.json",
     params:
