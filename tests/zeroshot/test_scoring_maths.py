@@ -300,3 +300,41 @@ def test_alignment_spec_carries_every_setting_to_the_logits() -> None:
     for rule, kw in (("lse", {"temperature": 1.0}), ("topk", {"topk": 0.5})):
         got = fused_logits({"e": x}, text, AlignmentSpec(rule=rule, **kw))  # type: ignore[arg-type]
         np.testing.assert_allclose(got, class_logits(x, t, 2, rule=rule, **kw), rtol=1e-6)
+
+
+def test_slide_weighted_offsets_count_one_tile_slides_and_skip_empty_ones(tmp_path: Path) -> None:
+    """Slide A has one tile per scale, B eight, C none at 1.0 µm/px, and no slide has a
+    tile at 2.0: slide weighting is the mean of the per-slide means of the slides that
+    have tiles (A's single tile counts as much as B's eight; C is skipped, not a zero or a
+    NaN), and a scale without any tile gets zero offsets for every class."""
+    from histoalign_wsi.zeroshot.calibration import cohort_offsets
+
+    text = make_text()
+    d = text.encoders["demo"].emb.shape[1]
+    sizes = {"A": (1, 1), "B": (8, 8), "C": (5, 0)}
+    paths = []
+    for i, (sid, (n05, n10)) in enumerate(sizes.items()):
+        feats = {
+            0.5: planted_features(text, n05, {i: (1.0, 1.0)}, seed=i),
+            1.0: planted_features(text, n10, {i: (1.0, 1.0)}, seed=10 + i)
+            if n10
+            else np.zeros((0, d), np.float32),
+            2.0: np.zeros((0, d), np.float32),
+        }
+        paths.append(build_store(tmp_path / f"{sid}.zarr", feats, slide_id=sid))
+    cfg = _cfg(pooling={"parent_context": 0.0})
+    off = cohort_offsets(paths, text, cfg)
+    tables = [score_store(open_store(p), text, cfg).tiles.table for p in paths]
+    cols = [c for c in tables[0].columns if c.startswith("logit_")]
+    for s in ("0.50mpp", "1.00mpp"):
+        means = [
+            t.loc[t["scale"] == s, cols].to_numpy().mean(axis=0) for t in tables if (t["scale"] == s).any()
+        ]
+        assert len(means) == (3 if s == "0.50mpp" else 2)
+        np.testing.assert_allclose(off.offset(s), np.mean(means, axis=0), atol=1e-3)
+    assert off.offset("2.00mpp").tolist() == [0.0] * len(text.classes)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    from histoalign_wsi.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"calibration '.*bad\.json' is not a"):
+        CalibrationOffsets.read(tmp_path / "bad.json")
