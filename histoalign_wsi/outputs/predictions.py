@@ -14,7 +14,8 @@ from .._atomic import atomic_file
 from ..errors import ConfigError
 from ..zeroshot.prediction import Prediction
 from ..zeroshot.tile_scores import class_columns
-from .metrics import classification_metrics, plot_confusion, write_json
+from .metrics import classification_metrics, write_json
+from .plots import plot_confusion
 
 __all__ = ["check_labels", "cohort_table", "summarize"]
 

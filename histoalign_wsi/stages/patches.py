@@ -20,7 +20,8 @@ def run_classify_patches(
 ) -> dict[str, Any]:
     """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG."""
     from ..features.adapters import load_encoders, resolve_device
-    from ..outputs.metrics import classification_metrics, plot_confusion, write_json
+    from ..outputs.metrics import classification_metrics, write_json
+    from ..outputs.plots import plot_confusion
     from ..zeroshot.alignment import AlignmentSpec
     from ..zeroshot.patches import classify_patches, read_mapping
     from ..zeroshot.text import text_for
@@ -55,7 +56,8 @@ def run_few_shot(
     ``curves.csv`` (every draw), ``summary.json`` (mean and sd) and ``curves.png``."""
     from ..features.adapters import load_encoders, resolve_device
     from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
-    from ..outputs.metrics import plot_curves, write_json
+    from ..outputs.metrics import write_json
+    from ..outputs.plots import plot_curves
     from ..zeroshot.alignment import AlignmentSpec, fused_logits
     from ..zeroshot.patches import encode_patches, find_patches, read_mapping
     from ..zeroshot.text import text_for
