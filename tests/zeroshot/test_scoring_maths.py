@@ -338,3 +338,23 @@ def test_slide_weighted_offsets_count_one_tile_slides_and_skip_empty_ones(tmp_pa
 
     with pytest.raises(StoreError, match=r"calibration '.*bad\.json' is not a"):
         CalibrationOffsets.read(tmp_path / "bad.json")
+
+
+def test_offsets_record_the_encoder_weights_and_name_the_scales_they_have(tmp_path: Path) -> None:
+    from histoalign_wsi.errors import StoreError
+    from histoalign_wsi.zeroshot.calibration import cohort_offsets
+
+    text = make_text()
+    p = build_store(tmp_path / "s.zarr", {m: planted_features(text, 8, {}, seed=3) for m in (0.5, 1.0, 2.0)})
+    off = cohort_offsets([p], text, _cfg(encoder_weights={"demo": 2.0}))
+    assert off.encoder_weights == {"demo": 2.0}
+    off.check(text, AlignmentSpec.from_config(_cfg(encoder_weights={"demo": 2.0})))  # accepted
+    with pytest.raises(
+        StoreError, match=r"has no offsets for scale 4\.00mpp \(it has 0\.50mpp, 1\.00mpp, 2\.00mpp\)"
+    ):
+        off.offset("4.00mpp")
+    empty = CalibrationOffsets(
+        off.bag_hash, off.classes, off.rule, off.encoders, off.encoder_weights, "slide", 0, {}
+    )
+    with pytest.raises(StoreError, match=r"\(it has none\)"):
+        empty.offset("0.50mpp")
