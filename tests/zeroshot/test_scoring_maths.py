@@ -348,6 +348,7 @@ def test_offsets_record_the_encoder_weights_and_name_the_scales_they_have(tmp_pa
     p = build_store(tmp_path / "s.zarr", {m: planted_features(text, 8, {}, seed=3) for m in (0.5, 1.0, 2.0)})
     off = cohort_offsets([p], text, _cfg(encoder_weights={"demo": 2.0}))
     assert off.encoder_weights == {"demo": 2.0}
+    assert off.offset("0.50mpp").dtype == np.float32  # subtracted from float32 logits: no upcast
     off.check(text, AlignmentSpec.from_config(_cfg(encoder_weights={"demo": 2.0})))  # accepted
     with pytest.raises(
         StoreError, match=r"has no offsets for scale 4\.00mpp \(it has 0\.50mpp, 1\.00mpp, 2\.00mpp\)"
