@@ -359,3 +359,28 @@ def test_offsets_record_the_encoder_weights_and_name_the_scales_they_have(tmp_pa
     )
     with pytest.raises(StoreError, match=r"\(it has none\)"):
         empty.offset("0.50mpp")
+
+
+def test_fused_logits_compute_in_float32_from_float16_stores() -> None:
+    """Stores hold float16 features: the logits are computed (and returned) in float32,
+    as from the same features in float32, whatever the encoder weights' type."""
+    text = make_text()
+    rng = np.random.default_rng(4)
+    x16 = planted_features(text, 50, {0: (0.5, 1.0)}, seed=4).astype(np.float16)
+    spec = AlignmentSpec(rule="lse", temperature=0.5, encoder_weights={"demo": 3})
+    got = fused_logits({"demo": x16}, text, spec)
+    ref = fused_logits({"demo": x16.astype(np.float32)}, text, spec)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    two = {"demo": x16, "other": rng.normal(size=(50, x16.shape[1])).astype(np.float16)}
+    text2 = TextEmbeddings(
+        text.bag_name,
+        text.bag_hash,
+        text.classes,
+        text.colors,
+        text.protocol,
+        {"demo": text.encoders["demo"], "other": text.encoders["demo"]},
+    )
+    assert (
+        fused_logits(two, text2, AlignmentSpec(encoder_weights={"demo": 1, "other": 2})).dtype == np.float32
+    )
