@@ -384,3 +384,19 @@ def test_fused_logits_compute_in_float32_from_float16_stores() -> None:
     assert (
         fused_logits(two, text2, AlignmentSpec(encoder_weights={"demo": 1, "other": 2})).dtype == np.float32
     )
+
+
+def test_topk_fraction_on_an_exact_product_and_lse_at_a_cold_temperature() -> None:
+    """topk 2/3 of 3 prompts is exactly 2 prompts (not 3); lse at temperature 0.001 on
+    rows whose cosines differ by 2 stays finite per row (a shift by the global maximum
+    would underflow the other row to log(0))."""
+    t = _axes_text()
+    x = np.array([[1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]], np.float32)
+    top = class_similarity(x, t, 2, rule="topk", topk=2 / 3)
+    np.testing.assert_allclose(
+        top[:, 0], [0.5, 0.0], atol=1e-6
+    )  # mean of the best 2 of (1, 0, 0) / (-1, 0, 0)
+    cold = class_similarity(x, t, 2, rule="lse", temperature=0.001)
+    assert np.isfinite(cold).all()
+    want_b = 0.001 * np.log(2 / 3)  # row 2: exp(-1000) + 1 + 1, of 3: log-mean-exp at t
+    np.testing.assert_allclose(cold[:, 0], [0.001 * np.log(1 / 3) + 1.0, want_b], atol=1e-5)
