@@ -185,3 +185,30 @@ def test_segmentation_keys_misses_and_empty_cases(tmp_path: Path) -> None:
     res1 = evaluate_segmentation(empty, tmp_path / "none.json")
     assert res1["per_class"] == {} and res1["dice_macro"] is None and res1["iou_macro"] is None
     assert res1["dice_micro"] is None
+
+
+def test_segmentation_goes_past_an_absent_class_and_thresholds_masks_at_128(tmp_path: Path) -> None:
+    """A class neither predicted nor true (ADI, first in the bag) is left out without
+    stopping the classes after it; a truth class outside the bag is listed; mask pixels
+    count from 128 (grey edges of 127 are background)."""
+    classes = ["ADI", "TUM", "STR"]
+    coords = np.array([[0, 0], [100, 0], [200, 0], [300, 0]], np.int32)
+    probs = np.array([[0.0, 0.9, 0.1], [0.0, 0.9, 0.1], [0.0, 0.1, 0.9], [0.0, 0.1, 0.9]])
+    ts = TileScores("s", tuple(classes), planted_table("0.50mpp", 0.5, coords, 100, probs, classes))
+    tum = np.array([[128, 255, 127, 0]], np.uint8)  # 128 and 255 are TUM; 127 is not
+    Image.fromarray(tum).save(tmp_path / "TUM.png")
+    Image.fromarray(np.array([[0, 0, 255, 255]], np.uint8)).save(tmp_path / "STR.png")
+    Image.fromarray(np.array([[0, 0, 0, 255]], np.uint8)).save(tmp_path / "NEC.png")
+    (tmp_path / "m.json").write_text(
+        json.dumps(
+            {
+                "level0_px_per_mask_px": 100,
+                "masks": {"TUM": "TUM.png", "STR": "STR.png", "Nekrose": "NEC.png"},
+            }
+        )
+    )
+    res = evaluate_segmentation(ts, tmp_path / "m.json")
+    assert set(res["per_class"]) == {"TUM", "STR"}  # ADI left out, and TUM/STR still scored after it
+    assert res["per_class"]["TUM"]["dice"] == pytest.approx(1.0)  # 128 counts, 127 does not
+    assert res["per_class"]["STR"]["dice"] == pytest.approx(1.0)
+    assert res["truth_classes_not_scored"] == ["Nekrose"]
