@@ -212,3 +212,23 @@ def test_segmentation_goes_past_an_absent_class_and_thresholds_masks_at_128(tmp_
     assert res["per_class"]["TUM"]["dice"] == pytest.approx(1.0)  # 128 counts, 127 does not
     assert res["per_class"]["STR"]["dice"] == pytest.approx(1.0)
     assert res["truth_classes_not_scored"] == ["Nekrose"]
+
+
+def test_metrics_with_no_labels_one_positive_and_one_class() -> None:
+    from histoalign_wsi.outputs.metrics import classification_metrics
+
+    classes = ["TUM", "STR", "LYM"]
+    none = classification_metrics([], [], np.zeros((0, 3)), classes)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo"):
+        assert key in none and none[key] is None, key
+    # LYM has a single labelled slide: its AUC (3 of 4 negatives below it) still counts
+    y = ["TUM", "TUM", "STR", "STR", "LYM"]
+    probs = np.array([[0.8, 0.1, 0.1], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.3, 0.4, 0.3]])
+    m = classification_metrics(y, ["TUM", "TUM", "STR", "STR", "STR"], probs, classes)
+    assert m["auc_macro_ovr"] == pytest.approx((1 + 1 + 0.75) / 3)
+    ovo = skm.roc_auc_score(y, probs[:, [2, 1, 0]], multi_class="ovo", labels=sorted(classes))
+    assert m["auc_macro_ovo"] == pytest.approx(ovo) and ovo < 1
+    # one class present: no AUC can be computed, and it is None (null in JSON), not NaN
+    one = classification_metrics(["TUM", "TUM"], ["TUM", "STR"], probs[:2], classes)
+    assert one["auc_macro_ovr"] is None and one["auc_macro_ovo"] is None
+    assert one["accuracy"] == 0.5
