@@ -221,6 +221,7 @@ def test_metrics_with_no_labels_one_positive_and_one_class() -> None:
     none = classification_metrics([], [], np.zeros((0, 3)), classes)
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo"):
         assert key in none and none[key] is None, key
+    assert none["per_class"] == {} and none["note"] == "no labelled slide was scored"
     # LYM has a single labelled slide: its AUC (3 of 4 negatives below it) still counts
     y = ["TUM", "TUM", "STR", "STR", "LYM"]
     probs = np.array([[0.8, 0.1, 0.1], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.3, 0.4, 0.3]])
@@ -232,3 +233,10 @@ def test_metrics_with_no_labels_one_positive_and_one_class() -> None:
     one = classification_metrics(["TUM", "TUM"], ["TUM", "STR"], probs[:2], classes)
     assert one["auc_macro_ovr"] is None and one["auc_macro_ovo"] is None
     assert one["accuracy"] == 0.5
+    # F1 over the classes present in the labels only: TUM (P 1, R 1/2), not the predicted-only STR
+    assert one["macro_f1"] == pytest.approx(2 / 3) and one["weighted_f1"] == pytest.approx(2 / 3)
+    # a present class that is never predicted has precision 0 (not 1), recall 0, F1 0
+    never = classification_metrics(["TUM", "STR"], ["TUM", "TUM"], probs[:2], classes)
+    str_row = {k: v for k, v in never["per_class"]["STR"].items() if k != "auc_ovr"}
+    assert str_row == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert never["per_class"]["TUM"]["precision"] == 0.5 and never["per_class"]["TUM"]["recall"] == 1.0
