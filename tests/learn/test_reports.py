@@ -413,3 +413,31 @@ def test_train_reports_refuses_a_sheet_too_small_to_split(tmp_path: Path, demo: 
         report_encoder(load_config(), {"demo": {"weights_sha256": "0" * 64}})
     with pytest.raises(StoreError, match=r"report encoder 'demo' is not among the stores' encoders \(plip\)"):
         report_encoder(load_config(), {"plip": {"weights_sha256": "0" * 64}})
+
+
+def test_patch_folders_are_paired_and_distilled_with_folder_labels(tmp_path: Path) -> None:
+    """`pair-reports` on a patch folder (class = sub-folder, `unlabelled` = no class),
+    then `distill` on the folder labels alone."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder, n in (("TUM", 6), ("STR", 6), ("unlabelled", 4)):
+        (tmp_path / "patches" / folder).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "patches" / folder / f"p{i}.png")
+    corpus = tmp_path / "corpus.csv"
+    pd.DataFrame({"report": [_report(i, i % N) for i in range(20)]}).to_csv(corpus, index=False)
+    out = tmp_path / "pairs"
+    assert (
+        main(
+            ["pair-reports", str(tmp_path / "patches"), "--corpus", str(corpus), "--out", str(out), "-k", "2"]
+        )
+        == 0
+    )
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 16 * 2 and pairs["item"].str.startswith(("TUM/", "STR/", "unlabelled/")).all()
+    assert json.loads((out / "summary.json").read_text())["kind"] == "patches"
+    assert main(["distill", str(out), "--out", str(tmp_path / "d"), "--set", "distill.epochs=5"]) == 0
+    m = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert m["n_unlabelled"] == 4 and m["n_items"] == 16 and sorted(m["classes"]) == ["STR", "TUM"]
