@@ -359,3 +359,36 @@ def test_conch_prompts_are_the_published_templates_and_names() -> None:
         assert len(c.conch_names) == 4, c.name
     richer, _, g = bag.texts()
     assert {"morphology", "cause", "presentation"} <= set(g) and len(richer) != len(texts)
+
+
+def test_conch_scale_summary_and_a_slide_without_tiles_at_the_conch_scale(tmp_path: Path) -> None:
+    import dataclasses
+
+    import zarr
+
+    from histoalign_wsi.zeroshot.pooling import softmax
+
+    text = dataclasses.replace(make_text(), protocol="conch")
+    fine = planted_features(text, 40, {1: (1.0, 1.5)}, seed=21)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
+    pred = score_store(st, text, _cfg(protocol="conch", conch={"topj": 5})).prediction
+    summ = pred.per_scale["0.50mpp"]
+    assert summ["n_tiles"] == 40 and pred.predicted_class == "STR"
+    pooled = np.array(list(summ["pooled_logits"].values()), np.float32)
+    np.testing.assert_allclose(list(summ["probabilities"].values()), softmax(pooled[None])[0], rtol=1e-5)
+    assert summ["probabilities"] == pred.probabilities  # the chosen j's probabilities
+    # no tile at the conch scale (the coarser ones have some): no prediction, no crash
+    d = text.encoders["demo"].emb.shape[1]
+    empty = _three_scales(text, np.zeros((0, d), np.float32), mid=fine[:8], coarse=fine[:2])
+    st0 = open_store(build_store(tmp_path / "e.zarr", empty))
+    p0 = score_store(st0, text, _cfg(protocol="conch")).prediction
+    assert p0.probabilities is None and p0.status == "no_tissue"
+    assert all(v["probabilities"] is None and v["predicted_class"] is None for v in p0.extra["topj"].values())
+    # a slide smaller than one finest tile (448 px at level 0) is "no_tiles"; one that fits one is not
+    for side, status in ((447, "no_tiles"), (448, "no_tissue")):
+        path = build_store(
+            tmp_path / f"small{side}.zarr", {m: np.zeros((0, d), np.float32) for m in (0.5, 1.0, 2.0)}
+        )
+        root = zarr.open_group(path, mode="r+")
+        root.attrs["slide"] = dict(root.attrs["slide"]) | {"level0_dims": [side, 5000]}
+        assert score_store(open_store(path), text, _cfg(protocol="conch")).prediction.status == status
