@@ -392,3 +392,26 @@ def test_conch_scale_summary_and_a_slide_without_tiles_at_the_conch_scale(tmp_pa
         root = zarr.open_group(path, mode="r+")
         root.attrs["slide"] = dict(root.attrs["slide"]) | {"level0_dims": [side, 5000]}
         assert score_store(open_store(path), text, _cfg(protocol="conch")).prediction.status == status
+
+
+def test_region_areas_and_top_tiles_at_the_finest_scale(tmp_path: Path) -> None:
+    """30 STR and 10 TUM tiles at 0.5 µm/px (448 level-0 px at 0.25 µm/px: 0.112 mm a
+    side); the coarser scales hold neutral tiles. Areas count the finest scale's argmax
+    tiles; the top tiles are the finest scale's most STR-like ones, best first."""
+    text = make_text()
+    fine = planted_features(text, 40, {1: (0.75, 2.0), 0: (0.25, 2.0)}, seed=31)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine)))
+    res = score_store(st, text, _cfg(pooling={"method": "mean", "top_tiles": 5}))
+    pred = res.prediction
+    assert pred.predicted_class == "STR"
+    tile_mm2 = (448 * 0.25 / 1000) ** 2
+    areas = pred.extra["region_area_mm2"]
+    assert areas == pytest.approx({"STR": 30 * tile_mm2, "TUM": 10 * tile_mm2})
+    top = pred.top_tiles
+    assert len(top) == 5 and all(set(t) == {"scale", "x", "y", "size0", "probability"} for t in top)
+    assert {t["scale"] for t in top} == {"0.50mpp"} and {t["size0"] for t in top} == {448}
+    fine_coords = {tuple(c) for c in st.scale("0.50mpp").coords[:30].tolist()}  # the STR tiles
+    assert all((t["x"], t["y"]) in fine_coords for t in top)
+    table = res.tiles.table
+    str_probs = np.sort(table.loc[table["scale"] == "0.50mpp", "prob_STR"].to_numpy())[::-1][:5]
+    np.testing.assert_allclose([t["probability"] for t in top], str_probs, rtol=1e-6)
