@@ -416,3 +416,27 @@ def test_region_areas_and_top_tiles_at_the_finest_scale(tmp_path: Path) -> None:
     str_probs = np.sort(table.loc[table["scale"] == "0.50mpp", "prob_STR"].to_numpy())[::-1][:5]
     np.testing.assert_allclose([t["probability"] for t in top], str_probs, rtol=1e-6)
     assert str_probs.max() < 0.999
+
+
+def test_prediction_records_status_encoders_and_slide(tmp_path: Path) -> None:
+    import zarr
+
+    from histoalign_wsi.zeroshot.scoring import NO_TILES, NO_TISSUE
+
+    text = make_text()
+    fine = planted_features(text, 16, {0: (1.0, 2.0)}, seed=41)
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine), slide_id="Fall 1"))
+    pred = score_store(st, text, _cfg(encoder_weights={"demo": 2.0})).prediction
+    assert pred.status == "ok" and pred.slide_path == "Fall 1.svs"
+    assert pred.encoders == [{"name": "demo", "weights_sha256": "f" * 64, "untrained": False, "weight": 2.0}]
+    assert set(pred.extra["region_area_mm2"]) == {"TUM"}
+    d = fine.shape[1]
+    for side, status, label in ((300, "no_tiles", NO_TILES), (5000, "no_tissue", NO_TISSUE)):
+        path = build_store(
+            tmp_path / f"e{side}.zarr", {m: np.zeros((0, d), np.float32) for m in (0.5, 1.0, 2.0)}
+        )
+        root = zarr.open_group(path, mode="r+")
+        root.attrs["slide"] = dict(root.attrs["slide"]) | {"level0_dims": [side, side]}
+        p = score_store(open_store(path), text, _cfg()).prediction
+        assert (p.status, p.predicted_class, p.probabilities, p.top_tiles) == (status, label, None, [])
+    assert NO_TILES != NO_TISSUE
