@@ -430,6 +430,10 @@ def test_prediction_records_status_encoders_and_slide(tmp_path: Path) -> None:
     assert pred.status == "ok" and pred.slide_path == "Fall 1.svs"
     assert pred.encoders == [{"name": "demo", "weights_sha256": "f" * 64, "untrained": False, "weight": 2.0}]
     assert set(pred.extra["region_area_mm2"]) == {"TUM"}
+    assert pred.prompt_bag == {"name": text.bag_name, "hash": text.bag_hash} and pred.untrained is False
+    # features from the untrained demo encoder mark every prediction untrained
+    zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs["untrained"] = True
+    assert score_store(open_store(tmp_path / "s.zarr"), text, _cfg()).prediction.untrained is True
     d = fine.shape[1]
     for side, status, label in ((300, "no_tiles", NO_TILES), (5000, "no_tissue", NO_TISSUE)):
         path = build_store(
