@@ -142,6 +142,7 @@ class EncodeParams:
     readers: int
     prefetch: int
     native_jpeg: bool
+    device_jpeg: str
 
 
 @dataclass(frozen=True)

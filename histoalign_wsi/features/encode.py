@@ -27,6 +27,7 @@ from PIL import Image
 
 from .._progress import Progress
 from .._threads import available_cpus
+from ..slides.device_jpeg import EncodedRegion, decode_on_device, device_agrees, encoded_region
 from ..slides.reader import Slide
 from .adapters import LoadedEncoder
 from .store import ROW_CHUNK, ScaleView
@@ -52,6 +53,9 @@ class EncodeSettings:
     prefetch: int = 4
     device: str = "cpu"
     native_jpeg: bool = True
+    #: decode native JPEG tiles on the device: None = on accelerators (nvJPEG on CUDA),
+    #: True = also on the CPU device (torchvision's libjpeg; tests use it), False = never
+    device_jpeg: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -221,14 +225,25 @@ def dct_factor(scales: Sequence[ScaleView], lds: float, tile_px: int) -> int:
 
 
 def _read_blocks(
-    slide: Slide, blocks: Sequence[Block], level: int, settings: EncodeSettings, factor: int = 1
-) -> Iterator[tuple[Block, NDArray[np.uint8], int]]:
+    slide: Slide,
+    blocks: Sequence[Block],
+    level: int,
+    settings: EncodeSettings,
+    factor: int = 1,
+    *,
+    encoded: bool = False,
+) -> Iterator[tuple[Block, NDArray[np.uint8] | EncodedRegion, int]]:
     """(block, pixels, DCT factor used): native JPEG tiles decoded at 1/``factor`` where
-    the level and box allow, else the backend's full-resolution read (factor 1)."""
+    the level and box allow, else the backend's full-resolution read (factor 1). With
+    ``encoded`` the native tiles are only read, left for the device to decode."""
     lds = slide.level_downsamples[level]
+    nj = slide.native_jpeg() if encoded else None
 
-    def read(b: Block) -> tuple[NDArray[np.uint8], int]:
+    def read(b: Block) -> tuple[NDArray[np.uint8] | EncodedRegion, int]:
         n = int(np.ceil(b.size0 / lds))
+        lx, ly = b.x0 / lds, b.y0 / lds
+        if nj is not None and lx == int(lx) and ly == int(ly):
+            return encoded_region(nj, level, int(lx), int(ly), n, n), 1
         if settings.native_jpeg:
             px = slide.read_scaled((b.x0, b.y0), level, (n, n), factor)
             if px is not None:
@@ -236,7 +251,7 @@ def _read_blocks(
         return slide.read_region((b.x0, b.y0), level, (n, n)), 1
 
     with ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="reader") as pool:
-        pending: deque[tuple[Block, Future[tuple[NDArray[np.uint8], int]]]] = deque()
+        pending: deque[tuple[Block, Future[tuple[NDArray[np.uint8] | EncodedRegion, int]]]] = deque()
         it = iter(blocks)
         for b in it:
             pending.append((b, pool.submit(read, b)))
@@ -249,6 +264,24 @@ def _read_blocks(
                 pending.append((nxt, pool.submit(read, nxt)))
             pixels, f = fut.result()
             yield b, pixels, f
+
+
+def _device_decode(slide: Slide, level: int, settings: EncodeSettings, dev: torch.device) -> bool:
+    """Whether this slide's native JPEG tiles are decoded on the device (logged either way)."""
+    wanted = settings.device_jpeg if settings.device_jpeg is not None else dev.type == "cuda"
+    if not (wanted and settings.native_jpeg and slide.pixel_path(level) == "native-jpeg"):
+        return False
+    lds = slide.level_downsamples[level]
+    if abs(lds - round(lds)) > 1e-9:
+        return False
+    nj = slide.native_jpeg()
+    assert nj is not None
+    ok, why = device_agrees(nj, level, dev)
+    if ok:
+        log.info("%s: JPEG tiles decoded on %s (%s)", slide.path.name, dev, why)
+    else:
+        log.warning("%s: JPEG tiles decoded on the CPU instead of %s: %s", slide.path.name, dev, why)
+    return ok
 
 
 class _Appender:
@@ -313,7 +346,8 @@ def run_pipeline(
     finest_ds = scales[0].size0 / settings.tile_px
     level = slide.best_level(finest_ds)
     lds = slide.level_downsamples[level]
-    factor = dct_factor(scales, lds, settings.tile_px) if settings.native_jpeg else 1
+    on_device = _device_decode(slide, level, settings, dev)
+    factor = dct_factor(scales, lds, settings.tile_px) if settings.native_jpeg and not on_device else 1
     log.info(
         "%s: level %d pixels via %s%s",
         slide.path.name,
@@ -338,9 +372,12 @@ def run_pipeline(
 
     bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
-        for b, pixels, f in _read_blocks(slide, blocks, level, settings, factor):
+        for b, pixels, f in _read_blocks(slide, blocks, level, settings, factor, encoded=on_device):
             pyramid: _BlockPyramid | _CpuPyramid
-            if dev.type == "cpu":
+            if isinstance(pixels, EncodedRegion):
+                img = decode_on_device(pixels, dev).unsqueeze(0).float()
+                pyramid = _BlockPyramid(img, settings.tile_px)
+            elif dev.type == "cpu":
                 pyramid = _CpuPyramid(pixels, settings.tile_px)
             else:
                 src = torch.from_numpy(pixels)

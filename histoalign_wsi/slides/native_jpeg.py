@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SCALES", "JpegLevel", "NativeJpeg", "open_native_jpeg"]
+__all__ = ["SCALES", "JpegLevel", "NativeJpeg", "Piece", "open_native_jpeg"]
 
 #: the DCT scaling factors libjpeg-turbo offers (and that this module uses)
 SCALES = (1, 2, 4, 8)
@@ -59,6 +59,18 @@ class JpegLevel:
         if self.tables:
             head += self.tables[2:-2]  # the tables between their own SOI and EOI
         return head + body
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One native tile's part of a region: ``src`` (x0, y0, x1, y1) in the decoded tile,
+    placed at ``dst`` (x, y) in the region's image; ``straddles`` when the tile reaches
+    past the region (a neighbouring region needs it too)."""
+
+    index: int
+    src: tuple[int, int, int, int]
+    dst: tuple[int, int]
+    straddles: bool
 
 
 def _qualifies(page: object) -> bool:
@@ -102,10 +114,8 @@ class NativeJpeg:
                 self._cache.move_to_end(key)
                 return hit
         lv = self.levels[level]
-        raw = os.pread(self._fd, lv.counts[index], lv.offsets[index])
-        img = simplejpeg.decode_jpeg(
-            lv.jpeg(raw), colorspace="RGB", min_width=lv.tile_w // scale, min_height=lv.tile_h // scale
-        )
+        w, h = lv.tile_w // scale, lv.tile_h // scale
+        img = simplejpeg.decode_jpeg(self.stream(level, index), colorspace="RGB", min_width=w, min_height=h)
         if img.shape[:2] != (lv.tile_h // scale, lv.tile_w // scale):
             raise ValueError(
                 f"tile {index} of level {level} decoded to {img.shape[1]}x{img.shape[0]}, "
@@ -125,22 +135,19 @@ class NativeJpeg:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
 
-    def read_region(self, level: int, x: int, y: int, w: int, h: int, scale: int = 1) -> NDArray[np.uint8]:
-        """RGB uint8 pixels of the level-pixel box (x, y, w, h) at 1/``scale`` resolution,
-        shape (h // scale, w // scale, 3); outside the image is white. ``x``, ``y``, ``w``
-        and ``h`` must be multiples of ``scale``."""
+    def plan(self, level: int, x: int, y: int, w: int, h: int, scale: int = 1) -> list[Piece]:
+        """The native tiles covering the level-pixel box (x, y, w, h) and where each one's
+        part goes in the region's image at 1/``scale`` resolution."""
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}")
         if x % scale or y % scale or w % scale or h % scale:
             raise ValueError(f"region ({x}, {y}, {w}, {h}) is not aligned to scale {scale}")
         lv = self.levels[level]
-        out = np.full((h // scale, w // scale, 3), 255, np.uint8)
         tw, th = lv.tile_w, lv.tile_h
         x1, y1 = min(x + w, lv.width), min(y + h, lv.height)
+        pieces = []
         for ty in range(max(0, y) // th, -(-y1 // th) if y1 > 0 else 0):
             for tx in range(max(0, x) // tw, -(-x1 // tw) if x1 > 0 else 0):
-                index = ty * lv.tiles_across + tx
-                img = self._tile(level, index, scale)
                 gx0, gy0 = tx * tw, ty * th  # the tile's level-pixel origin
                 # the part of the tile inside both the image and the region, in level pixels
                 ax0, ay0 = max(gx0, x), max(gy0, y)
@@ -149,10 +156,34 @@ class NativeJpeg:
                     continue
                 sx0, sy0 = (ax0 - gx0) // scale, (ay0 - gy0) // scale
                 sx1, sy1 = -(-(ax1 - gx0) // scale), -(-(ay1 - gy0) // scale)
-                dx0, dy0 = (ax0 - x) // scale, (ay0 - y) // scale
-                out[dy0 : dy0 + sy1 - sy0, dx0 : dx0 + sx1 - sx0] = img[sy0:sy1, sx0:sx1]
-                if gx0 + tw > x + w or gy0 + th > y + h:  # reaches past the region: keep it
-                    self._keep((level, index, scale), img)
+                pieces.append(
+                    Piece(
+                        index=ty * lv.tiles_across + tx,
+                        src=(sx0, sy0, sx1, sy1),
+                        dst=((ax0 - x) // scale, (ay0 - y) // scale),
+                        straddles=gx0 + tw > x + w or gy0 + th > y + h,
+                    )
+                )
+        return pieces
+
+    def stream(self, level: int, index: int) -> bytes:
+        """Tile ``index`` of ``level`` as a complete JPEG stream (for another decoder)."""
+        lv = self.levels[level]
+        return lv.jpeg(os.pread(self._fd, lv.counts[index], lv.offsets[index]))
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int, scale: int = 1) -> NDArray[np.uint8]:
+        """RGB uint8 pixels of the level-pixel box (x, y, w, h) at 1/``scale`` resolution,
+        shape (h // scale, w // scale, 3); outside the image is white. ``x``, ``y``, ``w``
+        and ``h`` must be multiples of ``scale``."""
+        pieces = self.plan(level, x, y, w, h, scale)
+        out = np.full((h // scale, w // scale, 3), 255, np.uint8)
+        for p in pieces:
+            img = self._tile(level, p.index, scale)
+            sx0, sy0, sx1, sy1 = p.src
+            dx0, dy0 = p.dst
+            out[dy0 : dy0 + sy1 - sy0, dx0 : dx0 + sx1 - sx0] = img[sy0:sy1, sx0:sx1]
+            if p.straddles:  # reaches past the region: a neighbouring read wants it too
+                self._keep((level, p.index, scale), img)
         return out
 
 

@@ -151,6 +151,7 @@ def run_encode(
         prefetch=cfg.encode.prefetch,
         device=device,
         native_jpeg=cfg.encode.native_jpeg,
+        device_jpeg={"auto": None, "always": True, "never": False}[cfg.encode.device_jpeg],
     )
     with open_slide(slide_path, reader=cfg.reader, mpp_override=float(meta["mpp"])) as slide:
         if list(slide.dimensions) != list(meta["level0_dims"]):

@@ -1,0 +1,90 @@
+"""Decoding native JPEG tiles on the accelerator: the compressed tiles of a region are
+read on the CPU (bytes only, in the reader threads) and decoded in one batch by
+``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), then placed into the
+region's image there. The pixels never exist on the host.
+
+The same code runs with ``device="cpu"`` (torchvision's libjpeg), which is how machines
+without a GPU test the assembly. Before a slide is decoded this way, :func:`device_agrees`
+decodes one tile on the device and with libjpeg-turbo on the CPU and compares them, so a
+decoder that reads a stream differently (for example the Adobe RGB marker of Aperio
+tiles) sends that slide back to the CPU path instead of changing its pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .native_jpeg import NativeJpeg, Piece
+
+__all__ = ["EncodedRegion", "decode_on_device", "device_agrees", "encoded_region"]
+
+#: largest mean absolute difference (grey levels) accepted between the device's decode
+#: of a tile and libjpeg-turbo's; two conforming JPEG decoders differ by IDCT rounding
+#: and chroma upsampling only, well under one grey level on average
+AGREE_MAD = 1.5
+
+
+@dataclass(frozen=True)
+class EncodedRegion:
+    """A region's native tiles still compressed: what a reader thread hands over."""
+
+    width: int
+    height: int
+    pieces: tuple[Piece, ...]
+    streams: tuple[bytes, ...]
+
+
+def encoded_region(nj: NativeJpeg, level: int, x: int, y: int, w: int, h: int) -> EncodedRegion:
+    """The compressed tiles of the level-pixel box (x, y, w, h), read but not decoded."""
+    pieces = tuple(nj.plan(level, x, y, w, h))
+    return EncodedRegion(w, h, pieces, tuple(nj.stream(level, p.index) for p in pieces))
+
+
+def _decode(streams: tuple[bytes, ...], device: torch.device) -> list[torch.Tensor]:
+    data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its decoder still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return list(out) if isinstance(out, list | tuple) else [out]
+
+
+def decode_on_device(region: EncodedRegion, device: torch.device | str) -> torch.Tensor:
+    """The region's pixels as a (3, h, w) uint8 tensor on ``device``; white outside the
+    image, as the CPU path."""
+    dev = torch.device(device)
+    out = torch.full((3, region.height, region.width), 255, dtype=torch.uint8, device=dev)
+    if not region.pieces:
+        return out
+    for p, img in zip(region.pieces, _decode(region.streams, dev), strict=True):
+        sx0, sy0, sx1, sy1 = p.src
+        dx0, dy0 = p.dst
+        out[:, dy0 : dy0 + sy1 - sy0, dx0 : dx0 + sx1 - sx0] = img[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def device_agrees(nj: NativeJpeg, level: int, device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``device`` decodes this level's tiles as libjpeg-turbo does (the level's
+    largest tile, the one with most detail, mean absolute difference <= :data:`AGREE_MAD`),
+    and why not."""
+    import simplejpeg
+
+    lv = nj.levels[level]
+    index = max(range(len(lv.counts)), key=lv.counts.__getitem__)
+    stream = nj.stream(level, index)
+    try:
+        got = _decode((stream,), torch.device(device))[0].permute(1, 2, 0).cpu().numpy()
+    except Exception as exc:  # nvJPEG refuses the stream: the CPU path decodes it
+        return False, f"the device cannot decode it ({exc or type(exc).__name__})"
+    ref = simplejpeg.decode_jpeg(stream, colorspace="RGB")
+    if got.shape != ref.shape:
+        return False, f"the device decoded a tile to {got.shape}, libjpeg-turbo to {ref.shape}"
+    mad = float(np.abs(got.astype(np.int16) - ref.astype(np.int16)).mean())
+    if mad > AGREE_MAD:
+        return False, f"the device's pixels differ from libjpeg-turbo's by {mad:.2f} grey levels on average"
+    return True, f"mean absolute difference {mad:.3f}"
