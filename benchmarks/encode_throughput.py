@@ -4,7 +4,7 @@
   (b) a CLAM-style loop: per-tile read_region in DataLoader workers, per-tile PIL preprocessing,
       one scale per pass, each encoder separately
   (c) the model-forward ceiling: random tensors already on the device
-  (d) the CPU decode ceiling: reading the same blocks without encoding
+  (d) the decode ceiling: the same reads and tile cuts for every scale, without encoding
 
 Prints tiles/s (tiles x encoders per second, i.e. embeddings/s) and a/b, a/min(c, d);
 writes JSON.
@@ -33,8 +33,9 @@ from _common import report
 from histoalign_wsi.config import load_config
 from histoalign_wsi.features import EncoderEntry, load_registry
 from histoalign_wsi.features.adapters import load_encoder
-from histoalign_wsi.features.encode import EncodeSettings, _read_blocks, dct_factor, plan_blocks, run_pipeline
+from histoalign_wsi.features.encode import EncodeSettings, run_pipeline
 from histoalign_wsi.features.store import copy_geometry, create_features, open_store
+from histoalign_wsi.features.tile_source import scale_tiles
 from histoalign_wsi.slides.reader import open_slide
 from histoalign_wsi.slides.synthetic import DemoSlideSpec, Region, write_slide
 from histoalign_wsi.stages import run_tile
@@ -163,13 +164,10 @@ def main() -> None:
             native_jpeg=native,
         )
         with open_slide(slide_path) as slide:
-            # (d) decode ceiling: the same block reads (and DCT factor), nothing else
-            blocks = plan_blocks(scales, block_size0=scales[-1].size0)
-            level = slide.best_level(scales[0].size0 / 224)
-            f = dct_factor(scales, slide.level_downsamples[level], 224) if native else 1
-            path = f"{slide.pixel_path(level)} 1/{f}" if native else slide.reader
+            # (d) decode ceiling: the same reads and tile cuts (every scale), no encoder
+            path = "native-jpeg" if native and slide.native_jpeg() is not None else slide.reader
             t = time.perf_counter()
-            for _ in _read_blocks(slide, blocks, level, settings, f):
+            for _ in scale_tiles(slide, scales, settings):
                 pass
             decode_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
             # (a) our pipeline, written to a real store

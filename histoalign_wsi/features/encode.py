@@ -1,19 +1,17 @@
-"""The encode pipeline: read each coarse block of the slide once, make every scale's tiles
-from that one read on the device, and feed every encoder from the same pixels.
+"""The encode pipeline: every scale's tiles from one read per block
+(:mod:`.tile_source`), fed to every encoder from the same pixels.
 
-Readers run in threads with a bounded prefetch. On a CPU the pixels stay uint8 through
-the area resizes and become float one batch at a time; on an accelerator uint8 pixels go
-to the device and are resized (area) and normalised there; on CUDA the forward pass runs
-under bf16 autocast in channels-last layout, and a batch that runs out of memory is
-halved and retried. Features
-are L2-normalised and appended, in store order, as float16 by a writer thread.
+On a CPU the tiles are uint8 and become float one batch at a time, in the encoder's own
+preprocessing; on an accelerator they are resized and normalised there, and on CUDA the
+forward pass runs under bf16 autocast in channels-last layout, and a batch that runs out
+of memory is halved and retried. Features are L2-normalised and appended, in store
+order, as float16 by a writer thread.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,70 +21,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from PIL import Image
 
 from .._progress import Progress
 from .._threads import available_cpus
-from ..slides.device_jpeg import EncodedRegion, decode_on_device, device_agrees, encoded_region
 from ..slides.reader import Slide
 from .adapters import LoadedEncoder
 from .store import ROW_CHUNK, ScaleView
+from .tile_source import ReadSettings, scale_tiles
 
-__all__ = [
-    "Block",
-    "EncodeSettings",
-    "dct_factor",
-    "plan_blocks",
-    "preprocess_on_device",
-    "run_pipeline",
-    "thread_budget",
-]
+__all__ = ["EncodeSettings", "preprocess_on_device", "run_pipeline", "thread_budget"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EncodeSettings:
-    tile_px: int
+class EncodeSettings(ReadSettings):
+    """How tiles are read (:class:`ReadSettings`) and how many go to an encoder at once."""
+
     batch_size: int = 128
-    readers: int = 2
-    prefetch: int = 4
-    device: str = "cpu"
-    native_jpeg: bool = True
-    #: decode native JPEG tiles on the device: None = on accelerators (nvJPEG on CUDA),
-    #: True = also on the CPU device (torchvision's libjpeg; tests use it), False = never
-    device_jpeg: bool | None = None
-
-
-@dataclass(frozen=True)
-class Block:
-    """A coarse cell read once; ``rows[s]`` is the slice of scale ``s`` tiles inside it."""
-
-    x0: int
-    y0: int
-    size0: int
-    rows: tuple[tuple[int, int], ...]
-
-
-def plan_blocks(scales: Sequence[ScaleView], *, block_size0: int) -> list[Block]:
-    """Group tiles of every scale by the coarse cell holding them (store order)."""
-    keys: list[NDArray[np.int64]] = []
-    big = 1 << 31
-    for sv in scales:
-        bx = sv.coords[:, 0].astype(np.int64) // block_size0
-        by = sv.coords[:, 1].astype(np.int64) // block_size0
-        k = by * big + bx
-        if len(k) > 1 and np.any(np.diff(k) < 0):
-            raise ValueError(f"tiles of scale {sv.name} are not in block-major order")
-        keys.append(k)
-    allk = np.unique(np.concatenate(keys)) if keys else np.array([], np.int64)
-    blocks = []
-    bounds = [(np.searchsorted(k, allk, "left"), np.searchsorted(k, allk, "right")) for k in keys]
-    for i, key in enumerate(allk):
-        row, col = divmod(int(key), big)
-        rows = tuple((int(lo[i]), int(hi[i])) for lo, hi in bounds)
-        blocks.append(Block(col * block_size0, row * block_size0, block_size0, rows))
-    return blocks
 
 
 def preprocess_on_device(tiles: torch.Tensor, enc: LoadedEncoder) -> torch.Tensor:
@@ -102,80 +54,6 @@ def preprocess_on_device(tiles: torch.Tensor, enc: LoadedEncoder) -> torch.Tenso
     mean = torch.tensor(p.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(p.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-class _BlockPyramid:
-    """Every scale's tiles from one block read: the block is area-downsampled once per
-    scale (cascading when the factors nest), then tiles are plain crops of that image."""
-
-    def __init__(self, img: torch.Tensor, tile_px: int) -> None:
-        self.img = img
-        self.tile_px = tile_px
-        self.cache: dict[int, torch.Tensor] = {1: img}
-
-    def _down(self, r: int) -> torch.Tensor:
-        if r not in self.cache:
-            base = max((k for k in self.cache if r % k == 0), default=1)
-            self.cache[r] = F.avg_pool2d(self.cache[base], r // base)
-        return self.cache[r]
-
-    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
-        """Tiles of ``size_px`` block pixels at level-0 ``coords``, resized to ``tile_px``."""
-        t = self.tile_px
-        ratio = size_px / t
-        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
-            r = round(ratio)
-            img = self._down(r)
-            crops = []
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
-                crops.append(img[..., oy : oy + t, ox : ox + t])
-            return torch.cat(crops)
-        # non-integer factor (slides whose MPP does not divide the scale): crop, then resize
-        sz = max(1, round(size_px))
-        crops = []
-        for x, y in coords:
-            ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
-            crops.append(self.img[..., oy : oy + sz, ox : ox + sz])
-        return F.interpolate(torch.cat(crops), size=(t, t), mode="area")
-
-
-class _CpuPyramid:
-    """The CPU form of :class:`_BlockPyramid`: the block stays uint8 (H, W, 3) and each
-    scale's image is a uint8 area reduce (Pillow's box ``reduce``, cascading when the
-    factors nest); tiles are uint8 crops, made float only per batch by the encoder's
-    preprocessing. About ten times cheaper than float ``avg_pool2d`` on a CPU, in a
-    quarter of the memory."""
-
-    def __init__(self, img: NDArray[np.uint8], tile_px: int) -> None:
-        self.tile_px = tile_px
-        self.cache: dict[int, NDArray[np.uint8]] = {1: np.ascontiguousarray(img)}
-
-    def _down(self, r: int) -> NDArray[np.uint8]:
-        if r not in self.cache:
-            base = max((k for k in self.cache if r % k == 0), default=1)
-            self.cache[r] = np.asarray(Image.fromarray(self.cache[base]).reduce(r // base))
-        return self.cache[r]
-
-    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
-        """uint8 NCHW tiles of ``size_px`` block pixels at level-0 ``coords``, at ``tile_px``."""
-        t = self.tile_px
-        ratio = size_px / t
-        crops = []
-        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
-            r = round(ratio)
-            img = self._down(r)
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
-                crops.append(img[oy : oy + t, ox : ox + t])
-        else:  # non-integer factor (rare): crop, then the device path's area resize, rounded
-            sz = max(1, round(size_px))
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
-                crops.append(self.cache[1][oy : oy + sz, ox : ox + sz])
-            x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
-            return F.interpolate(x, size=(t, t), mode="area").round_().to(torch.uint8)
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
 
 
 class _Forward:
@@ -211,77 +89,6 @@ class _Forward:
                 )
                 torch.cuda.empty_cache()
         return torch.cat(outs) if outs else torch.empty(0, self.enc.entry.embed_dim)
-
-
-def dct_factor(scales: Sequence[ScaleView], lds: float, tile_px: int) -> int:
-    """The largest JPEG DCT scaling (1, 2, 4 or 8) every scale's tiles can be cut from
-    with whole-number area reduces: each scale's block-pixels-per-tile-pixel ratio must be
-    a multiple of it."""
-    ratios = [sv.size0 / lds / tile_px for sv in scales]
-    for f in (8, 4, 2):
-        if all(abs(r / f - round(r / f)) < 1e-6 and round(r / f) >= 1 for r in ratios):
-            return f
-    return 1
-
-
-def _read_blocks(
-    slide: Slide,
-    blocks: Sequence[Block],
-    level: int,
-    settings: EncodeSettings,
-    factor: int = 1,
-    *,
-    encoded: bool = False,
-) -> Iterator[tuple[Block, NDArray[np.uint8] | EncodedRegion, int]]:
-    """(block, pixels, DCT factor used): native JPEG tiles decoded at 1/``factor`` where
-    the level and box allow, else the backend's full-resolution read (factor 1). With
-    ``encoded`` the native tiles are only read, left for the device to decode."""
-    lds = slide.level_downsamples[level]
-    nj = slide.native_jpeg() if encoded else None
-
-    def read(b: Block) -> tuple[NDArray[np.uint8] | EncodedRegion, int]:
-        n = int(np.ceil(b.size0 / lds))
-        lx, ly = b.x0 / lds, b.y0 / lds
-        if nj is not None and lx == int(lx) and ly == int(ly):
-            return encoded_region(nj, level, int(lx), int(ly), n, n), 1
-        if settings.native_jpeg:
-            px = slide.read_scaled((b.x0, b.y0), level, (n, n), factor)
-            if px is not None:
-                return px, factor
-        return slide.read_region((b.x0, b.y0), level, (n, n)), 1
-
-    with ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="reader") as pool:
-        pending: deque[tuple[Block, Future[tuple[NDArray[np.uint8] | EncodedRegion, int]]]] = deque()
-        it = iter(blocks)
-        for b in it:
-            pending.append((b, pool.submit(read, b)))
-            if len(pending) >= settings.prefetch + settings.readers:
-                break
-        while pending:
-            b, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
-            pixels, f = fut.result()
-            yield b, pixels, f
-
-
-def _device_decode(slide: Slide, level: int, settings: EncodeSettings, dev: torch.device) -> bool:
-    """Whether this slide's native JPEG tiles are decoded on the device (logged either way)."""
-    wanted = settings.device_jpeg if settings.device_jpeg is not None else dev.type == "cuda"
-    if not (wanted and settings.native_jpeg and slide.pixel_path(level) == "native-jpeg"):
-        return False
-    lds = slide.level_downsamples[level]
-    if abs(lds - round(lds)) > 1e-9:
-        return False
-    nj = slide.native_jpeg()
-    assert nj is not None
-    ok, why = device_agrees(nj, level, dev)
-    if ok:
-        log.info("%s: JPEG tiles decoded on %s (%s)", slide.path.name, dev, why)
-    else:
-        log.warning("%s: JPEG tiles decoded on the CPU instead of %s: %s", slide.path.name, dev, why)
-    return ok
 
 
 class _Appender:
@@ -337,26 +144,7 @@ def run_pipeline(
 
     Returns the number of tiles encoded (per encoder).
     """
-    if not scales:
-        return 0
     total = sum(len(sv.coords) for sv in scales)
-    block0 = scales[-1].size0
-    blocks = plan_blocks(scales, block_size0=block0)
-    dev = torch.device(settings.device)
-    finest_ds = scales[0].size0 / settings.tile_px
-    level = slide.best_level(finest_ds)
-    lds = slide.level_downsamples[level]
-    on_device = _device_decode(slide, level, settings, dev)
-    factor = dct_factor(scales, lds, settings.tile_px) if settings.native_jpeg and not on_device else 1
-    log.info(
-        "%s: level %d pixels via %s%s",
-        slide.path.name,
-        level,
-        slide.pixel_path(level) if settings.native_jpeg else slide.reader,
-        f", decoded at 1/{factor} (DCT scaling)"
-        if factor > 1 and slide.pixel_path(level) == "native-jpeg"
-        else "",
-    )
     forwards = [_Forward(e, settings.batch_size) for e in encoders]
     appender = _Appender(arrays)
     pending: dict[int, list[torch.Tensor]] = {s: [] for s in range(len(scales))}
@@ -372,28 +160,11 @@ def run_pipeline(
 
     bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
-        for b, pixels, f in _read_blocks(slide, blocks, level, settings, factor, encoded=on_device):
-            pyramid: _BlockPyramid | _CpuPyramid
-            if isinstance(pixels, EncodedRegion):
-                img = decode_on_device(pixels, dev).unsqueeze(0).float()
-                pyramid = _BlockPyramid(img, settings.tile_px)
-            elif dev.type == "cpu":
-                pyramid = _CpuPyramid(pixels, settings.tile_px)
-            else:
-                src = torch.from_numpy(pixels)
-                if dev.type == "cuda":
-                    src = src.pin_memory()
-                img = src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-                pyramid = _BlockPyramid(img, settings.tile_px)
-            for s, (lo, hi) in enumerate(b.rows):
-                if hi <= lo:
-                    continue
-                sv = scales[s]
-                tiles = pyramid.tiles(sv.coords[lo:hi], b.x0, b.y0, sv.size0 / lds / f, 1.0 / (lds * f))
-                pending[s].append(tiles)
-                if sum(t.shape[0] for t in pending[s]) >= settings.batch_size:
-                    flush(s)
-                bar.update(hi - lo)
+        for s, tiles in scale_tiles(slide, scales, settings):
+            pending[s].append(tiles)
+            if sum(t.shape[0] for t in pending[s]) >= settings.batch_size:
+                flush(s)
+            bar.update(tiles.shape[0])
         for s in pending:
             flush(s)
     finally:

@@ -246,7 +246,7 @@ def test_cpu_uint8_pyramid_matches_the_float_area_resize() -> None:
     (avg_pool2d / area). Same tiles within rounding, at integer and non-integer factors."""
     import torch
 
-    from histoalign_wsi.features.encode import _BlockPyramid, _CpuPyramid
+    from histoalign_wsi.features.tile_source import _BlockPyramid, _CpuPyramid
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(896, 896, 3), dtype=np.uint8)
