@@ -161,7 +161,7 @@ def run_pipeline(
     bar = Progress(total, desc=f"encode {slide.path.name}")
     try:
         for s, tiles in scale_tiles(slide, scales, settings):
-            pending[s].append(tiles)
+            pending[s].append(torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles)
             if sum(t.shape[0] for t in pending[s]) >= settings.batch_size:
                 flush(s)
             bar.update(tiles.shape[0])

@@ -17,16 +17,19 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
-from ..slides.device_jpeg import EncodedRegion, decode_on_device, device_agrees, encoded_region
+from ..slides import device_jpeg
+from ..slides.device_jpeg import EncodedRegion, encoded_region
 from ..slides.reader import Slide
 from .store import ScaleView
+
+if TYPE_CHECKING:  # the CPU path runs without torch; the device path imports it
+    import torch
 
 __all__ = [
     "Block",
@@ -99,11 +102,16 @@ class _BlockPyramid:
     def _down(self, r: int) -> torch.Tensor:
         if r not in self.cache:
             base = max((k for k in self.cache if r % k == 0), default=1)
+            import torch.nn.functional as F
+
             self.cache[r] = F.avg_pool2d(self.cache[base], r // base)
         return self.cache[r]
 
     def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
         """Tiles of ``size_px`` block pixels at level-0 ``coords``, resized to ``tile_px``."""
+        import torch
+        import torch.nn.functional as F
+
         t = self.tile_px
         ratio = size_px / t
         if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
@@ -140,7 +148,9 @@ class _CpuPyramid:
             self.cache[r] = np.asarray(Image.fromarray(self.cache[base]).reduce(r // base))
         return self.cache[r]
 
-    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
+    def tiles(
+        self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float
+    ) -> NDArray[np.uint8]:
         """uint8 NCHW tiles of ``size_px`` block pixels at level-0 ``coords``, at ``tile_px``."""
         t = self.tile_px
         ratio = size_px / t
@@ -156,9 +166,12 @@ class _CpuPyramid:
             for x, y in coords:
                 ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
                 crops.append(self.cache[1][oy : oy + sz, ox : ox + sz])
+            import torch
+            import torch.nn.functional as F
+
             x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
-            return F.interpolate(x, size=(t, t), mode="area").round_().to(torch.uint8)
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+            return F.interpolate(x, size=(t, t), mode="area").round_().to(torch.uint8).numpy()
+        return np.stack(crops).transpose(0, 3, 1, 2)
 
 
 def dct_factor(scales: Sequence[ScaleView], lds: float, tile_px: int) -> int:
@@ -182,9 +195,10 @@ class ReadPlan:
     on_device: bool  # native tiles decoded on the device
 
 
-def _device_decode(slide: Slide, level: int, settings: ReadSettings, dev: torch.device) -> bool:
+def _device_decode(slide: Slide, level: int, settings: ReadSettings) -> bool:
     """Whether this level's native JPEG tiles are decoded on the device (logged either way)."""
-    wanted = settings.device_jpeg if settings.device_jpeg is not None else dev.type == "cuda"
+    dev = settings.device
+    wanted = settings.device_jpeg if settings.device_jpeg is not None else dev.startswith("cuda")
     if not (wanted and settings.native_jpeg and slide.pixel_path(level) == "native-jpeg"):
         return False
     lds = slide.level_downsamples[level]
@@ -192,7 +206,7 @@ def _device_decode(slide: Slide, level: int, settings: ReadSettings, dev: torch.
         return False
     nj = slide.native_jpeg()
     assert nj is not None
-    ok, why = device_agrees(nj, level, dev)
+    ok, why = device_jpeg.device_agrees(nj, level, dev)
     if ok:
         log.info("%s: level %d JPEG tiles decoded on %s (%s)", slide.path.name, level, dev, why)
     else:
@@ -206,14 +220,13 @@ def read_plans(slide: Slide, scales: Sequence[ScaleView], settings: ReadSettings
     """``plans[s]``: how a read whose finest tiles are of scale ``s`` is made (scales run
     fine to coarse): the level nearest at or below that scale's resolution, at the largest
     DCT scaling that scale and every coarser one allow."""
-    dev = torch.device(settings.device)
     on_device: dict[int, bool] = {}
     plans = []
     for s, sv in enumerate(scales):
         level = slide.best_level(sv.size0 / settings.tile_px)
         lds = float(slide.level_downsamples[level])
         if level not in on_device:
-            on_device[level] = _device_decode(slide, level, settings, dev)
+            on_device[level] = _device_decode(slide, level, settings)
         native = settings.native_jpeg and slide.pixel_path(level) == "native-jpeg"
         f = dct_factor(scales[s:], lds, settings.tile_px) if native and not on_device[level] else 1
         plans.append(ReadPlan(level, lds, f, on_device[level]))
@@ -325,14 +338,28 @@ def _log_reads(slide: Slide, scales: Sequence[ScaleView], reads: Sequence[Read],
     log.info("%s: %d blocks of %d scales in %d reads", slide.path.name, blocks, len(scales), len(reads))
 
 
+def _device_pyramid(pixels: NDArray[np.uint8] | EncodedRegion, device: str, tile_px: int) -> _BlockPyramid:
+    """The block on the device as float 0-255 (1, 3, H, W), decoded there when it came
+    compressed; pinned host memory and a non-blocking copy on CUDA."""
+    import torch
+
+    dev = torch.device(device)
+    if isinstance(pixels, EncodedRegion):
+        return _BlockPyramid(device_jpeg.decode_on_device(pixels, dev).unsqueeze(0).float(), tile_px)
+    src = torch.from_numpy(pixels)
+    if dev.type == "cuda":
+        src = src.pin_memory()
+    return _BlockPyramid(src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float(), tile_px)
+
+
 def scale_tiles(
     slide: Slide, scales: Sequence[ScaleView], settings: ReadSettings
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """(scale index, tiles) for every block and scale, each scale in store order: uint8
-    NCHW on the CPU, float 0-255 NCHW on an accelerator, ``settings.tile_px`` square."""
+) -> Iterator[tuple[int, NDArray[np.uint8] | torch.Tensor]]:
+    """(scale index, tiles) for every block and scale, each scale in store order, each
+    tile ``settings.tile_px`` square: a uint8 NCHW array on the CPU (no torch needed),
+    a float 0-255 NCHW tensor on an accelerator (or when decoding on the device)."""
     if not scales or not any(len(sv.coords) for sv in scales):
         return
-    dev = torch.device(settings.device)
     blocks = plan_blocks(scales, block_size0=scales[-1].size0)
     plans = read_plans(slide, scales, settings)
     pairs = [(b, r) for b in blocks for r in plan_reads(b, scales, plans)]
@@ -341,16 +368,10 @@ def scale_tiles(
     for r, pixels, f in read_blocks(slide, [r for _, r in pairs], settings):
         b = next(owners)
         pyramid: _BlockPyramid | _CpuPyramid
-        if isinstance(pixels, EncodedRegion):
-            pyramid = _BlockPyramid(decode_on_device(pixels, dev).unsqueeze(0).float(), settings.tile_px)
-        elif dev.type == "cpu":
+        if settings.device == "cpu" and not isinstance(pixels, EncodedRegion):
             pyramid = _CpuPyramid(pixels, settings.tile_px)
         else:
-            src = torch.from_numpy(pixels)
-            if dev.type == "cuda":
-                src = src.pin_memory()
-            img = src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-            pyramid = _BlockPyramid(img, settings.tile_px)
+            pyramid = _device_pyramid(pixels, settings.device, settings.tile_px)
         lds = r.plan.downsample
         for s in r.scales:
             lo, hi = b.rows[s]

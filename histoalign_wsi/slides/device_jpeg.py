@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .native_jpeg import NativeJpeg, Piece
+
+if TYPE_CHECKING:  # torch is imported where a decode runs: reading compressed bytes needs none
+    import torch
 
 __all__ = ["EncodedRegion", "decode_on_device", "device_agrees", "encoded_region"]
 
@@ -45,6 +48,8 @@ def encoded_region(nj: NativeJpeg, level: int, x: int, y: int, w: int, h: int) -
 
 
 def _decode(streams: tuple[bytes, ...], device: torch.device) -> list[torch.Tensor]:
+    import torch
+
     data = [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in streams]
     with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its decoder still works
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -57,6 +62,8 @@ def _decode(streams: tuple[bytes, ...], device: torch.device) -> list[torch.Tens
 def decode_on_device(region: EncodedRegion, device: torch.device | str) -> torch.Tensor:
     """The region's pixels as a (3, h, w) uint8 tensor on ``device``; white outside the
     image, as the CPU path."""
+    import torch
+
     dev = torch.device(device)
     out = torch.full((3, region.height, region.width), 255, dtype=torch.uint8, device=dev)
     if not region.pieces:
@@ -73,6 +80,7 @@ def device_agrees(nj: NativeJpeg, level: int, device: torch.device | str) -> tup
     largest tile, the one with most detail, mean absolute difference <= :data:`AGREE_MAD`),
     and why not."""
     import simplejpeg
+    import torch
 
     lv = nj.levels[level]
     index = max(range(len(lv.counts)), key=lv.counts.__getitem__)

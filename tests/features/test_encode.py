@@ -256,7 +256,7 @@ def test_cpu_uint8_pyramid_matches_the_float_area_resize() -> None:
     coords = np.array([[0, 0], [448, 0], [448, 448], [224, 672]], np.int32)
     for size_px in (112.0, 224.0, 448.0, 300.0):
         keep = coords[(coords + size_px <= 896).all(axis=1)]
-        a = cpu.tiles(keep, 0, 0, size_px, 1.0)
+        a = torch.from_numpy(cpu.tiles(keep, 0, 0, size_px, 1.0))
         b = dev.tiles(keep, 0, 0, size_px, 1.0)
         assert a.dtype == torch.uint8 and a.shape == b.shape == (len(keep), 3, 112, 112)
         diff = (a.float() - b).abs()

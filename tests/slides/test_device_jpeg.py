@@ -97,7 +97,7 @@ def test_encode_decodes_on_the_device_when_asked(
         calls.append(len(region.pieces))
         return real(region, device)
 
-    monkeypatch.setattr("histoalign_wsi.features.tile_source.decode_on_device", spy)
+    monkeypatch.setattr(device_jpeg, "decode_on_device", spy)
     with caplog.at_level(logging.INFO):
         dev = open_store(_encode(tiles, slide, tmp_path / "dev.zarr", "always"))
     assert calls and all(n > 0 for n in calls)

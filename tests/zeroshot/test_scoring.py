@@ -263,8 +263,9 @@ def test_mixed_weights_are_refused_naming_both_hashes(tmp_path: Path) -> None:
             tmp_path / "s.zarr", _three_scales(text, planted_features(text, 64, {}, seed=1)), sha="a" * 64
         )
     )
-    with pytest.raises(StoreError, match=f"{'a' * 64}.*{'f' * 64}"):
+    with pytest.raises(StoreError, match=f"{'a' * 64}.*{'f' * 64}") as err:
         score_store(st, text, _cfg())
+    assert str(tmp_path / "s.zarr") in str(err.value)
 
 
 def test_store_missing_a_configured_scale(tmp_path: Path) -> None:
@@ -444,3 +445,61 @@ def test_prediction_records_status_encoders_and_slide(tmp_path: Path) -> None:
         p = score_store(open_store(path), text, _cfg()).prediction
         assert (p.status, p.predicted_class, p.probabilities, p.top_tiles) == (status, label, None, [])
     assert NO_TILES != NO_TISSUE
+
+
+def test_prediction_records_the_settings_it_was_scored_with(tmp_path: Path) -> None:
+    """The prediction JSON says how it was made: alignment rule, pooling settings, scale
+    and encoder weights (1.0 each when not configured), and per-scale pooled logits that
+    are the pooled tile logits of that scale; an empty scale says so with the same keys."""
+    from histoalign_wsi.zeroshot.alignment import AlignmentSpec
+    from histoalign_wsi.zeroshot.pooling import pool
+    from histoalign_wsi.zeroshot.scoring import tile_logits
+
+    text = make_text()
+    fine = planted_features(text, 32, {1: (1.0, 2.0)}, seed=43)
+    cfg = _cfg(pooling={"method": "topk", "topk": 0.25, "parent_context": 0.3})
+    st = open_store(build_store(tmp_path / "s.zarr", _three_scales(text, fine), slide_id="Fall 2"))
+    scores = score_store(st, text, cfg)
+    pred = scores.prediction
+    assert pred.alignment == {"protocol": "histoalign", "rule": cfg.alignment.rule}
+    assert pred.pooling == {
+        "method": "topk",
+        "topk": 0.25,
+        "soft_temperature": cfg.pooling.soft_temperature,
+        "scale_weights": {"0.50mpp": 1.0, "1.00mpp": 1.0, "2.00mpp": 1.0},
+        "parent_context": 0.3,
+    }
+    assert [e["weight"] for e in pred.encoders] == [1.0]
+    assert scores.tiles.slide_id == "Fall 2"
+    spec = AlignmentSpec.from_config(cfg)
+    for s in ("0.50mpp", "1.00mpp", "2.00mpp"):
+        want = pool(tile_logits(st, s, text, spec), method="topk", k=0.25, temperature=1.0)
+        got = pred.per_scale[s]["pooled_logits"]
+        assert got is not None and np.allclose([got[c] for c in text.classes], want, atol=1e-5), s
+    # a slide whose coarsest scale kept no tiles
+    d = fine.shape[1]
+    scales = _three_scales(text, fine) | {2.0: np.zeros((0, d), np.float32)}
+    st2 = open_store(build_store(tmp_path / "e.zarr", scales))
+    empty = score_store(st2, text, _cfg()).prediction.per_scale["2.00mpp"]
+    assert empty == {"n_tiles": 0, "pooled_logits": None, "probabilities": None}
+    # the tile table keeps float32 numbers (the parquet schema users read)
+    table = scores.tiles.table
+    assert {str(table[c].dtype) for c in table.columns if c.startswith(("prob", "logit"))} == {"float32"}
+    assert table["tissue_fraction"].dtype == np.float32
+    # one tile at the finest scale: top tiles and region areas still come from that scale
+    one = _three_scales(text, fine[:1], mid=fine[:2], coarse=fine[:1])
+    p1 = score_store(open_store(build_store(tmp_path / "one.zarr", one)), text, _cfg()).prediction
+    assert [t["scale"] for t in p1.top_tiles] == ["0.50mpp"]
+    assert sum(p1.extra["region_area_mm2"].values()) == pytest.approx(
+        (st.scale("0.50mpp").size0 * float(st.attrs["slide"]["mpp"]) / 1000) ** 2
+    )
+
+
+def test_errors_name_the_store_and_the_scales_it_has(tmp_path: Path) -> None:
+    text = make_text()
+    fine = planted_features(text, 16, {0: (1.0, 2.0)}, seed=44)
+    path = build_store(tmp_path / "Fall 3.zarr", _three_scales(text, fine))
+    with pytest.raises(StoreError) as err:
+        score_store(open_store(path), text, _cfg(scales_mpp=[0.5, 1.0, 4.0]))
+    msg = str(err.value)
+    assert str(path) in msg and "no scale 4.00mpp" in msg and "(it has 0.50mpp, 1.00mpp, 2.00mpp)" in msg
