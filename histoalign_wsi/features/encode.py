@@ -43,17 +43,21 @@ class EncodeSettings(ReadSettings):
 
 def preprocess_on_device(tiles: torch.Tensor, enc: LoadedEncoder) -> torch.Tensor:
     """0-255 NCHW tiles (uint8 or float) -> the encoder's normalised float input (resize,
-    scale, normalise); uint8 becomes float here, one batch at a time."""
+    scale, normalise); uint8 becomes float here, one batch at a time. Scaling and
+    normalising are one in-place multiply-add per element, (x / 255 - mean) / std
+    folded into x * (1 / (255 std)) - mean / std, on a tensor this function owns."""
     p = enc.entry.preprocess
     x = tiles.float() if tiles.dtype == torch.uint8 else tiles
     if x.shape[-1] != p.size or x.shape[-2] != p.size:
         mode = "bicubic" if p.interpolation == "bicubic" else "bilinear"
         x = F.interpolate(x, size=(p.size, p.size), mode=mode, antialias=True, align_corners=False)
         x = x.clamp_(0, 255).round_()
-    x = x / 255.0
-    mean = torch.tensor(p.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(p.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    elif x is tiles:  # never normalise the caller's tensor in place
+        x = x.clone()
+    std = torch.tensor(p.std, device=x.device, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std)).to(x.dtype).view(1, 3, 1, 1)
+    shift = (-torch.tensor(p.mean, device=x.device, dtype=torch.float64) / std).to(x.dtype).view(1, 3, 1, 1)
+    return x.mul_(scale).add_(shift)
 
 
 class _Forward:

@@ -284,6 +284,16 @@ def test_device_preprocessing_matches_pil_transform() -> None:
     assert (ref - dev).abs().mean() < 0.02
     cos = torch.nn.functional.cosine_similarity(enc.encode_image(ref), enc.encode_image(dev))
     assert cos.item() > 0.999
+    # at the model's own size there is no resize: the input must not be normalised in place
+    # (a batch retried after running out of memory would be normalised twice)
+    at_size = torch.from_numpy(tile[:224, :224]).permute(2, 0, 1).unsqueeze(0).float()
+    before = at_size.clone()
+    once = preprocess_on_device(at_size, enc)
+    assert torch.equal(at_size, before)
+    assert torch.equal(preprocess_on_device(at_size, enc), once)
+    # uint8 input gives the same as float input
+    u8 = preprocess_on_device(torch.from_numpy(tile[:224, :224]).permute(2, 0, 1).unsqueeze(0), enc)
+    assert torch.allclose(u8, once)
 
 
 def test_encoders_command(capsys: pytest.CaptureFixture[str]) -> None:
