@@ -218,20 +218,23 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_every_subcommand_holds_its_thread_pools_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--threads N` (the rule's threads) caps OpenMP/BLAS pools and torch's intra-op
     threads in every stage; without it a user's own OMP_NUM_THREADS is respected."""
+    import cv2
     import torch
 
-    before = torch.get_num_threads()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    before, cv_before = torch.get_num_threads(), cv2.getNumThreads()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"):
         monkeypatch.delenv(var, raising=False)
     try:
         assert main(["encoders", "--threads", "1"]) == 0
         assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1
+        assert os.environ["OPENCV_FOR_THREADS_NUM"] == "1"
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert main(["encoders"]) == 0
         assert os.environ["OMP_NUM_THREADS"] == "3"  # the user's own setting stands
     finally:
         torch.set_num_threads(before)
+        cv2.setNumThreads(cv_before)
     for sub in ("tissue", "tile", "score", "fit", "train-reports", "distill", "report"):
         assert build_parser().parse_args([sub, *_min_args(sub), "--threads", "2"]).threads == 2
 

@@ -7,7 +7,9 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,17 +252,18 @@ def load_encoder(
         differs from the registry's ``embed_dim``.
     """
     dev = torch.device(device)
-    if entry.kind == "demo":
-        enc = _demo(entry, dev)
-    elif entry.kind == "conch" and not conch_available():
-        raise EncoderError(
-            f"encoder {entry.name!r} needs the 'conch' package (pip install "
-            "git+https://github.com/mahmoodlab/CONCH) and access to the gated MahmoodLab/CONCH weights"
-        )
-    else:
-        w = resolve_weights(entry, offline=offline)
-        loader = {"open_clip": _open_clip, "hf_clip": _hf_clip, "conch": _conch}[entry.kind]
-        enc = loader(entry, w, dev)
+    with _triton_hidden(dev):
+        if entry.kind == "demo":
+            enc = _demo(entry, dev)
+        elif entry.kind == "conch" and not conch_available():
+            raise EncoderError(
+                f"encoder {entry.name!r} needs the 'conch' package (pip install "
+                "git+https://github.com/mahmoodlab/CONCH) and access to the gated MahmoodLab/CONCH weights"
+            )
+        else:
+            w = resolve_weights(entry, offline=offline)
+            loader = {"open_clip": _open_clip, "hf_clip": _hf_clip, "conch": _conch}[entry.kind]
+            enc = loader(entry, w, dev)
     dim = _probe_dim(enc)
     if dim != entry.embed_dim:
         raise EncoderError(
@@ -268,6 +271,26 @@ def load_encoder(
             f"weights produce {dim}-dimensional embeddings"
         )
     return enc
+
+
+@contextmanager
+def _triton_hidden(dev: torch.device) -> Iterator[None]:
+    """For an encoder on the CPU, import its libraries as if triton were not installed.
+
+    open_clip imports torchvision, whose ``ops`` import torch._dynamo, which loads
+    triton (a GPU kernel compiler, about 75 MB resident) whenever it is installed, as it
+    is beside PyPI's CUDA build of torch. Nothing here compiles kernels, and torch treats
+    a failed ``import triton`` as "not installed". The block lasts while the encoder
+    loads; it changes nothing once torch._dynamo is loaded, or on an accelerator.
+    """
+    hide = dev.type == "cpu" and "triton" not in sys.modules and "torch._dynamo" not in sys.modules
+    if hide:
+        sys.modules["triton"] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        if hide and "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]
 
 
 def _probe_dim(enc: LoadedEncoder) -> int:

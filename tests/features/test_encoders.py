@@ -3,8 +3,11 @@ saved in the exact format real weights come in."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +274,24 @@ def test_demo_is_seeded_and_untrained() -> None:
     assert a.weights_sha256 == b.weights_sha256 and a.weights_sha256.startswith("demo-untrained-")
     torch.testing.assert_close(a.encode_text(TEXTS), b.encode_text(TEXTS))
     assert a.attrs()["untrained"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_a_cpu_encoder_loads_without_triton() -> None:
+    """In a fresh process, loading an encoder on the CPU leaves triton (a GPU compiler
+    torch._dynamo would load, ~75 MB) unloaded, and the block is lifted afterwards."""
+    code = (
+        "import sys\n"
+        "from histoalign_wsi.features import load_registry\n"
+        "from histoalign_wsi.features.adapters import load_encoder\n"
+        "enc = load_encoder(load_registry()['demo'], device='cpu')\n"
+        "assert enc.encode_text(['tumour']).shape == (1, 64)\n"
+        "print('torch._dynamo' in sys.modules, 'triton' in sys.modules)\n"
+        "import triton\n"
+        "print(sys.modules['triton'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False", "True"]
 
 
 def test_device_preprocessing_matches_pil_transform() -> None:
