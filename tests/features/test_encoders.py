@@ -315,6 +315,17 @@ def test_device_preprocessing_matches_pil_transform() -> None:
     # uint8 input gives the same as float input
     u8 = preprocess_on_device(torch.from_numpy(tile[:224, :224]).permute(2, 0, 1).unsqueeze(0), enc)
     assert torch.allclose(u8, once)
+    # a reused buffer (the CPU path): the same values, written into the buffer's rows
+    buf = torch.full((3, 3, 224, 224), 7.0)
+    batch = torch.from_numpy(np.stack([tile[:224, :224], tile[32:256, 32:256]])).permute(0, 3, 1, 2)
+    fresh = preprocess_on_device(batch, enc)
+    into = preprocess_on_device(batch, enc, out=buf)
+    assert into.data_ptr() == buf.data_ptr() and into.shape == (2, 3, 224, 224)
+    assert torch.equal(into, fresh) and torch.allclose(fresh[:1], once)
+    assert torch.equal(buf[2], torch.full((3, 224, 224), 7.0))  # rows beyond the batch untouched
+    # tiles needing a resize never go through the buffer
+    resized = preprocess_on_device(torch.from_numpy(tile).permute(2, 0, 1).unsqueeze(0), enc, out=buf)
+    assert resized.data_ptr() != buf.data_ptr() and torch.allclose(resized, dev)
 
 
 def test_encoders_command(capsys: pytest.CaptureFixture[str]) -> None:
