@@ -35,15 +35,17 @@ LOAD_DEMO = (
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS MiB, wall s) of one process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd} failed:\n{err}")
+    """(peak RSS MiB, wall s) of one process. Its stderr goes to a file: a pipe left
+    unread while waiting would stall a chatty child once the pipe is full."""
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{cmd} failed:\n{err.read().decode(errors='replace')}")
     return usage.ru_maxrss / 1024, wall
 
 

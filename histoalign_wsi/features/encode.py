@@ -10,6 +10,7 @@ order, as float16 by a writer thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from .._progress import Progress
 from .._threads import available_cpus
 from ..slides.reader import Slide
 from .adapters import LoadedEncoder
+from .registry import PreprocessSpec
 from .store import ROW_CHUNK, ScaleView
 from .tile_source import ReadSettings, scale_tiles
 
@@ -63,10 +65,21 @@ def preprocess_on_device(
         x.copy_(tiles)
     else:  # never normalise the caller's tensor in place
         x = tiles.float() if tiles.dtype == torch.uint8 else tiles.clone()
-    std = torch.tensor(p.std, device=x.device, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std)).to(x.dtype).view(1, 3, 1, 1)
-    shift = (-torch.tensor(p.mean, device=x.device, dtype=torch.float64) / std).to(x.dtype).view(1, 3, 1, 1)
+    scale, shift = _affine(p, x.device, x.dtype)
     return x.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(p: PreprocessSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), -mean / std) as (1, 3, 1, 1) tensors on ``device``, made once per
+    encoder and device rather than per batch (on CUDA each would be a host copy)."""
+    std = torch.tensor(p.std, dtype=torch.float64)
+    scale = 1.0 / (255.0 * std)
+    shift = -torch.tensor(p.mean, dtype=torch.float64) / std
+    return (
+        scale.to(device=device, dtype=dtype).view(1, 3, 1, 1),
+        shift.to(device=device, dtype=dtype).view(1, 3, 1, 1),
+    )
 
 
 #: on a CPU a batch is preprocessed and run this many tiles at a time: a CPU gains
@@ -80,12 +93,11 @@ class _Forward:
 
     def __init__(self, enc: LoadedEncoder, batch_size: int) -> None:
         self.enc = enc
-        dev = enc.device
-        self.batch_size = batch_size if dev.type != "cpu" else min(batch_size, CPU_CHUNK)
-        self.cuda = dev.type == "cuda"
+        self.cpu = enc.device.type == "cpu"
+        self.cuda = enc.device.type == "cuda"
+        self.batch_size = min(batch_size, CPU_CHUNK) if self.cpu else batch_size
         if self.cuda:
             enc.model.to(memory_format=torch.channels_last)
-        self.cpu = dev.type == "cpu"
         #: on a CPU, the model-size input buffer each chunk is converted into
         self.buf: torch.Tensor | None = None
 

@@ -129,8 +129,8 @@ def tissue_mask(
     sat = ((mx - mn).astype(np.uint16) * 255 // np.maximum(mx, 1)).astype(np.uint8)
     val = mx
     sat = median3(sat)
-    otsu = otsu_threshold(sat)
-    otsu = params.min_saturation if otsu is None else otsu / 255
+    t = otsu_threshold(sat)
+    otsu = params.min_saturation if t is None else t / 255
     thr = float(np.clip(otsu, params.min_saturation, max(_OTSU_CAP, params.min_saturation)))
     mask = (sat > thr * 255) & (val >= params.min_value * 255) & (val <= params.max_value * 255)
     r = round(params.closing_um / mask_mpp / 2)
