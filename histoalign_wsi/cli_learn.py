@@ -16,7 +16,7 @@ __all__ = ["learn_commands", "report_commands"]
 
 
 def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
-    opts = _opts(a, "shots", "repeats", "seed", "mapping")
+    opts = _opts(a, "shots", "repeats", "seed", "mapping", "groups", "group_pattern")
     s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **opts)
     curve = s["curves"]["balanced_accuracy"]
     _print_json(
@@ -48,7 +48,16 @@ def _train_reports(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _pair_reports(a: argparse.Namespace, cfg: Config) -> int:
-    s = stages.run_pair_reports(a.inputs, a.corpus, a.out, cfg, k=a.k)
+    s = stages.run_pair_reports(
+        a.inputs,
+        a.corpus,
+        a.out,
+        cfg,
+        k=a.k,
+        cohort_reports=a.reports,
+        groups=a.groups,
+        group_pattern=a.group_pattern,
+    )
     _print_json({k: s[k] for k in ("items", "corpus_reports", "k", "mean_top1_score")})
     return 0
 
@@ -64,6 +73,21 @@ def _predict(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _group_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--groups",
+        type=Path,
+        help="patch folders: a sheet path,patient_id (path relative to the folder, or the file name); "
+        "splits keep a patient on one side",
+    )
+    p.add_argument(
+        "--group-pattern",
+        default="auto",
+        help="patch folders: 'auto' (BreakHis file names when every file fits, else none), 'none', "
+        "'breakhis', or a regular expression with a (?P<patient>...) group on the file name",
+    )
+
+
 def learn_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = _add(sub, "few-shot", _few_shot, "k-shot curves: zero-shot vs linear probe vs Tip-Adapter on patches")
     p.add_argument("dir", type=Path, help="patch folder (class = sub-folder), as classify-patches takes")
@@ -75,6 +99,7 @@ def learn_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mapping", type=Path, help="folder -> class (YAML mapping or CSV folder,class)")
     p.add_argument("--text", type=Path)
+    _group_options(p)
 
     p = _add(sub, "fit", _fit, "train slide-level heads on stored features (cross-validated)")
     p.add_argument("stores", type=Path, nargs="+", help="feature stores")
@@ -115,6 +140,13 @@ def report_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--corpus", type=Path, help="report folder or table (default: config report_corpus)")
     p.add_argument("--out", type=Path, required=True, help="folder: pairs.csv, items.npz, summary.json")
     p.add_argument("-k", type=int, help="reports kept per image (default: config pairing.k)")
+    p.add_argument(
+        "--reports",
+        type=Path,
+        help="the cohort's own report sheet: corpus reports equal to one of them (normalised text) "
+        "are left out (default: config reports)",
+    )
+    _group_options(p)
 
     p = _add(sub, "distill", _distill, "vision-only classifier distilled from paired reports")
     p.add_argument("pairs", type=Path, help="the pair-reports output folder")

@@ -43,12 +43,14 @@ class ScaleAwareABMIL(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden
+        # the layers both variants share are created first, so that with one seed the
+        # ablation starts from the same weights and differs only by the scale embedding
         self.proj = nn.Sequential(nn.Linear(cfg.in_dim, h), nn.GELU(), nn.Dropout(cfg.dropout))
-        self.scale_emb = nn.Embedding(cfg.n_scales, h) if cfg.scale_embedding else None
         self.att_v = nn.Linear(h, h // 2)
         self.att_u = nn.Linear(h, h // 2)
         self.att_w = nn.Linear(h // 2, 1)
         self.head = nn.Linear(h, cfg.n_classes)
+        self.scale_emb = nn.Embedding(cfg.n_scales, h) if cfg.scale_embedding else None
 
     def embed(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The slide embedding [H] and the attention over tiles [N] (sums to 1)."""
@@ -69,17 +71,26 @@ def _tensors(bag: Bag) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _inner_split(
-    y: NDArray[np.int64], fraction: float, rng: np.random.Generator
+    y: NDArray[np.int64],
+    fraction: float,
+    rng: np.random.Generator,
+    groups: Sequence[str] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Stratified: about ``fraction`` of each class held out for early stopping (at least
-    one slide of a class with two or more)."""
-    val: list[int] = []
+    """Stratified by group (patient when given, else slide): about ``fraction`` of each
+    class's groups held out for early stopping (at least one of a class with two or more
+    groups), so no patient is on both sides."""
+    g = np.asarray(groups) if groups is not None else np.arange(len(y))
+    held: set[object] = set()
     for k in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == k))
-        n = round(fraction * len(idx)) if len(idx) >= 2 else 0
-        val += idx[: max(1, n) if len(idx) >= 2 else 0].tolist()
-    train = sorted(set(range(len(y))) - set(val))
-    return train, sorted(val)
+        own = [x for x in rng.permutation(np.unique(g[y == k])).tolist() if x not in held]
+        n_groups = len(np.unique(g[y == k]))
+        if n_groups >= 2:
+            held.update(own[: max(1, round(fraction * n_groups))])
+    val = [i for i in range(len(y)) if g[i] in held]
+    train = [i for i in range(len(y)) if g[i] not in held]
+    if not train:  # too few groups to hold any out
+        return list(range(len(y))), []
+    return train, val
 
 
 def train_abmil(
@@ -94,13 +105,15 @@ def train_abmil(
     weight_decay: float = 1e-4,
     patience: int = 10,
     val_fraction: float = 0.2,
+    groups: Sequence[str] | None = None,
 ) -> tuple[ScaleAwareABMIL, dict[str, object]]:
     """Train on ``slide_ids`` with labels ``y``; returns the model at its best inner-split
-    loss and a small history. Bags are read from the stores each epoch (streamed)."""
+    loss and a small history. The early-stopping split keeps ``groups`` (patients, one
+    per slide) together. Bags are read from the stores each epoch (streamed)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     yy = np.asarray(y, np.int64)
-    tr, va = _inner_split(yy, val_fraction, rng)
+    tr, va = _inner_split(yy, val_fraction, rng, groups)
     model = ScaleAwareABMIL(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()

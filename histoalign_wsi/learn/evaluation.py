@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .heads import Scorer, fit_linear, linear_probs
+from .heads import Scorer, fit_linear_full, linear_probs
 
 __all__ = ["RECALL_AT", "class_centroids", "probe_cv", "recall_at_k", "retrieval", "zero_shot_probs"]
 
@@ -72,19 +72,16 @@ def probe_cv(
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.array([list(classes).index(s) for s in labels], np.int64)
-    counts = np.bincount(y, minlength=len(classes))
-    k = int(min(folds, counts[counts > 0].min()))
-    if k < 2 or (counts > 0).sum() < 2:
-        return {"skipped": "a probe needs two classes with at least two slides each"}
     g = np.array([(groups or {}).get(i, str(i)) for i in range(len(y))])
+    per_class = [len(np.unique(g[y == c])) for c in np.unique(y)]
+    k = int(min(folds, *per_class)) if per_class else 0
+    if k < 2 or len(per_class) < 2:
+        return {"skipped": "a probe needs two classes with at least two slides (patients) each"}
     split = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     per_fold = []
     for f, (tr, te) in enumerate(split.split(x, y, g)):
-        present = np.unique(y[tr])
-        coef, icpt, _ = fit_linear(x[tr], np.searchsorted(present, y[tr]), seed=seed + f)
-        p_sub = linear_probs(coef, icpt, x[te], len(present))
-        probs = np.zeros((len(te), len(classes)), np.float32)
-        probs[:, present] = p_sub
+        coef, icpt, _ = fit_linear_full(x[tr], y[tr], len(classes), seed=seed + f)
+        probs = linear_probs(coef, icpt, x[te], len(classes))
         per_fold.append(score([labels[i] for i in te], probs))
     keys = [key for key in per_fold[0] if key != "n"]
     mean = {key: _nanmean([m.get(key) for m in per_fold]) for key in keys}

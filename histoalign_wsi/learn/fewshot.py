@@ -1,6 +1,7 @@
 """Patch-level few-shot curves: for k labelled patches per class (seeded draws), zero-shot,
 a linear probe and Tip-Adapter are scored on the same held-out patches (every patch not
-drawn), as in the CLIP/PLIP/CONCH evaluations.
+drawn, or, when patches carry a patient key, every patch of a patient not drawn), as in
+the CLIP/PLIP/CONCH evaluations.
 
 Tip-Adapter (Zhang et al., ECCV 2022) is training-free: the zero-shot logits plus
 ``alpha * exp(-beta * (1 - f . F_train)) @ onehot(y_train)``, an affinity-weighted vote of
@@ -17,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import ConfigError
-from .heads import fit_linear, linear_probs
+from .heads import fit_linear_full, linear_probs
 
 __all__ = ["METHODS", "TIP_ALPHA", "TIP_BETA", "FewShotData", "draw", "few_shot_curves", "summarize_curves"]
 
@@ -54,29 +55,63 @@ class FewShotData:
 
 
 def draw(
-    labels: NDArray[np.int64], k: int, seed: int, classes: Sequence[str]
+    labels: NDArray[np.int64],
+    k: int,
+    seed: int,
+    classes: Sequence[str],
+    groups: Sequence[str] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """(train, test) indices: k per class drawn with ``seed``; test is every patch not drawn.
+    """(train, test) indices: k per class drawn with ``seed``; test is every patch not
+    drawn. With ``groups`` (a patient per patch) the k shots of a class come from whole
+    patients drawn at random, and test is every patch of the patients not drawn: the
+    other patches of a drawn patient are in neither set.
 
     Raises
     ------
     ConfigError
-        A class has k or fewer patches (none would be left to test on).
+        A class has k or fewer patches (none would be left to test on), or, by group,
+        too few patients to draw k shots and leave one to test on.
     """
     rng = np.random.default_rng(seed)
-    train = []
+    if groups is None:
+        train = []
+        for c in range(len(classes)):
+            idx = np.flatnonzero(labels == c)
+            if len(idx) == 0:
+                continue
+            if k >= len(idx):
+                raise ConfigError(
+                    f"{k}-shot needs more than {k} patches of class {classes[c]!r}, which has {len(idx)}"
+                )
+            train.append(rng.choice(idx, size=k, replace=False))
+        tr = np.sort(np.concatenate(train))
+        te = np.setdiff1d(np.arange(len(labels)), tr)
+        assert not np.intersect1d(tr, te).size  # never trained and tested on the same patch
+        return tr, te
+    g = np.asarray(groups)
+    drawn_groups: set[str] = set()
+    picked: list[int] = []
     for c in range(len(classes)):
         idx = np.flatnonzero(labels == c)
         if len(idx) == 0:
             continue
-        if k >= len(idx):
+        need = k
+        for grp in rng.permutation(np.unique(g[idx])).tolist():
+            if need == 0:
+                break
+            own = rng.permutation(idx[g[idx] == grp])[:need]
+            picked += own.tolist()
+            need -= len(own)
+            drawn_groups.add(grp)
+        left = idx[~np.isin(g[idx], list(drawn_groups))]
+        if need > 0 or len(left) == 0:
             raise ConfigError(
-                f"{k}-shot needs more than {k} patches of class {classes[c]!r}, which has {len(idx)}"
+                f"{k}-shot by patient needs more patches of class {classes[c]!r} than its "
+                f"{len(np.unique(g[idx]))} patients give while leaving one patient to test on"
             )
-        train.append(rng.choice(idx, size=k, replace=False))
-    tr = np.sort(np.concatenate(train))
-    te = np.setdiff1d(np.arange(len(labels)), tr)
-    assert not np.intersect1d(tr, te).size  # never trained and tested on the same patch
+    tr = np.sort(np.asarray(picked, np.int64))
+    te = np.flatnonzero(~np.isin(g, list(drawn_groups))).astype(np.int64)
+    assert not set(g[tr]) & set(g[te])  # never trained and tested on one patient
     return tr, te
 
 
@@ -102,37 +137,37 @@ def tip_adapter(
 
 
 def few_shot_curves(
-    data: FewShotData, *, shots: Sequence[int], repeats: int, seed: int, score: Scorer
+    data: FewShotData,
+    *,
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    score: Scorer,
+    groups: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (k, repeat, method) with ``score(test labels, probabilities)``."""
+    """One row per (k, repeat, method) with ``score(test labels, probabilities)``; draws
+    and tests by ``groups`` (a patient per patch) when given. ``progress(1)`` is called
+    after every draw."""
     rows: list[dict[str, Any]] = []
     names = np.array(data.classes)
     for k in shots:
         for r in range(repeats):
-            tr, te = draw(data.labels, k, seed * 100_003 + r, data.classes)
+            tr, te = draw(data.labels, k, seed * 100_003 + r, data.classes, groups)
             y_true = names[data.labels[te]].tolist()
-            coef, intercept, c = fit_linear(data.features[tr], data.labels[tr], seed=seed + r)
-            seen = len(np.unique(data.labels[tr]))
-            probe = linear_probs(coef, intercept, data.features[te], seen)
+            k_cls = len(data.classes)
+            coef, intercept, c = fit_linear_full(data.features[tr], data.labels[tr], k_cls, seed=seed + r)
             results = {
                 "zero-shot": _softmax(data.zero_shot_logits[te]),
-                "linear probe": _expand(probe, data.labels[tr], len(data.classes)),
+                "linear probe": linear_probs(coef, intercept, data.features[te], k_cls),
                 "Tip-Adapter": tip_adapter(data, tr, te),
             }
             for method, probs in results.items():
                 row = {"shots": k, "repeat": r, "method": method, "n_train": len(tr), "n_test": len(te)}
                 rows.append(row | dict(score(y_true, probs)) | ({"C": c} if method == "linear probe" else {}))
+            if progress is not None:
+                progress(1)
     return rows
-
-
-def _expand(probs: NDArray[np.float32], y_train: NDArray[np.int64], k: int) -> NDArray[np.float32]:
-    """The probe's columns are the classes it was trained on; put them in class order."""
-    seen = np.unique(y_train)
-    if len(seen) == k:
-        return probs
-    out = np.zeros((len(probs), k), np.float32)
-    out[:, seen] = probs
-    return out
 
 
 def summarize_curves(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:

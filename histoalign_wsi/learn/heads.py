@@ -21,7 +21,17 @@ from .abmil import ABMILConfig, ScaleAwareABMIL, predict_bag, train_abmil
 from .bags import Bag, BagSource
 from .distill import MLPConfig, MLPHead
 
-__all__ = ["HEADS", "Head", "Scorer", "cross_validate", "fit_head", "fit_linear", "linear_probs"]
+__all__ = [
+    "ABSENT_LOGIT",
+    "HEADS",
+    "Head",
+    "Scorer",
+    "cross_validate",
+    "fit_head",
+    "fit_linear",
+    "fit_linear_full",
+    "linear_probs",
+]
 
 #: metrics of held-out predictions: (true labels, probabilities [n, K]) -> {name: value};
 #: given by the caller (the outputs stage owns the metrics)
@@ -56,6 +66,28 @@ def fit_linear(
     else:
         model, c = base.set_params(C=1.0).fit(x, y), 1.0
     return model.coef_.astype(np.float64), model.intercept_.astype(np.float64), c
+
+
+#: the intercept of a class that no training row had: its probability is exactly 0
+ABSENT_LOGIT = -1.0e4
+
+
+def fit_linear_full(
+    x: NDArray[np.float32], y: NDArray[np.int64], k: int, *, seed: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """:func:`fit_linear` on the classes present in ``y`` (indices into ``k`` classes),
+    returned with one row per class of all ``k``: a class absent from these rows gets a
+    zero row and :data:`ABSENT_LOGIT`, so probabilities always have ``k`` columns in class
+    order (a training fold may lack a class)."""
+    present = np.unique(y)
+    coef, icpt, c = fit_linear(x, np.searchsorted(present, y), seed=seed)
+    if len(present) == 2 and coef.shape[0] == 1:  # sklearn's binary form: one row for class 1
+        coef = np.concatenate([np.zeros_like(coef), coef])
+        icpt = np.concatenate([np.zeros_like(icpt), icpt])
+    full_coef = np.zeros((k, x.shape[1]), np.float64)
+    full_icpt = np.full(k, ABSENT_LOGIT, np.float64)
+    full_coef[present], full_icpt[present] = coef, icpt
+    return full_coef, full_icpt, c
 
 
 def linear_probs(
@@ -181,12 +213,15 @@ def fit_head(
     *,
     seed: int,
     epochs: int,
+    groups: Sequence[str] | None = None,
 ) -> Head:
-    """Train head ``name`` (see :data:`HEADS`) on the slides ``ids``."""
+    """Train head ``name`` (see :data:`HEADS`) on the slides ``ids`` (``y`` indexes
+    ``classes``; a class without slides here gets probability 0). ``groups`` (a patient
+    per slide) keeps a patient on one side of the attention MIL's early-stopping split."""
     cls, scales, encs = tuple(classes), source.scale_names, source.encoders
     if name == "linear":
         x = np.stack([source.bag(s).pooled() for s in ids])
-        coef, intercept, c = fit_linear(x, y, seed=seed)
+        coef, intercept, c = fit_linear_full(x, y, len(classes), seed=seed)
         return Head(name, "linear", cls, scales, encs, {"C": c}, coef=coef, intercept=intercept)
     if name not in HEADS:
         raise ConfigError(f"unknown head {name!r} (choose {', '.join(HEADS)})")
@@ -196,7 +231,7 @@ def fit_head(
         n_scales=len(source.scale_names),
         scale_embedding=name == "abmil",
     )
-    model, hist = train_abmil(source, ids, y.tolist(), cfg, seed=seed, epochs=epochs)
+    model, hist = train_abmil(source, ids, y.tolist(), cfg, seed=seed, epochs=epochs, groups=groups)
     params = {"seed": seed, **{k: v for k, v in hist.items() if k != "val_losses"}}
     return Head(name, "abmil", cls, scales, encs, params, model=model)
 
@@ -220,18 +255,30 @@ def cross_validate(
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.array([list(classes).index(labels[s]) for s in ids], np.int64)
-    least = int(np.bincount(y)[np.bincount(y) > 0].min())
-    if folds > least:
-        raise ConfigError(
-            f"{folds}-fold cross-validation needs at least {folds} slides of every class; "
-            f"the smallest class has {least} (lower 'folds' or add slides)"
-        )
     g = np.array([(groups or {}).get(s, s) for s in ids])
+    unit = "patients" if groups else "slides"
+    per_class = {classes[k]: len(np.unique(g[y == k])) for k in np.unique(y)}
+    least = min(per_class, key=lambda c: per_class[c])
+    if folds < 2 or folds > per_class[least]:
+        raise ConfigError(
+            f"{folds}-fold cross-validation needs at least {max(folds, 2)} {unit} of every class "
+            f"(and folds >= 2); class {least!r} has {per_class[least]} (lower 'folds' or add {unit})"
+        )
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     out: dict[str, Any] = {h: {"folds": [], "oof": {}} for h in heads}
     for f, (tr, te) in enumerate(splitter.split(np.zeros(len(ids)), y, g)):
+        assert not set(g[tr]) & set(g[te])  # held out means held out
         for h in heads:
-            head = fit_head(h, source, [ids[i] for i in tr], y[tr], classes, seed=seed + f, epochs=epochs)
+            head = fit_head(
+                h,
+                source,
+                [ids[i] for i in tr],
+                y[tr],
+                classes,
+                seed=seed + f,
+                epochs=epochs,
+                groups=g[tr].tolist() if groups else None,
+            )
             probs = np.stack([head.predict(source.bag(ids[i]))[0] for i in te])
             held_out = [ids[i] for i in te]
             out[h]["folds"].append(dict(score([labels[s] for s in held_out], probs)) | {"slides": held_out})

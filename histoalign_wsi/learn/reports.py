@@ -9,6 +9,8 @@ import csv
 import hashlib
 import json
 import logging
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,16 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["SPLITS", "Corpus", "ReportSheet", "match_reports", "read_corpus", "read_reports", "split_slides"]
+__all__ = [
+    "SPLITS",
+    "Corpus",
+    "ReportSheet",
+    "match_reports",
+    "read_corpus",
+    "read_reports",
+    "split_slides",
+    "text_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +206,17 @@ def split_slides(
     return out
 
 
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def text_key(text: str) -> str:
+    """A hash of a report's normalised text (Unicode NFKC, case-folded, every run of
+    punctuation and white space one space), so that copies differing only in layout,
+    case or punctuation share one key."""
+    norm = _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return hashlib.sha256(norm.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Corpus:
     """Unpaired report texts with ids (file names, or the ``report_id`` column)."""
@@ -209,6 +231,15 @@ class Corpus:
         for i, t in zip(self.ids, self.texts, strict=True):
             h.update(i.encode() + b"\0" + t.encode() + b"\0")
         return h.hexdigest()[:16]
+
+    def without(self, texts: Sequence[str]) -> tuple[Corpus, list[str]]:
+        """The corpus less every report whose :func:`text_key` equals one of ``texts``'
+        (a cohort's own reports), and the ids left out."""
+        keys = {text_key(t) for t in texts}
+        drop = [i for i, t in zip(self.ids, self.texts, strict=True) if text_key(t) in keys]
+        gone = set(drop)
+        kept = [(i, t) for i, t in zip(self.ids, self.texts, strict=True) if i not in gone]
+        return Corpus(self.source, tuple(i for i, _ in kept), tuple(t for _, t in kept)), drop
 
 
 def read_corpus(path: str | Path) -> Corpus:

@@ -16,7 +16,7 @@ from ..config import load_schema
 from ..errors import ConfigError
 from .reader import SLIDE_EXTENSIONS
 
-__all__ = ["SlideEntry", "discover_slides", "read_labels", "slide_id_for"]
+__all__ = ["SlideEntry", "discover_slides", "read_labels", "read_patients", "slide_id_for"]
 
 # Unicode letters and digits are kept (Snakemake wildcards and file systems take them), so
 # `café.svs` is `café` and `中文.svs` is `中文`; every other run of characters becomes `_`.
@@ -135,5 +135,24 @@ def read_labels(path: str | Path) -> dict[str, str]:
             if not reader.fieldnames or not {"slide_id", "label"} <= set(reader.fieldnames):
                 raise ConfigError(f"label sheet {str(p)!r} needs columns slide_id,label")
             return {r["slide_id"].strip(): r["label"].strip() for r in reader if r.get("slide_id")}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"label sheet {str(p)!r} does not exist") from exc
+
+
+def read_patients(path: str | Path) -> dict[str, str] | None:
+    """``slide_id -> patient_id`` when a label sheet has a ``patient_id`` column (splits
+    then keep a patient on one side), else None. An empty cell is the slide's own group."""
+    p = Path(path)
+    delim = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, delimiter=delim)
+            if "patient_id" not in (reader.fieldnames or []):
+                return None
+            return {
+                r["slide_id"].strip(): (r.get("patient_id") or "").strip() or r["slide_id"].strip()
+                for r in reader
+                if r.get("slide_id")
+            }
     except FileNotFoundError as exc:
         raise ConfigError(f"label sheet {str(p)!r} does not exist") from exc

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from .._atomic import atomic_file
 from ..config import Config
 from ..errors import ConfigError
-from ..slides.cohort import read_labels
+from ..slides.cohort import read_labels, read_patients
 
 __all__ = ["run_fit", "run_predict", "scorer"]
 
@@ -72,7 +72,7 @@ def run_fit(
     names = list(dict.fromkeys([*heads, *(["abmil_noscale"] if "abmil" in heads else [])]))
     source = BagSource(stores)
     labels = read_labels(sheet)
-    groups = _patients(sheet)
+    groups = read_patients(sheet)
     bag_classes = load_bag(cfg.prompt_bag).class_names
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
@@ -90,7 +90,16 @@ def run_fit(
     )
     y = np.array([classes.index(labels[s]) for s in ids], np.int64)
     for name in names:
-        head = fit_head(name, source, ids, y, classes, seed=seed, epochs=epochs)
+        head = fit_head(
+            name,
+            source,
+            ids,
+            y,
+            classes,
+            seed=seed,
+            epochs=epochs,
+            groups=[groups.get(s, s) for s in ids] if groups else None,
+        )
         head.save(out / name)
         if name == "abmil" and attention_dir is not None:
             _write_attention(head, source, attention_dir)
@@ -101,20 +110,6 @@ def run_fit(
             "%s: balanced accuracy %s (mean of %d folds)", name, cv[name]["mean"]["balanced_accuracy"], folds
         )
     return report
-
-
-def _patients(sheet: Path) -> dict[str, str] | None:
-    """slide_id -> patient_id when the label sheet has that column (folds then split by
-    patient, so no patient is on both sides)."""
-    sep = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
-    import pandas as pd  # lazily: the CLI's start-up stays light
-
-    df = pd.read_csv(sheet, sep=sep, dtype=str)
-    if "patient_id" not in df.columns:
-        return None
-    return dict(
-        zip(df["slide_id"].str.strip(), df["patient_id"].fillna(df["slide_id"]).str.strip(), strict=True)
-    )
 
 
 def _write_attention(head: Any, source: Any, folder: Path) -> None:

@@ -55,11 +55,15 @@ def _slide_items(stores: Sequence[Path], cfg: Config) -> tuple[dict[str, Any], A
     return items, enc
 
 
-def _patch_items(folder: Path, cfg: Config) -> tuple[dict[str, Any], Any]:
+def _patch_items(
+    folder: Path, cfg: Config, groups: Path | None, group_pattern: str
+) -> tuple[dict[str, Any], Any]:
+    from ..learn.groups import patch_groups
     from ..zeroshot.patches import encode_patches, find_patches
 
-    enc = report_encoder(cfg)
     found = find_patches(folder)
+    grouping = patch_groups([p for p, _ in found], folder, sheet=groups, pattern=group_pattern)
+    enc = report_encoder(cfg)
     feats = encode_patches([p for p, _ in found], [enc])[enc.name]
     ids = [str(p.relative_to(folder)) for p, _ in found]
     labels = ["" if f == UNLABELLED else f for _, f in found]
@@ -68,17 +72,55 @@ def _patch_items(folder: Path, cfg: Config) -> tuple[dict[str, Any], Any]:
         "scale_names": ["patch"],
         "store_encoders": {enc.name: {"weights_sha256": enc.weights_sha256, "embedding_dim": feats.shape[1]}},
         "untrained": enc.entry.untrained,
+        "grouping": grouping.summary(),
     }
-    return {"ids": ids, "labels": labels, "image": list(feats), "student": list(feats), "meta": meta}, enc
+    items = {"ids": ids, "labels": labels, "image": list(feats), "student": list(feats), "meta": meta}
+    return items | {"groups": list(grouping.keys) if grouping.keys else []}, enc
+
+
+def _cohort_overlap(corpus: Any, sheet: Path | None) -> tuple[Any, list[str]]:
+    """The corpus less the cohort's own reports (same normalised text): otherwise a
+    "teacher with text" would read a held-out item's own report."""
+    from ..learn.reports import read_reports
+
+    if sheet is None:
+        return corpus, []
+    kept, dropped = corpus.without(list(read_reports(sheet).reports.values()))
+    if dropped:
+        log.warning(
+            "report corpus %s: %d report(s) equal to the cohort's own (report sheet %s) left out",
+            corpus.source,
+            len(dropped),
+            sheet,
+        )
+    if not kept.ids:
+        raise ConfigError(
+            f"report corpus {str(corpus.source)!r}: every report is one of the cohort's own "
+            f"(report sheet {str(sheet)!r}); pairing needs an unpaired corpus"
+        )
+    return kept, dropped
 
 
 def run_pair_reports(
-    inputs: Sequence[Path], corpus_path: Path | None, out: Path, cfg: Config, *, k: int | None = None
+    inputs: Sequence[Path],
+    corpus_path: Path | None,
+    out: Path,
+    cfg: Config,
+    *,
+    k: int | None = None,
+    cohort_reports: Path | None = None,
+    groups: Path | None = None,
+    group_pattern: str = "auto",
 ) -> dict[str, Any]:
     """Pair every slide (``inputs`` = feature stores) or patch (``inputs`` = one folder of
     class sub-folders) with its top-k corpus reports: ``out/pairs.csv`` (item, rank,
     report_id, report_index, score), ``out/items.npz`` (what ``distill`` reads) and
-    ``out/summary.json``. The corpus embeddings are cached in ``out/../cache``."""
+    ``out/summary.json``. The corpus embeddings are cached in ``out/../cache``.
+
+    Corpus reports equal (after normalisation: :func:`~..learn.reports.text_key`) to one
+    of the cohort's own reports (``cohort_reports``, else the configured ``reports``
+    sheet) are left out and counted. Patches carry their patient key (``groups`` sheet or
+    ``group_pattern``) to ``distill``'s split."""
     from ..learn.pairing import fuse_paired_text, pair_topk
     from ..learn.report_text import embed_texts
     from ..learn.reports import read_corpus
@@ -87,14 +129,15 @@ def run_pair_reports(
     path = corpus_path or (Path(cfg.report_corpus) if cfg.report_corpus else None)
     if path is None:
         raise ConfigError("pair-reports needs a report corpus: give --corpus or set report_corpus")
-    corpus = read_corpus(path)
+    own = cohort_reports or (Path(cfg.reports) if cfg.reports else None)
+    corpus, excluded = _cohort_overlap(read_corpus(path), own)
     if (
         len(inputs) == 1
         and inputs[0].is_dir()
         and not (inputs[0] / "zarr.json").exists()
         and not (inputs[0] / ".zgroup").exists()
     ):
-        items, enc = _patch_items(inputs[0], cfg)
+        items, enc = _patch_items(inputs[0], cfg, groups, group_pattern)
     else:
         items, enc = _slide_items(inputs, cfg)
     if not items["ids"]:
@@ -116,6 +159,7 @@ def run_pair_reports(
             student=np.stack(items["student"]).astype(np.float32),
             image=image,
             paired_text=paired,
+            groups=np.array(items.get("groups") or [], dtype=str),
             meta=np.array(json.dumps(meta)),
         )
     summary = {
@@ -123,6 +167,8 @@ def run_pair_reports(
         "kind": meta["kind"],
         "corpus": str(path),
         "corpus_reports": len(corpus.ids),
+        "corpus_excluded_as_cohort_reports": len(excluded),
+        "cohort_report_sheet": str(own) if own else None,
         "corpus_text": text.summary(),
         "k": k,
         "mean_top1_score": float(pairs.score[:, 0].mean()),
@@ -136,17 +182,37 @@ def run_pair_reports(
     return summary
 
 
-def _stratified_test(
-    y: NDArray[np.int64], groups: NDArray[Any], fraction: float, seed: int
-) -> NDArray[np.bool_]:
-    """A seeded held-out mask: about ``fraction`` of each class's groups (at least one)."""
+def _test_groups(y: NDArray[np.int64], groups: NDArray[Any], fraction: float, seed: int) -> set[str]:
+    """Seeded held-out groups: about ``fraction`` of each class's groups (at least one),
+    among the labelled items ``y``/``groups``. Every item of a held-out group is held out."""
     rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), bool)
+    held: set[str] = set()
     for c in np.unique(y):
         g = np.unique(groups[y == c])
-        pick = rng.permutation(g)[: max(1, round(fraction * len(g)))]
-        test |= np.isin(groups, pick) & (y == c)
-    return test
+        held.update(rng.permutation(g)[: max(1, round(fraction * len(g)))].tolist())
+    return held
+
+
+def _read_items(path: Path) -> tuple[Any, dict[str, Any]]:
+    """``items.npz`` as ``pair-reports`` wrote it, and its metadata; anything else is
+    refused in one line naming the file (object arrays are never unpickled)."""
+    import zipfile
+
+    if not path.exists():
+        raise ConfigError(f"{str(path.parent)!r} holds no items.npz: run pair-reports first")
+    try:
+        z = np.load(path, allow_pickle=False)
+        need = {"ids", "labels", "student", "paired_text", "meta"}
+        if not hasattr(z, "files") or not need <= set(z.files):
+            raise ValueError(f"needs arrays {sorted(need)}")
+        meta = json.loads(str(z["meta"]))
+        if not isinstance(meta, dict) or "kind" not in meta:
+            raise ValueError("its meta is not pair-reports' metadata")
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{str(path)!r} is not a pair-reports items file ({exc}); run pair-reports again"
+        ) from exc
+    return z, meta
 
 
 def run_distill(
@@ -158,16 +224,15 @@ def run_distill(
     from ..learn.distill import DistillSettings, distill
     from ..learn.heads import Head
     from ..outputs.metrics import write_json
-    from ..slides.cohort import read_labels
+    from ..slides.cohort import read_labels, read_patients
     from ..zeroshot.prompts import load_bag
 
-    try:
-        z = np.load(pairs_dir / "items.npz", allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{str(pairs_dir)!r} holds no items.npz: run pair-reports first") from exc
-    meta = json.loads(str(z["meta"]))
+    z, meta = _read_items(pairs_dir / "items.npz")
     ids = [str(s) for s in z["ids"]]
     labels = {s: str(v) for s, v in zip(ids, z["labels"], strict=True) if str(v)}
+    saved_groups = [str(g) for g in z["groups"]] if "groups" in z.files else []
+    grp = np.array(saved_groups if len(saved_groups) == len(ids) else ids)
+    split_by = meta.get("grouping", {}).get("by", "item") if saved_groups else "item"
     sheet = labels_sheet or (Path(cfg.labels) if cfg.labels else None)
     if meta["kind"] == "slides":
         if sheet is None:
@@ -177,6 +242,12 @@ def run_distill(
         if unknown:
             raise ConfigError(f"label sheet {str(sheet)!r} names slides that were not paired: {unknown[:10]}")
         labels = given
+        patients = read_patients(sheet)
+        if patients:
+            grp = np.array([patients.get(s, s) for s in ids])
+            split_by = "patient (label sheet)"
+        else:
+            split_by = "slide"
     bag_classes = list(load_bag(cfg.prompt_bag).class_names)
     present = set(labels.values())
     classes = [c for c in bag_classes if c in present] + sorted(present - set(bag_classes))
@@ -186,12 +257,15 @@ def run_distill(
     s = DistillSettings(d.epochs, d.lr, d.weight_decay, d.hidden, d.weight, d.seed if seed is None else seed)
     y = np.array([classes.index(labels[i]) if i in labels else -1 for i in ids], np.int64)
     lab = y >= 0
-    test = np.zeros(len(ids), bool)
-    test[lab] = _stratified_test(y[lab], np.array(ids)[lab], d.test_fraction, s.seed)
+    held = _test_groups(y[lab], grp[lab], d.test_fraction, s.seed)
+    in_held = np.isin(grp, list(held))
+    test = lab & in_held
     if (lab & ~test).sum() < 2 or test.sum() < 2:
         raise ConfigError(f"distill: too few labelled items ({int(lab.sum())}) for a train and a test split")
     student_x, text = z["student"], z["paired_text"]
-    pool = ~test  # labelled training items and every unlabelled item
+    # labelled training items and the unlabelled ones, less every item of a held-out group
+    pool = ~in_held
+    assert not set(grp[pool]) & set(grp[test])
     res = distill(student_x[pool], text[pool], np.where(lab, y, -1)[pool], len(classes), s)
     score = scorer(classes)
     truth = [classes[k] for k in y[test]]
@@ -217,6 +291,8 @@ def run_distill(
         "n_labelled_train": int((lab & ~test).sum()),
         "n_unlabelled": int((~lab).sum()),
         "n_test": int(test.sum()),
+        "split_by": split_by,
+        "n_groups": len(set(grp.tolist())),
         "test_items": [i for i, t in zip(ids, test, strict=True) if t],
         "settings": s.__dict__,
         "untrained": meta["untrained"],

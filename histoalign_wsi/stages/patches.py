@@ -51,11 +51,17 @@ def run_few_shot(
     seed: int,
     mapping: Path | None = None,
     text_path: Path | None = None,
+    groups: Path | None = None,
+    group_pattern: str = "auto",
 ) -> dict[str, Any]:
     """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches:
-    ``curves.csv`` (every draw), ``summary.json`` (mean and sd) and ``curves.png``."""
+    ``curves.csv`` (every draw), ``summary.json`` (mean and sd, and the grouping used) and
+    ``curves.png``. Draws and tests keep a patient's patches together when the patches
+    carry a patient key (``groups`` sheet, or ``group_pattern`` on file names)."""
+    from .._progress import Progress
     from ..features.adapters import load_encoders, resolve_device
     from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
+    from ..learn.groups import patch_groups
     from ..outputs.metrics import write_json
     from ..outputs.plots import plot_curves
     from ..zeroshot.alignment import AlignmentSpec, fused_logits
@@ -72,11 +78,21 @@ def run_few_shot(
         raise ConfigError(
             f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); give --mapping"
         )
+    grouping = patch_groups([p for p, _ in items], patch_dir, sheet=groups, pattern=group_pattern)
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
     feats = encode_patches([p for p, _ in items], encs)
     zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
     data = FewShotData.from_encoders(feats, labels, zs, classes)
-    rows = few_shot_curves(data, shots=shots, repeats=repeats, seed=seed, score=scorer(classes))
+    with Progress(len(shots) * repeats, desc="few-shot", unit="draw") as bar:
+        rows = few_shot_curves(
+            data,
+            shots=shots,
+            repeats=repeats,
+            seed=seed,
+            score=scorer(classes),
+            groups=grouping.keys,
+            progress=bar.update,
+        )
     with atomic_file(out / "curves.csv") as tmp:
         import pandas as pd  # lazily: the CLI's start-up stays light
 
@@ -89,6 +105,7 @@ def run_few_shot(
         "seed": seed,
         "tip_adapter": {"alpha": TIP_ALPHA, "beta": TIP_BETA},
         "n_patches": len(items),
+        "grouping": grouping.summary(),
         "untrained": any(e.entry.untrained for e in encs),
         "encoders": {e.name: e.weights_sha256 for e in encs},
         "curves": curves,

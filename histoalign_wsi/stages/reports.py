@@ -72,6 +72,16 @@ def _labels(sheet_labels: Mapping[str, str], labels_sheet: Path | None) -> dict[
     return out
 
 
+def _patients(sheet_patients: Mapping[str, str], labels_sheet: Path | None) -> dict[str, str]:
+    """slide -> patient from the report sheet's ``patient_id``, and the label sheet's."""
+    from ..slides.cohort import read_patients
+
+    out = dict(sheet_patients)
+    if labels_sheet is not None:
+        out.update(read_patients(labels_sheet) or {})
+    return out
+
+
 def _classes(labels: Mapping[str, str], bag_classes: Sequence[str], where: str) -> list[str]:
     bad = sorted(set(labels.values()) - set(bag_classes))
     if bad:
@@ -99,7 +109,7 @@ def run_train_reports(
     control: retrieval then stays at chance)."""
     from ..learn.bags import BagSource
     from ..learn.contrastive import ContrastiveSettings, embed_slides, train_contrastive
-    from ..learn.evaluation import class_centroids, probe_cv, retrieval, zero_shot_probs
+    from ..learn.evaluation import class_centroids, retrieval, zero_shot_probs
     from ..learn.report_text import embed_texts
     from ..learn.reports import match_reports, read_reports, split_slides
     from ..outputs.metrics import write_json
@@ -130,9 +140,10 @@ def run_train_reports(
         log.warning("%d slides have no tiles and are left out: %s", len(empty), ", ".join(empty))
         ids = [s for s in ids if s not in set(empty)]
     where = f"report sheet {str(path)!r}"
+    patients = _patients(sheet.patients, labels_sheet)
     splits = split_slides(
         ids,
-        groups=sheet.patients or None,
+        groups=patients or None,
         given={s: sheet.splits[s] for s in ids} if sheet.splits else None,
         fractions=(tr.val_fraction, tr.test_fraction),
         seed=settings.seed,
@@ -160,7 +171,7 @@ def run_train_reports(
         "encoder": {"name": enc.name, "weights_sha256": enc.weights_sha256, "untrained": enc.entry.untrained},
         "reports": texts.summary(),
         "splits": {k: len(v) for k, v in splits.items()},
-        "split_by": "sheet" if sheet.splits else ("patient" if sheet.patients else "slide"),
+        "split_by": "sheet" if sheet.splits else ("patient" if patients else "slide"),
         "no_tissue": empty,
         "shuffled_pairs": shuffle_pairs,
         "settings": {**settings.__dict__},
@@ -195,20 +206,9 @@ def run_train_reports(
             res["zero_shot"] = scorer(classes)([labels[s] for s in lab_test], probs)
         else:
             res["zero_shot"] = {"skipped": "needs labels of two classes among the test slides"}
-        lab_all = [s for s in ids if s in labels]
-        if len(classes) >= 2:
-            groups = {i: sheet.patients.get(s, s) for i, s in enumerate(lab_all)}
-            res["linear_probe"] = probe_cv(
-                z[[idx[s] for s in lab_all]],
-                [labels[s] for s in lab_all],
-                classes,
-                scorer(classes),
-                folds=tr.probe_folds,
-                seed=settings.seed,
-                groups=groups,
-            )
-        else:
-            res["linear_probe"] = {"skipped": "needs labels of two classes"}
+        res["linear_probe"] = _held_out_probe(
+            z, idx, lab_test, labels, classes, patients, folds=tr.probe_folds, seed=settings.seed
+        )
         model.save(
             out / name,
             {
@@ -234,6 +234,44 @@ def run_train_reports(
             r["n"],
         )
     return result
+
+
+def _held_out_probe(
+    z: NDArray[np.float32],
+    idx: Mapping[str, int],
+    test: Sequence[str],
+    labels: Mapping[str, str],
+    classes: Sequence[str],
+    patients: Mapping[str, str],
+    *,
+    folds: int,
+    seed: int,
+) -> dict[str, Any]:
+    """A linear probe of the learned embeddings, cross-validated *inside the test split*:
+    no slide that trained (or early-stopped) the contrastive model is fitted or scored,
+    since their reports name the diagnosis the probe predicts. Folds group by patient.
+    Too few labelled test slides is said in the output, never made up with training
+    slides."""
+    from ..learn.evaluation import probe_cv
+
+    if len(classes) < 2:
+        return {"skipped": "needs labels of two classes"}
+    lab = [s for s in test if s in labels]
+    res = probe_cv(
+        z[[idx[s] for s in lab]],
+        [labels[s] for s in lab],
+        classes,
+        scorer(classes),
+        folds=folds,
+        seed=seed,
+        groups={i: patients.get(s, s) for i, s in enumerate(lab)},
+    )
+    if "skipped" in res:
+        res["skipped"] = (
+            f"the test split holds {len(lab)} labelled slides; {res['skipped']} among them "
+            "(training slides are never borrowed: add test slides or raise train_reports.test_fraction)"
+        )
+    return res | {"slides": "test split only", "n_slides": len(lab)}
 
 
 def _write_vectors(path: Path, arrays: Mapping[str, NDArray[Any]]) -> None:
