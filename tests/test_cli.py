@@ -249,3 +249,63 @@ def _min_args(sub: str) -> list[str]:
         "distill": ["pairs", "--out", "d"],
         "report": ["p.csv", "--out", "r.html"],
     }[sub]
+
+
+#: the stages that work on stored features, scores and predictions: numpy only, no torch
+#: (a job of one of them would otherwise spend about 1.6 s and 500 MB importing it)
+TORCH_FREE = ("score", "calibrate", "summarize", "heatmap", "export-geojson", "evaluate-segmentation", "report")
+
+
+def _fresh(args: list[str]) -> dict[str, object]:
+    """Run one subcommand in a new interpreter; report its exit code and whether torch
+    (or torchvision, open_clip) was imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from histoalign_wsi.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules)\n"
+        "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_stages_without_a_model_never_import_torch(cohort: Path, tmp_path: Path) -> None:
+    """Each stage that needs no model runs for real in a fresh process, on the outputs
+    of the chain, and finishes without torch in ``sys.modules``."""
+    r = cohort / "results"
+    sid, slide = "demo_01", str(cohort / "slides" / "demo_01.svs")
+    store = r / "features" / f"{sid}.zarr"
+    if not store.exists():  # the chain test did not run first (a -k selection)
+        assert main(["tissue", slide, "--out", str(r / "tissue" / f"{sid}.png")]) == 0
+        tiles = str(r / "tiles" / f"{sid}.zarr")
+        assert main(["tile", slide, "--tissue", str(r / "tissue" / f"{sid}.png"), "--out", tiles]) == 0
+        assert main(["encode", tiles, "--slide", slide, "--out", str(store)]) == 0
+    text = tmp_path / "text.npz"
+    assert main(["embed-prompts", "--out", str(text), "--cache", str(tmp_path / "cache")]) == 0
+    o = tmp_path / "out"
+    pred, ts = o / "predictions" / f"{sid}.json", o / "tile_scores" / f"{sid}.parquet"
+    runs = {
+        "calibrate": [str(store), "--text", str(text), "--out", str(o / "calibration.json")],
+        "score": [str(store), "--text", str(text), "--prediction", str(pred), "--tile-scores", str(ts)],
+        "summarize": [str(pred), "--out", str(o / "predictions.csv")],
+        "heatmap": [str(ts), "--prediction", str(pred), "--slide", slide, "--out", str(o / "heatmaps" / sid)],
+        "export-geojson": [
+            *(str(ts), "--prediction", str(pred), "--store", str(r / "tiles" / f"{sid}.zarr")),
+            *("--out", str(o / "geojson" / f"{sid}.geojson")),
+        ],
+        "evaluate-segmentation": [
+            *(str(ts), "--truth", str(cohort / "slides_truth" / sid / "masks.json")),
+            *("--out", str(o / "seg.json")),
+        ],
+        "report": [str(o / "predictions.csv"), "--out", str(o / "report.html")],
+    }
+    assert tuple(sorted(runs)) == tuple(sorted(TORCH_FREE))
+    for stage, args in runs.items():  # in dependency order
+        res = _fresh([stage, *args])
+        assert res == {"rc": 0, "heavy": []}, (stage, res)
+    assert (o / "report.html").is_file() and (o / "geojson" / f"{sid}.geojson").is_file()

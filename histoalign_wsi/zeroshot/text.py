@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,8 +16,10 @@ from numpy.typing import NDArray
 from .._atomic import atomic_file
 from ..config import Config
 from ..errors import StoreError
-from ..features.adapters import LoadedEncoder
 from .prompts import PromptBag
+
+if TYPE_CHECKING:  # the stages that only read text embeddings (score, calibrate) import no torch
+    from ..features.adapters import LoadedEncoder
 
 __all__ = ["EncoderText", "TextEmbeddings", "embed_bag", "load_text", "save_text", "text_for"]
 
@@ -138,10 +141,10 @@ def load_text(path: str | Path) -> TextEmbeddings:
 def text_for(cfg: Config, text_path: str | Path | None, cache: str | Path | None) -> TextEmbeddings:
     """Text embeddings from ``text_path``, or the configured bag embedded now by the
     configured encoders (as ``cfg.protocol`` makes its prompts; cached in ``cache``)."""
+    if text_path is not None:
+        return load_text(text_path)  # no model, no torch: the scoring stages stay light
     from ..features.adapters import load_encoders, resolve_device
     from .prompts import load_bag
 
-    if text_path is not None:
-        return load_text(text_path)
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
     return embed_bag(load_bag(cfg.prompt_bag), encs, protocol=cfg.protocol, cache_dir=cache)
