@@ -124,7 +124,7 @@ def _unlock(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _report(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_report(a.predictions, a.out, results=a.results)
+    stages.run_report(a.predictions, a.out, cfg, results=a.results, embed=a.embed)
     return 0
 
 
@@ -248,10 +248,16 @@ def _output_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("results", type=Path, help="the results folder")
     p.add_argument("--force", action="store_true", help="even if its pid now belongs to a live process")
 
-    p = _add(sub, "report", _report, "one self-contained HTML report for the cohort")
+    p = _add(sub, "report", _report, "the cohort's HTML report (heatmaps linked, or inlined with --embed)")
     p.add_argument("predictions", type=Path, help="predictions.csv")
     p.add_argument("--results", type=Path, help="results folder (default: the CSV's folder)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--embed",
+        action="store_true",
+        default=None,
+        help="inline every image: one file to send (a small cohort); default: config report.embed",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

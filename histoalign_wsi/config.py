@@ -212,6 +212,14 @@ class DistillParams:
 class HeatmapParams:
     max_size: int
     alpha: float
+    mpp: float | None = None
+    format: str = "webp"
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    embed: bool
+    page_size: int
 
 
 @dataclass(frozen=True)
@@ -257,6 +265,7 @@ class Config:
     distill: DistillParams
     heatmap: HeatmapParams
     geojson: GeoJSONParams
+    report: ReportParams
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -304,6 +313,7 @@ class Config:
             distill=DistillParams(**cfg["distill"]),
             heatmap=HeatmapParams(**cfg["heatmap"]),
             geojson=GeoJSONParams(**cfg["geojson"]),
+            report=ReportParams(**cfg["report"]),
             raw=cfg,
         )
 
@@ -348,6 +358,7 @@ STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
     "score": ("scales_mpp", "alignment", "pooling", "protocol", "conch", "encoder_weights"),
     "heatmap": ("reader", "mpp_override", "max_read_megapixels", "heatmap"),
     "export_geojson": ("geojson",),
+    "report": ("report",),
     "fit": ("prompt_bag", "heads", "fit"),
     "predict": ("prompt_bag", "pooling"),
     "train_reports": (

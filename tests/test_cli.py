@@ -253,7 +253,15 @@ def _min_args(sub: str) -> list[str]:
 
 #: the stages that work on stored features, scores and predictions: numpy only, no torch
 #: (a job of one of them would otherwise spend about 1.6 s and 500 MB importing it)
-TORCH_FREE = ("score", "calibrate", "summarize", "heatmap", "export-geojson", "evaluate-segmentation", "report")
+TORCH_FREE = (
+    "score",
+    "calibrate",
+    "summarize",
+    "heatmap",
+    "export-geojson",
+    "evaluate-segmentation",
+    "report",
+)
 
 
 def _fresh(args: list[str]) -> dict[str, object]:

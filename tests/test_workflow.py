@@ -104,7 +104,7 @@ def test_every_output_exists(done: Path) -> None:
     for sid in ids:
         assert open_store(r / "features" / f"{sid}.zarr").validate() == []
         assert (r / "predictions" / f"{sid}.json").is_file()
-        assert (r / "heatmaps" / sid / "argmax.png").is_file()
+        assert (r / "heatmaps" / sid / "argmax.webp").is_file()
         assert (r / "geojson" / f"{sid}.geojson").stat().st_size > 100
     for f in ("predictions.csv", "report.html", "metrics.json", "confusion_matrix.png"):
         assert (r / f).is_file(), f
@@ -389,7 +389,7 @@ def test_fit_and_predict_targets_and_attention_outputs(tmp_path: Path) -> None:
         table = pd.read_csv(r / "heads" / head / "predictions.csv")
         assert sorted(table["slide_id"]) == ["demo_01", "demo_02", "demo_03", "demo_04"]
     smk(w, "--cores", "2")
-    assert (r / "heatmaps" / "demo_01" / "attention.png").is_file()
+    assert (r / "heatmaps" / "demo_01" / "attention.webp").is_file()
     gj = json.loads((r / "geojson" / "demo_01.geojson").read_text())
     tile = next(f for f in gj["features"] if f["properties"]["objectType"] == "tile")
     assert "attention" in tile["properties"]["measurements"]

@@ -1,5 +1,9 @@
-"""The cohort report: one self-contained HTML page (images inlined), with a sortable
-table of slides, heatmaps, metrics, encoders and a warning for untrained results."""
+"""The cohort report: one HTML page that stays small and fast at 10,000 slides. The slide
+table is compact JSON, shown in pages by a little script that sorts and filters across
+every slide (state in the URL, so a view can be linked); each row links its heatmaps by
+relative path (the page sits in the results folder) and shows the small argmax thumbnail
+the heatmap stage writes. Metrics, encoders and what was learned from reports are plain
+HTML. ``embed=True`` inlines the images instead, for sending a small cohort as one file."""
 
 from __future__ import annotations
 
@@ -8,33 +12,41 @@ import html
 import io
 import json
 import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 from PIL import Image
 
 from .._atomic import atomic_file
-from ..zeroshot.prediction import Prediction, load_predictions
-from .heatmaps import class_files
+from ..zeroshot.prediction import Prediction
+from .heatmaps import FORMATS, class_files
 
-__all__ = ["write_report"]
+__all__ = ["PAGE_SIZE", "write_report"]
+
+#: slides per page of the table
+PAGE_SIZE = 50
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1,h2,h3{margin:.6em 0 .3em}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#eee;cursor:pointer;white-space:nowrap}
+th{background:#eee;white-space:nowrap}th.sort{cursor:pointer}th.sort:after{content:' \\2195';color:#888}
+tr.sel td{background:#eef5ff}tbody tr{cursor:pointer}
 .warn{background:#fde2e1;border:2px solid #c0392b;padding:12px;font-weight:bold;margin:12px 0}
 .probs{min-width:180px}.bar{display:flex;align-items:center;gap:4px;font-size:12px;line-height:14px}
 .bar span.fill{display:inline-block;height:10px;border-radius:2px}
 .bar span.lab{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:140px}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:calc(50% - 30px);
-min-width:300px;box-sizing:border-box}
-.card .figs{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;flex:1 1 260px;min-width:0}figure img{width:100%;height:auto;border:1px solid #999}
+.thumb{width:96px;height:auto;border:1px solid #999;display:block}
+.pager{display:flex;gap:8px;align-items:center;flex-wrap:wrap;margin:8px 0}
+.pager input{min-width:220px}
+.figs{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;flex:1 1 320px;min-width:0;max-width:640px}
+figure img{width:100%;height:auto;border:1px solid #999}
 figcaption{font-size:13px;color:#333;margin-top:2px}
 .legend{font-size:13px;margin:4px 0}.legend span{display:inline-block;margin-right:10px;white-space:nowrap}
 .sw{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;border:1px solid #555}
@@ -43,112 +55,211 @@ background:linear-gradient(to right,#000004,#420a68,#932667,#dd513a,#fca50a,#fcf
 code{font-size:90%;word-break:break-all}
 """
 
+# The table: DATA.rows are [id, label, predicted, status, n_tiles, probs[], areas{}, images{}];
+# sorting and filtering run over every row, rendering only over one page; all text goes
+# through textContent (never innerHTML), so names are shown exactly as written.
 _JS = """
-document.querySelectorAll('table.sortable th').forEach(function(th, i){
+(function(){
+var D = JSON.parse(document.getElementById('report-data').textContent);
+var C = D.classes, COL = D.colors, R = D.rows;
+var S = {sort: 'slide', asc: true, q: '', page: 1, size: D.page_size, sel: null};
+var KEYS = {slide: 0, label: 1, predicted: 2, status: 4, tiles: 5, probability: 6, regions: 7};
+function params(){
+  var h = new URLSearchParams(location.hash.slice(1));
+  if (h.get('sort') in KEYS) S.sort = h.get('sort');
+  if (h.has('asc')) S.asc = h.get('asc') !== '0';
+  if (h.has('q')) S.q = h.get('q');
+  if (h.has('page')) S.page = Math.max(1, parseInt(h.get('page')) || 1);
+  if (h.has('size')) S.size = Math.max(1, parseInt(h.get('size')) || D.page_size);
+}
+function top(r){ var p = r[5]; if (!p) return -1; return Math.max.apply(null, p); }
+function area(r){ var a = r[6] || {}, s = 0; for (var k in a) s += a[k]; return s; }
+function key(r){
+  switch (S.sort) {
+    case 'slide': return r[0]; case 'label': return r[1]; case 'predicted': return r[2];
+    case 'status': return r[3]; case 'tiles': return r[4]; case 'probability': return top(r);
+    case 'regions': return area(r);
+  }
+}
+function cmp(a, b){
+  var x = key(a), y = key(b), c;
+  if (typeof x === 'number' && typeof y === 'number') c = x - y;
+  else c = String(x).localeCompare(String(y), undefined, {numeric: true});
+  return S.asc ? c : -c;
+}
+function visible(){
+  var q = S.q.toLowerCase();
+  var rows = q ? R.filter(function(r){
+    return (r[0] + '\\t' + r[1] + '\\t' + r[2] + '\\t' + r[3]).toLowerCase().indexOf(q) >= 0;
+  }) : R.slice();
+  return rows.sort(cmp);
+}
+function el(tag, text, cls){
+  var e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = text;
+  if (cls) e.className = cls;
+  return e;
+}
+function bars(p){
+  var td = el('td', null, 'probs');
+  if (!p) return td;
+  var order = p.map(function(v, i){ return [v, i]; }).sort(function(a, b){ return b[0] - a[0]; });
+  order.forEach(function(o){
+    var d = el('div', null, 'bar'), f = el('span', null, 'fill');
+    f.style.width = Math.max(1, Math.round(80 * o[0])) + 'px';
+    f.style.background = 'rgb(' + COL[o[1]].join(',') + ')';
+    d.appendChild(f); d.appendChild(el('span', C[o[1]] + ' ' + o[0].toFixed(2), 'lab'));
+    td.appendChild(d);
+  });
+  return td;
+}
+function regions(a){
+  var td = el('td');
+  Object.keys(a || {}).sort(function(x, y){ return a[y] - a[x]; }).forEach(function(k){
+    td.appendChild(el('div', k + ' ' + a[k].toFixed(2)));
+  });
+  return td;
+}
+function thumb(r){
+  var td = el('td'), im = r[7] || {};
+  if (!im.thumb) return td;
+  var a = el('a'); a.href = im.argmax || im.thumb; a.target = '_blank';
+  var i = el('img', null, 'thumb'); i.loading = 'lazy'; i.src = im.thumb; i.alt = r[0];
+  a.appendChild(i); td.appendChild(a);
+  return td;
+}
+function detail(r){
+  S.sel = r[0];
+  var box = document.getElementById('detail'), im = r[7] || {};
+  box.hidden = false;
+  document.getElementById('detail-title').textContent = r[0];
+  document.getElementById('detail-pred').textContent = r[2];
+  var a = document.getElementById('detail-argmax'), p = document.getElementById('detail-class');
+  a.src = im.argmax || ''; a.alt = r[0] + ': argmax';
+  p.src = im.predicted || ''; p.alt = r[0] + ': P(' + r[2] + ')';
+  document.getElementById('fig-class').hidden = !im.predicted;
+  document.getElementById('detail-cls').textContent = r[2];
+  document.querySelectorAll('#slides tbody tr').forEach(function(tr){
+    tr.classList.toggle('sel', tr.dataset.id === r[0]);
+  });
+}
+function render(){
+  var rows = visible(), n = rows.length, pages = Math.max(1, Math.ceil(n / S.size));
+  S.page = Math.min(S.page, pages);
+  var tb = document.querySelector('#slides tbody'); tb.textContent = '';
+  rows.slice((S.page - 1) * S.size, S.page * S.size).forEach(function(r){
+    var tr = el('tr'); tr.dataset.id = r[0];
+    tr.appendChild(thumb(r)); tr.appendChild(el('td', r[0])); tr.appendChild(el('td', r[1]));
+    tr.appendChild(el('td', r[2])); tr.appendChild(bars(r[5])); tr.appendChild(el('td', r[3]));
+    tr.appendChild(el('td', r[4] === null ? '' : String(r[4]))); tr.appendChild(regions(r[6]));
+    tr.addEventListener('click', function(ev){ if (ev.target.tagName !== 'IMG') detail(r); });
+    tb.appendChild(tr);
+  });
+  document.getElementById('count').textContent =
+    n + ' of ' + R.length + ' slides; page ' + S.page + ' of ' + pages;
+  document.getElementById('q').value = S.q;
+  var h = 'sort=' + S.sort + '&asc=' + (S.asc ? 1 : 0) + '&page=' + S.page +
+    (S.q ? '&q=' + encodeURIComponent(S.q) : '') + (S.size !== D.page_size ? '&size=' + S.size : '');
+  if (location.hash.slice(1) !== h) history.replaceState(null, '', '#' + h);
+  var first = rows[(S.page - 1) * S.size];
+  if (first && !rows.some(function(r){ return r[0] === S.sel; })) detail(first);
+  else if (first) detail(rows.filter(function(r){ return r[0] === S.sel; })[0]);
+  document.body.dataset.ready = '1';
+}
+document.querySelectorAll('#slides th[data-key]').forEach(function(th){
+  th.classList.add('sort');
   th.addEventListener('click', function(){
-    var tb = th.closest('table').tBodies[0], rows = Array.from(tb.rows);
-    var asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
-    rows.sort(function(a, b){
-      var x = a.cells[i].dataset.v || a.cells[i].textContent;
-      var y = b.cells[i].dataset.v || b.cells[i].textContent;
-      var nx = parseFloat(x), ny = parseFloat(y);
-      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
-      return asc ? c : -c;
-    });
-    rows.forEach(function(r){ tb.appendChild(r); });
+    var k = th.dataset.key; S.asc = S.sort === k ? !S.asc : true; S.sort = k; S.page = 1; render();
   });
 });
+document.getElementById('q').addEventListener('input', function(e){
+  S.q = e.target.value; S.page = 1; render();
+});
+document.getElementById('prev').addEventListener('click', function(){
+  S.page = Math.max(1, S.page - 1); render();
+});
+document.getElementById('next').addEventListener('click', function(){ S.page += 1; render(); });
+window.addEventListener('hashchange', function(){ params(); render(); });
+params(); render();
+})();
 """
 
 
-def _img(path: Path, width: int = 640) -> str:
-    if not path.is_file():
-        return "<em>missing</em>"
+def _href(target: Path, base: Path) -> str:
+    """``target`` relative to the folder ``base``, as a URL path (every part quoted, so a
+    slide id with spaces, ``#`` or non-ASCII letters stays one link)."""
+    rel = os.path.relpath(target, base)
+    return "/".join(quote(part) for part in Path(rel).parts)
+
+
+def _inline(path: Path, width: int) -> str:
+    """A data URI of the image at ``path``, at most ``width`` px wide."""
     im = Image.open(path).convert("RGB")
     if im.width > width:
         im = im.resize((width, max(1, round(im.height * width / im.width))), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    alt = html.escape(path.stem)
-    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    im.save(buf, format="WEBP", quality=80)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _cell(value: Any) -> str:
-    """A table cell; missing values (an unlabelled slide) are empty, not ``nan``."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "<td data-v=''></td>"
-    shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-    return f"<td data-v='{html.escape(str(value), quote=True)}'>{html.escape(shown)}</td>"
+def _find(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.{webp,jpg,png}``, whichever format the heatmap stage wrote."""
+    for ext, _, _ in FORMATS.values():
+        if (p := folder / f"{stem}.{ext}").is_file():
+            return p
+    return None
 
 
-def _prob_bars(p: Prediction | None, colors: dict[str, Any]) -> str:
-    """All class probabilities folded into one compact cell of bars, largest first."""
-    if p is None or not p.probabilities:
-        return "<td class='probs' data-v='-1'></td>"
-    items = sorted(p.probabilities.items(), key=lambda kv: -kv[1])
-    bars = "".join(
-        f"<div class='bar'><span class='fill' style='width:{max(1, round(80 * v))}px;"
-        f"background:rgb{tuple(colors[c])}'></span><span class='lab'>{html.escape(c)} {v:.2f}</span></div>"
-        for c, v in items
-    )
-    return f"<td class='probs' data-v='{items[0][1]:.4f}'>{bars}</td>"
+def _images(hm: Path, pred: Prediction | None, base: Path, *, embed: bool) -> dict[str, str]:
+    """The links (or, with ``embed``, data URIs) of a slide's argmax map, its thumbnail
+    and the predicted class's heatmap."""
+    out: dict[str, str] = {}
+    argmax = _find(hm, "argmax")
+    thumb = _find(hm, "argmax_thumb") or argmax
+    cls = None
+    if pred is not None and pred.predicted_class in pred.classes:
+        stem = Path(class_files(list(pred.classes))[pred.predicted_class]).stem
+        cls = _find(hm, stem)
+    for name, path, width in (("thumb", thumb, 192), ("argmax", argmax, 640), ("predicted", cls, 640)):
+        if path is not None:
+            out[name] = _inline(path, width) if embed else _href(path, base)
+    return out
 
 
-def _areas(p: Prediction | None) -> str:
-    areas = (p.extra.get("region_area_mm2") if p else None) or {}
-    if not areas:
-        return "<td data-v='0'></td>"
-    shown = "<br>".join(f"{html.escape(c)} {a:.2f}" for c, a in sorted(areas.items(), key=lambda kv: -kv[1]))
-    return f"<td data-v='{sum(areas.values()):.4f}'>{shown}</td>"
+def _number(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
 
 
-def _slides_table(table: pd.DataFrame, by_id: dict[str, Prediction], colors: dict[str, Any]) -> str:
-    head = ["slide", "label", "predicted", "probabilities", "status", "tiles", "regions (mm²)"]
-    rows = []
-    for _, r in table.iterrows():
-        p = by_id.get(str(r["slide_id"]))
-        rows.append(
-            "<tr>"
-            + _cell(r["slide_id"])
-            + _cell(r.get("label"))
-            + _cell(r["predicted_class"])
-            + _prob_bars(p, colors)
-            + _cell(r["status"])
-            + _cell(r.get("n_tiles"))
-            + _areas(p)
-            + "</tr>"
+def _rows(
+    table: pd.DataFrame, preds: Mapping[str, Path], res: Path, base: Path, *, embed: bool
+) -> Iterator[tuple[list[Any], Prediction | None]]:
+    """One compact row per slide (predictions read one at a time: memory stays flat)."""
+    for r in table.itertuples(index=False):
+        sid = str(r.slide_id)
+        path = preds.get(sid)
+        p = Prediction.read(path) if path is not None else None
+        probs = [round(float(p.probabilities[c]), 4) for c in p.classes] if p and p.probabilities else None
+        areas = {
+            str(k): round(float(v), 4)
+            for k, v in ((p.extra.get("region_area_mm2") if p else None) or {}).items()
+        }
+        label = _number(getattr(r, "label", None))
+        tiles = _number(getattr(r, "n_tiles", None))
+        yield (
+            [
+                sid,
+                "" if label is None else str(label),
+                str(r.predicted_class),
+                str(r.status),
+                None if tiles is None else int(tiles),
+                probs,
+                areas,
+                _images(res / "heatmaps" / sid, p, base, embed=embed),
+            ],
+            p,
         )
-    return (
-        "<div class='scroll'><table class='sortable' id='slides'><thead><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        + "</tr></thead><tbody>"
-        + "".join(rows)
-        + "</tbody></table></div>"
-    )
-
-
-def _heatmap_card(
-    sid: str, p: Prediction | None, hm: Path, classes: list[str], colors: dict[str, Any]
-) -> str:
-    e = html.escape
-    pc = p.predicted_class if p else ""
-    legend = "".join(
-        f"<span><span class='sw' style='background:rgb{tuple(colors[c])}'></span>{e(c)}</span>"
-        for c in classes
-    )
-    figs = (
-        f"<figure>{_img(hm / 'argmax.png')}<figcaption>Most probable class per tile (argmax), over "
-        f"tissue.<div class='legend'>{legend}</div></figcaption></figure>"
-    )
-    if pc in classes:
-        figs += (
-            f"<figure>{_img(hm / class_files(classes)[pc])}<figcaption>P({e(pc)}) per tile, the predicted "
-            f"class: 0 <span class='cbar'></span> 1 (inferno)</figcaption></figure>"
-        )
-    return (
-        f"<div class='card'><h3>{e(sid)}</h3><p>predicted: <b>{e(str(pc))}</b></p>"
-        f"<div class='figs'>{figs}</div></div>"
-    )
 
 
 def _fmt(v: Any) -> str:
@@ -166,7 +277,7 @@ def _learned_from_reports(res: Path) -> str:
         out.append(
             "<h2>Learned from reports</h2><div class='scroll'><table id='report-models'><tr><th>model</th>"
             "<th>slide→report R@1 / R@5 / R@10</th><th>report→slide R@1</th><th>chance R@1 / R@5</th>"
-            "<th>zero-shot AUC</th><th>zero-shot bal. acc.</th><th>probe bal. acc.</th></tr>"
+            "<th>zero-shot AUC</th><th>zero-shot bal. acc.</th><th>probe bal. acc. (test slides)</th></tr>"
         )
         for name, r in m["models"].items():
             s2r, ch = r["retrieval"]["slide_to_report"], r["retrieval"]["chance"]
@@ -199,25 +310,64 @@ def _learned_from_reports(res: Path) -> str:
     return "".join(out)
 
 
-def write_report(predictions_csv: str | Path, out: str | Path, *, results: str | Path | None = None) -> Path:
-    """Write the HTML report; ``results`` defaults to the folder holding ``predictions.csv``."""
-    res = Path(results) if results else Path(predictions_csv).parent
-    table = pd.read_csv(predictions_csv)
-    preds = (
-        load_predictions(sorted((res / "predictions").glob("*.json")))
-        if (res / "predictions").is_dir()
-        else []
+def _metrics(res: Path, base: Path, *, embed: bool) -> str:
+    path = res / "metrics.json"
+    if not path.is_file():
+        return ""
+    m = json.loads(path.read_text(encoding="utf-8"))
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo")
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(m.get(k)))}</td></tr>"
+        for k in (*keys, "classes_absent", "n_without_tiles")
     )
-    by_id = {p.slide_id: p for p in preds}
-    classes: list[str] = list(preds[0].classes) if preds else []
-    colors: dict[str, Any] = dict(preds[0].colors) if preds else {}
+    cm = res / "confusion_matrix.png"
+    img = ""
+    if cm.is_file():
+        src = _inline(cm, 480) if embed else _href(cm, base)
+        img = f"<img alt='confusion matrix' style='max-width:480px' src='{html.escape(src, quote=True)}'>"
+    return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}"
+
+
+def _script_json(obj: Any) -> str:
+    """JSON safe inside ``<script>``: no ``<`` can close the element or open a comment."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+
+
+def write_report(
+    predictions_csv: str | Path,
+    out: str | Path,
+    *,
+    results: str | Path | None = None,
+    embed: bool = False,
+    page_size: int = PAGE_SIZE,
+) -> Path:
+    """Write the HTML report. ``results`` (default: the folder holding
+    ``predictions.csv``) holds ``predictions/``, ``heatmaps/`` and the metrics; images are
+    linked relative to ``out``'s folder, or inlined with ``embed``."""
+    res = Path(results) if results else Path(predictions_csv).parent
+    base = Path(out).resolve().parent
+    res_abs = res.resolve()
+    table = pd.read_csv(predictions_csv, dtype={"slide_id": str, "label": str})
+    preds = _prediction_files(res / "predictions", table["slide_id"].astype(str).tolist())
+    rows: list[list[Any]] = []
+    first: Prediction | None = None
+    for row, p in _rows(table, preds, res_abs, base, embed=embed):
+        rows.append(row)
+        if first is None and p is not None:
+            first = p
+    classes: list[str] = list(first.classes) if first else []
+    colors = [list(first.colors[c]) for c in classes] if first else []
     untrained = bool(table["untrained"].any()) if "untrained" in table and len(table) else False
     e = html.escape
+    legend = "".join(
+        f"<span><span class='sw' style='background:rgb({','.join(map(str, col))})'></span>{e(c)}</span>"
+        for c, col in zip(classes, colors, strict=True)
+    )
     parts = [
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>histoalign-wsi report</title>"
-        f"<style>{_CSS}</style></head><body><h1>histoalign-wsi report</h1>"
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>histoalign-wsi report</title><style>{_CSS}</style></head><body>"
+        "<h1>histoalign-wsi report</h1>"
     ]
     if untrained:
         parts.append(
@@ -225,47 +375,61 @@ def write_report(predictions_csv: str | Path, out: str | Path, *, results: str |
             "untrained demo encoder (random weights). Predictions and heatmaps are meaningless; "
             "configure real encoder weights for real results.</div>"
         )
-    bag = preds[0].prompt_bag if preds else {}
+    bag = first.prompt_bag if first else {}
     parts.append(
         f"<p>{len(table)} slides; prompt bag <b>{e(str(bag.get('name', '')))}</b> "
-        f"(<code>{e(str(bag.get('hash', '')))}</code>); classes: "
-        + " ".join(
-            f"<span class='sw' style='background:rgb{tuple(colors[c])}'></span>{e(c)}" for c in classes
-        )
-        + "</p>"
+        f"(<code>{e(str(bag.get('hash', '')))}</code>); classes: <span class='legend'>{legend}</span></p>"
     )
-    encs = preds[0].encoders if preds else []
     parts.append(
         "<h2>Encoders</h2><div class='scroll'><table><tr><th>encoder</th><th>weights sha256</th>"
         "<th>weight</th><th>untrained</th></tr>"
     )
-    for en in encs:
+    for en in first.encoders if first else []:
         parts.append(
-            f"<tr><td>{e(en['name'])}</td><td><code>{e(en['weights_sha256'])}</code></td>"
-            f"<td>{en['weight']}</td><td>{en['untrained']}</td></tr>"
+            f"<tr><td>{e(str(en['name']))}</td><td><code>{e(str(en['weights_sha256']))}</code></td>"
+            f"<td>{e(str(en.get('weight')))}</td><td>{e(str(en.get('untrained')))}</td></tr>"
         )
-    parts.append("</table></div><h2>Slides</h2>" + _slides_table(table, by_id, colors))
-    metrics_path = res / "metrics.json"
-    if metrics_path.is_file():
-        m = json.loads(metrics_path.read_text())
-        parts.append("<h2>Metrics</h2><div class='scroll'><table>")
-        keys = (
-            "n",
-            "accuracy",
-            "balanced_accuracy",
-            "macro_f1",
-            "weighted_f1",
-            "auc_macro_ovr",
-            "auc_macro_ovo",
-        )
-        for key in (*keys, "classes_absent", "n_without_tiles"):
-            parts.append(f"<tr><th>{e(key)}</th><td>{e(str(m.get(key)))}</td></tr>")
-        parts.append("</table></div>" + _img(res / "confusion_matrix.png", 480))
+    head = [("", None), ("slide", "slide"), ("label", "label"), ("predicted", "predicted")]
+    head += [("probabilities", "probability"), ("status", "status"), ("tiles", "tiles")]
+    head += [("regions (mm²)", "regions")]
+    ths = "".join(f"<th data-key='{k}'>{e(h)}</th>" if k else f"<th>{e(h)}</th>" for h, k in head)
+    parts.append(
+        "</table></div><h2>Slides</h2>"
+        "<div class='pager'><input id='q' type='search' placeholder='filter: slide, label, class, status'>"
+        "<button id='prev'>previous</button><button id='next'>next</button><span id='count'></span></div>"
+        "<noscript><p>The slide table needs JavaScript; every value is also in "
+        "<code>predictions.csv</code>.</p></noscript>"
+        f"<div class='scroll'><table id='slides'><thead><tr>{ths}</tr></thead><tbody></tbody></table></div>"
+        "<div id='detail' hidden><h3 id='detail-title'></h3><p>predicted: <b id='detail-pred'></b></p>"
+        "<div class='figs'><figure><img id='detail-argmax' alt=''><figcaption>Most probable class per "
+        f"tile (argmax), over tissue.<div class='legend'>{legend}</div></figcaption></figure>"
+        "<figure id='fig-class'><img id='detail-class' alt=''><figcaption>P(<span id='detail-cls'></span>) "
+        "per tile, the predicted class: 0 <span class='cbar'></span> 1 (inferno)</figcaption></figure>"
+        "</div></div>"
+    )
+    parts.append(_metrics(res, base, embed=embed))
     parts.append(_learned_from_reports(res))
-    parts.append("<h2>Heatmaps</h2><div class='cards'>")
-    for sid in table["slide_id"].astype(str) if len(table) else []:
-        parts.append(_heatmap_card(sid, by_id.get(sid), res / "heatmaps" / sid, classes, colors))
-    parts.append(f"</div><script>{_JS}</script></body></html>")
+    data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size}
+    parts.append(
+        f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"
+        f"<script>{_JS}</script></body></html>"
+    )
     with atomic_file(out) as tmp:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
+        tmp.write_text("".join(parts), encoding="utf-8")
     return Path(out)
+
+
+def _prediction_files(folder: Path, slide_ids: list[str]) -> dict[str, Path]:
+    """slide id -> its prediction JSON: ``{id}.json`` as the workflow names it; only when
+    some are not found that way are the files' own ids read (a hand-named folder)."""
+    out = {s: p for s in slide_ids if (p := folder / f"{s}.json").is_file()}
+    if len(out) == len(slide_ids) or not folder.is_dir():
+        return out
+    for f in sorted(folder.glob("*.json")):
+        try:
+            sid = json.loads(f.read_text(encoding="utf-8")).get("slide_id")
+        except (OSError, ValueError):
+            continue
+        if isinstance(sid, str) and sid not in out:
+            out[sid] = f
+    return out

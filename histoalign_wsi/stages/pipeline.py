@@ -314,6 +314,8 @@ def run_heatmap(
             alpha=cfg.heatmap.alpha,
             max_megapixels=cfg.max_read_megapixels,
             attention=_attention(attention),
+            fmt=cfg.heatmap.format,
+            mpp=cfg.heatmap.mpp,
         )
 
 
@@ -393,7 +395,20 @@ def run_unlock(results: Path, *, force: bool = False) -> dict[str, Any] | None:
     return unlock(results, force=force)
 
 
-def run_report(predictions_csv: Path, out: Path, *, results: Path | None = None) -> Path:
-    from ..outputs.report import write_report
+def run_report(
+    predictions_csv: Path,
+    out: Path,
+    cfg: Config | None = None,
+    *,
+    results: Path | None = None,
+    embed: bool | None = None,
+) -> Path:
+    from ..outputs.report import PAGE_SIZE, write_report
 
-    return write_report(predictions_csv, out, results=results)
+    return write_report(
+        predictions_csv,
+        out,
+        results=results,
+        embed=cfg.report.embed if embed is None and cfg is not None else bool(embed),
+        page_size=cfg.report.page_size if cfg is not None else PAGE_SIZE,
+    )

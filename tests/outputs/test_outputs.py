@@ -4,6 +4,7 @@ slide with planted regions and planted tile probabilities."""
 from __future__ import annotations
 
 import gzip
+import html as html_lib
 import json
 import re
 import shutil
@@ -203,10 +204,12 @@ def test_heatmap_size_and_hot_pixels(
         )
         == 0
     )
-    thumb = Image.open(d / "hm" / "thumbnail.png")
-    assert class_files(CLASSES)[CLASSES[2]] == "LYM_other.png"
-    for f in ("TUM.png", "STR.png", "LYM_other.png", "argmax.png"):
+    thumb = Image.open(d / "hm" / "thumbnail.webp")
+    assert class_files(CLASSES)[CLASSES[2]] == "LYM_other.webp"
+    assert class_files(CLASSES, "png")[CLASSES[2]] == "LYM_other.png"
+    for f in ("TUM.webp", "STR.webp", "LYM_other.webp", "argmax.webp"):
         assert Image.open(d / "hm" / f).size == thumb.size
+    assert max(thumb.size) <= 1024 and max(Image.open(d / "hm" / "argmax_thumb.webp").size) == 192
     with open_slide(planted[0]) as s:
         from histoalign_wsi.outputs.raster import probability_raster
 
@@ -219,7 +222,7 @@ def test_heatmap_size_and_hot_pixels(
     hot = probs[1] > 0.5
     assert (hot & str_truth).sum() / hot.sum() > 0.8
     # the PNG itself is brighter (inferno: high = yellow) over the planted stroma
-    img = np.asarray(Image.open(d / "hm" / "STR.png").convert("L")).astype(float)
+    img = np.asarray(Image.open(d / "hm" / "STR.webp").convert("L")).astype(float)
     inside = str_truth & (count > 0)
     outside = ~str_truth & (count > 0)
     assert img[inside].mean() > img[outside].mean() + 30
@@ -257,7 +260,7 @@ def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path]
     assert gj == {"type": "FeatureCollection", "features": []}
     with open_slide(planted[0]) as s:
         write_heatmaps(s, tile_scores.read(tmp_path / "empty.parquet"), COLORS, tmp_path / "hm", **HM)
-    img = np.asarray(Image.open(tmp_path / "hm" / "argmax.png").convert("RGB")).astype(int)
+    img = np.asarray(Image.open(tmp_path / "hm" / "argmax.webp").convert("RGB")).astype(int)
     assert np.abs(img[..., 0] - img[..., 2]).mean() < 10  # grey
 
 
@@ -307,20 +310,35 @@ def _report_results(tmp_path: Path, planted_scores: tuple[Path, Path, Path]) -> 
             }
         ]
     ).to_csv(res / "predictions.csv", index=False)
-    shutil.copytree(planted_scores[2] / "hm", res / "heatmaps" / "s<1>") if (
-        planted_scores[2] / "hm"
-    ).exists() else None
+    hm = res / "heatmaps" / "s<1>"  # the heatmaps of the slide, as the heatmap stage names them
+    hm.mkdir(parents=True)
+    for name, size in (("argmax", 320), ("argmax_thumb", 192), (class_files(CLASSES)["LYM & <other>"], 320)):
+        Image.fromarray(np.full((size * 3 // 4, size, 3), 90, np.uint8)).save(hm / f"{Path(name).stem}.webp")
     return res
 
 
-def test_report_escapes_and_warns(planted_scores: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_report_escapes_warns_and_links(planted_scores: tuple[Path, Path, Path], tmp_path: Path) -> None:
     res = _report_results(tmp_path, planted_scores)
     assert main(["report", str(res / "predictions.csv"), "--out", str(res / "report.html")]) == 0
     html = (res / "report.html").read_text()
     assert "id='untrained-warning'" in html and "untrained demo encoder" in html
-    assert "LYM &amp; &lt;other&gt;" in html and "<other>" not in html
-    assert "s&lt;1&gt;" in html and "demo-untrained-123" in html
-    assert 'src="http' not in html  # self-contained
+    assert "LYM &amp; &lt;other&gt;" in html and "<other>" not in html  # the legend, escaped
+    assert "s\\u003c1>" in html and "demo-untrained-123" in html  # the table data: no raw '<'
+    assert 'src="http' not in html and "data:image" not in html  # nothing fetched, nothing inlined
+    data = json.loads(html.split("id='report-data'>")[1].split("</script>")[0])
+    (row,) = data["rows"]
+    assert row[:5] == ["s<1>", "", "LYM & <other>", "ok", 3] and row[6] == {"TUM": 1.25, "LYM & <other>": 0.5}
+    # heatmaps linked by a relative, quoted path that resolves from the report's folder
+    from urllib.parse import unquote
+
+    for name in ("thumb", "argmax", "predicted"):
+        assert not row[7][name].startswith(("/", "file:")), row[7]
+        assert (res / unquote(row[7][name])).is_file(), row[7][name]
+    assert "s%3C1%3E" in row[7]["argmax"]
+    # --embed inlines them instead: one file to send
+    assert main(["report", str(res / "predictions.csv"), "--out", str(res / "one.html"), "--embed"]) == 0
+    one = json.loads((res / "one.html").read_text().split("id='report-data'>")[1].split("</script>")[0])
+    assert all(v.startswith("data:image/webp;base64,") for v in one["rows"][0][7].values())
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -339,10 +357,21 @@ def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[st
         "--disable-component-update",
         "--disable-sync",
         "--hide-scrollbars",
+        "--allow-file-access-from-files",
         f"--user-data-dir={tmp_path / 'profile'}",
         "--window-size=1280,800",
     ]
     return subprocess.run([*common, *args], check=True, timeout=120, capture_output=True, text=True)
+
+
+def _probe(html: str, script: str) -> str:
+    """The page with a script that, once the table is drawn, writes ``script``'s value
+    into the title (what ``--dump-dom`` shows)."""
+    return html.replace(
+        "</body>",
+        "<script>window.addEventListener('load', function(){document.title = 'PROBE ' + "
+        f"({script});}});</script></body>",
+    )
 
 
 @pytest.mark.browser
@@ -353,28 +382,106 @@ def test_report_renders_in_chromium_and_fits_1280(
     res = _report_results(tmp_path, planted_scores)
     write_report(res / "predictions.csv", res / "report.html")
     html = (res / "report.html").read_text()
-    assert "nan" not in html.split("<tbody>")[1].split("</tbody>")[0]  # unlabelled: an empty cell
     assert "figcaption" in html and "Most probable class per tile" in html and "class='cbar'" in html
-    assert "regions (mm²)" in html and "TUM 1.25" in html
-    # measure the layout at 1280 x 800: nothing may overflow horizontally
+    assert "regions (mm²)" in html
     probe = res / "probe.html"
     probe.write_text(
-        html.replace(
-            "</body>",
-            "<script>window.addEventListener('load', function(){document.title = "
-            "'W=' + document.documentElement.scrollWidth + ' I=' + window.innerWidth;});</script></body>",
+        _probe(
+            html,
+            "'W=' + document.documentElement.scrollWidth + ' I=' + window.innerWidth + "
+            "' CELLS=' + JSON.stringify(Array.from(document.querySelectorAll('#slides tbody td'))"
+            ".map(function(td){return td.textContent;})) + ' IMG=' + "
+            "document.getElementById('detail-argmax').naturalWidth",
         )
     )
     dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()], tmp_path).stdout
-    m = re.search(r"<title>W=(\d+) I=(\d+)</title>", dom)
+    m = re.search(r"<title>PROBE W=(\d+) I=(\d+) CELLS=(.*) IMG=(\d+)</title>", dom, re.S)
     assert m, dom[:500]
-    assert int(m.group(1)) <= int(m.group(2)) == 1280
+    assert int(m.group(1)) <= int(m.group(2)) == 1280  # nothing overflows at 1280 x 800
+    cells = json.loads(html_lib.unescape(m.group(3)))
+    # names shown exactly as written (text, not markup); unlabelled: an empty cell, not "nan"
+    assert cells[1:4] == ["s<1>", "", "LYM & <other>"] and "TUM 1.25" in cells[7]
+    assert "LYM & <other> 0.70" in cells[4] and "nan" not in "".join(cells)
+    assert int(m.group(4)) > 0  # the linked heatmap loaded from its relative path
     shot = tmp_path / "shot.png"
     _chromium([f"--screenshot={shot}", (res / "report.html").as_uri()], tmp_path)
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[:2] == (800, 1280) and img.std() > 10  # not blank
     top = img[:300]  # the red warning banner is rendered near the top
     assert ((abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)).sum() > 1000
+
+
+def _big_cohort(res: Path, n: int) -> None:
+    """``n`` slides' predictions (JSON and the cohort table), each with linked heatmaps
+    of one shared small image (links cost nothing)."""
+    classes = [f"class {k} é" for k in range(9)]
+    colors = {c: (20 * k, 100, 200) for k, c in enumerate(classes)}
+    (res / "predictions").mkdir(parents=True)
+    img = res / "one.webp"
+    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(img)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        sid = f"slide {i:05d}"
+        p = rng.dirichlet(np.ones(9))
+        pred = classes[int(p.argmax())]
+        make_prediction(
+            sid,
+            classes,
+            colors,
+            predicted_class=pred,
+            probabilities=dict(zip(classes, map(float, p), strict=True)),
+            extra={"region_area_mm2": {pred: float(i % 7)}},
+        ).write(res / "predictions" / f"{sid}.json")
+        hm = res / "heatmaps" / sid
+        hm.mkdir(parents=True)
+        for name in ("argmax_thumb.webp", "argmax.webp"):
+            (hm / name).symlink_to(img)
+        rows.append(
+            {"slide_id": sid, "predicted_class": pred, "status": "ok", "untrained": True, "n_tiles": i % 50}
+        )
+    pd.DataFrame(rows).to_csv(res / "predictions.csv", index=False)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed")
+def test_report_of_1000_slides_is_small_fast_and_pages_sort_and_filter_across_all(tmp_path: Path) -> None:
+    """At most 50 KB per slide plus a constant, loaded (table drawn) in under 5 s in
+    headless Chromium; the table shows one page, sorting and filtering reach every slide."""
+    import time
+
+    res = tmp_path / "results"
+    _big_cohort(res, 1000)
+    write_report(res / "predictions.csv", res / "report.html")
+    html = (res / "report.html").read_text()
+    size = (res / "report.html").stat().st_size
+    assert size <= 50_000 * 1000 + 100_000, size
+    assert size < 2_000_000  # in fact far below the bound: about 0.5 KB a slide
+    probe = res / "probe.html"
+    probe.write_text(
+        _probe(
+            html,
+            "document.body.dataset.ready + ' ROWS=' + document.querySelectorAll('#slides tbody tr').length"
+            " + ' FIRST=' + document.querySelector('#slides tbody td:nth-child(2)').textContent"
+            " + ' COUNT=' + document.getElementById('count').textContent",
+        )
+    )
+    t0 = time.monotonic()
+    dom = _chromium(["--dump-dom", probe.as_uri()], tmp_path).stdout
+    took = time.monotonic() - t0
+    m = re.search(r"<title>PROBE 1 ROWS=(\d+) FIRST=([^<]*) COUNT=([^<]*)</title>", dom)
+    assert m, dom[-800:]
+    assert int(m.group(1)) == 50 and m.group(2) == "slide 00000"
+    assert m.group(3) == "1000 of 1000 slides; page 1 of 20"
+    assert took < 5.0, took  # the whole browser process, start-up included
+    # sorted by a column, descending, over all 1000 slides: the last id comes first
+    dom = _chromium(["--dump-dom", probe.as_uri() + "#sort=slide&asc=0"], tmp_path).stdout
+    assert "FIRST=slide 00999 " in dom
+    # a filter reaches slides on every page; page 3 of the filtered rows
+    dom = _chromium(["--dump-dom", probe.as_uri() + "#q=slide%200099&page=1"], tmp_path).stdout
+    assert "ROWS=10 FIRST=slide 00990 COUNT=10 of 1000 slides; page 1 of 1" in dom
+    dom = _chromium(["--dump-dom", probe.as_uri() + "#sort=tiles&asc=0&page=3"], tmp_path).stdout
+    assert re.search(r"COUNT=1000 of 1000 slides; page 3 of 20", dom)
 
 
 def test_segmentation_against_geojson_polygons(

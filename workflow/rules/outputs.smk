@@ -60,6 +60,7 @@ rule report:
         html=f"{R}/report.html",
     params:
         results=folder_of("csv"),
+        settings=WF.settings("report"),
     log:
         f"{R}/logs/report.log",
     benchmark:
@@ -70,4 +71,5 @@ rule report:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi report --threads {threads} {input.csv:q} --results {params.results:q} --out {output.html:q} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi report --threads {threads} {input.csv:q} --results {params.results:q} --out {output.html:q} "
+        "{params.settings} 2>&1 | tee {log:q} >&2"
