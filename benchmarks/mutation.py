@@ -1,7 +1,8 @@
 """Mutation testing of the modules whose numbers users see (alignment, pooling, scoring,
-calibration, metrics, segmentation): mutmut changes the code one small edit at a time
-and runs the tests; a mutant the tests do not kill is a number that can be wrong
-unnoticed. Not part of CI (it takes long); run it after touching those modules.
+calibration, metrics, segmentation) and of the learning modules (few-shot, probes, heads,
+patient groups, the contrastive loss, attention MIL): mutmut changes the code one small
+edit at a time and runs the tests; a mutant the tests do not kill is a number that can
+be wrong unnoticed. Not part of CI (it takes long); run it after touching those modules.
 
     python -m pip install -e ".[dev,mutation]"
     python benchmarks/mutation.py              # prints survivors per module, writes out/mutation.json

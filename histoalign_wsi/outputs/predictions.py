@@ -3,7 +3,7 @@ a label sheet."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,15 @@ from .plots import plot_confusion
 __all__ = ["check_labels", "cohort_table", "summarize"]
 
 
-def cohort_table(preds: Sequence[Prediction]) -> pd.DataFrame:
-    """One row per slide: id, prediction, status, untrained, ``prob_*`` per class, tiles."""
-    classes: tuple[str, ...] = preds[0].classes if preds else ()
-    cols = class_columns(classes, "prob")
-    rows = []
+def cohort_table(preds: Iterable[Prediction]) -> pd.DataFrame:
+    """One row per slide: id, prediction, status, untrained, ``prob_*`` per class, tiles.
+    ``preds`` may be a generator: only the rows are kept, so memory stays flat."""
+    classes: tuple[str, ...] = ()
+    cols: list[str] = []
+    rows: list[dict[str, Any]] = []
     for p in preds:
+        if not rows:
+            classes, cols = p.classes, class_columns(p.classes, "prob")
         if p.classes != classes:
             raise ConfigError(
                 f"slide {p.slide_id!r} was scored with classes {list(p.classes)}, others with {list(classes)}"
@@ -59,7 +62,7 @@ def check_labels(labels: Mapping[str, str], slide_ids: Sequence[str], classes: S
 
 
 def summarize(
-    preds: Sequence[Prediction],
+    preds: Iterable[Prediction],
     out_csv: str | Path,
     *,
     labels: Mapping[str, str] | None = None,
@@ -76,10 +79,19 @@ def summarize(
     ConfigError
         The label sheet names slides that were not scored, or classes not in the bag.
     """
-    table = cohort_table(preds)
-    classes = list(preds[0].classes) if preds else []
+    first: list[tuple[str, ...]] = []
+
+    def remember(ps: Iterable[Prediction]) -> Iterator[Prediction]:
+        for p in ps:
+            if not first:
+                first.append(p.classes)
+            yield p
+
+    table = cohort_table(remember(preds))
+    classes = list(first[0]) if first else []
+    ids = table["slide_id"].tolist()
     if labels:
-        check_labels(labels, [p.slide_id for p in preds], classes)
+        check_labels(labels, ids, classes)
         table["label"] = table["slide_id"].map(labels)
     with atomic_file(out_csv) as tmp:
         table.to_csv(tmp, index=False)

@@ -277,10 +277,11 @@ def run_summarize(
     confusion: Path | None = None,
 ) -> Path:
     from ..outputs.predictions import summarize
-    from ..zeroshot.prediction import load_predictions
+    from ..zeroshot.prediction import Prediction
 
     sheet = read_labels(labels) if labels else None
-    summarize(load_predictions(predictions), out, labels=sheet, metrics_json=metrics, confusion_png=confusion)
+    streamed = (Prediction.read(p) for p in predictions)  # one at a time: flat memory
+    summarize(streamed, out, labels=sheet, metrics_json=metrics, confusion_png=confusion)
     return out
 
 

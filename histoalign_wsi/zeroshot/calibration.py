@@ -135,19 +135,25 @@ def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Conf
     has tiles at that scale, so a later score never runs uncalibrated by omission)."""
     spec = AlignmentSpec.from_config(cfg)
     weighting = cfg.calibration_weighting
-    opened = [open_store(p) for p in stores]
     k = len(text.classes)
-    offsets: dict[str, tuple[float, ...]] = {}
-    for s in (scale_name(m) for m in cfg.tiling.scales_mpp):
-        sums = [_slide_logit_sum(st, s, text, spec) for st in opened]
-        sums = [(v, n) for v, n in sums if n > 0]
-        if not sums:
-            offsets[s] = tuple(0.0 for _ in range(k))
-        elif weighting == "slide":
-            offsets[s] = tuple(float(x) for x in np.mean([v / n for v, n in sums], axis=0))
-        else:
-            total = np.sum([v for v, _ in sums], axis=0)
-            offsets[s] = tuple(float(x) for x in total / sum(n for _, n in sums))
+    scales = [scale_name(m) for m in cfg.tiling.scales_mpp]
+    # running sums, one store open at a time: memory does not grow with the cohort
+    total = {s: np.zeros(k, np.float64) for s in scales}  # of slide means, or of tile logits
+    count = dict.fromkeys(scales, 0)  # slides with tiles, or tiles
+    n_slides = 0
+    for path in stores:
+        st = open_store(path)
+        n_slides += 1
+        for s in scales:
+            v, n = _slide_logit_sum(st, s, text, spec)
+            if n == 0:
+                continue
+            total[s] += v / n if weighting == "slide" else v
+            count[s] += 1 if weighting == "slide" else n
+        del st
+    offsets = {
+        s: tuple(float(x) for x in (total[s] / count[s] if count[s] else np.zeros(k))) for s in scales
+    }
     return CalibrationOffsets(
         bag_hash=text.bag_hash,
         classes=tuple(text.classes),
@@ -155,6 +161,6 @@ def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Conf
         encoders={n: t.weights_sha256 for n, t in text.encoders.items()},
         encoder_weights={n: float(spec.encoder_weights.get(n, 1.0)) for n in text.encoders},
         weighting=weighting,
-        n_slides=len(opened),
+        n_slides=n_slides,
         offsets=offsets,
     )
