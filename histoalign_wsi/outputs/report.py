@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,159 +31,15 @@ __all__ = ["PAGE_SIZE", "write_report"]
 #: slides per page of the table
 PAGE_SIZE = 50
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1,h2,h3{margin:.6em 0 .3em}
-.scroll{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#eee;white-space:nowrap}th.sort{cursor:pointer}th.sort:after{content:' \\2195';color:#888}
-tr.sel td{background:#eef5ff}tbody tr{cursor:pointer}
-.warn{background:#fde2e1;border:2px solid #c0392b;padding:12px;font-weight:bold;margin:12px 0}
-.probs{min-width:180px}.bar{display:flex;align-items:center;gap:4px;font-size:12px;line-height:14px}
-.bar span.fill{display:inline-block;height:10px;border-radius:2px}
-.bar span.lab{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:140px}
-.thumb{width:96px;height:auto;border:1px solid #999;display:block}
-.pager{display:flex;gap:8px;align-items:center;flex-wrap:wrap;margin:8px 0}
-.pager input{min-width:220px}
-.figs{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;flex:1 1 320px;min-width:0;max-width:640px}
-figure img{width:100%;height:auto;border:1px solid #999}
-figcaption{font-size:13px;color:#333;margin-top:2px}
-.legend{font-size:13px;margin:4px 0}.legend span{display:inline-block;margin-right:10px;white-space:nowrap}
-.sw{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;border:1px solid #555}
-.cbar{display:inline-block;width:140px;height:10px;vertical-align:middle;margin:0 4px;
-background:linear-gradient(to right,#000004,#420a68,#932667,#dd513a,#fca50a,#fcffa4)}
-code{font-size:90%;word-break:break-all}
-"""
 
-# The table: DATA.rows are [id, label, predicted, status, n_tiles, probs[], areas{}, images{}];
-# sorting and filtering run over every row, rendering only over one page; all text goes
-# through textContent (never innerHTML), so names are shown exactly as written.
-_JS = """
-(function(){
-var D = JSON.parse(document.getElementById('report-data').textContent);
-var C = D.classes, COL = D.colors, R = D.rows;
-var S = {sort: 'slide', asc: true, q: '', page: 1, size: D.page_size, sel: null};
-var KEYS = {slide: 0, label: 1, predicted: 2, status: 4, tiles: 5, probability: 6, regions: 7};
-function params(){
-  var h = new URLSearchParams(location.hash.slice(1));
-  if (h.get('sort') in KEYS) S.sort = h.get('sort');
-  if (h.has('asc')) S.asc = h.get('asc') !== '0';
-  if (h.has('q')) S.q = h.get('q');
-  if (h.has('page')) S.page = Math.max(1, parseInt(h.get('page')) || 1);
-  if (h.has('size')) S.size = Math.max(1, parseInt(h.get('size')) || D.page_size);
-}
-function top(r){ var p = r[5]; if (!p) return -1; return Math.max.apply(null, p); }
-function area(r){ var a = r[6] || {}, s = 0; for (var k in a) s += a[k]; return s; }
-function key(r){
-  switch (S.sort) {
-    case 'slide': return r[0]; case 'label': return r[1]; case 'predicted': return r[2];
-    case 'status': return r[3]; case 'tiles': return r[4]; case 'probability': return top(r);
-    case 'regions': return area(r);
-  }
-}
-function cmp(a, b){
-  var x = key(a), y = key(b), c;
-  if (typeof x === 'number' && typeof y === 'number') c = x - y;
-  else c = String(x).localeCompare(String(y), undefined, {numeric: true});
-  return S.asc ? c : -c;
-}
-function visible(){
-  var q = S.q.toLowerCase();
-  var rows = q ? R.filter(function(r){
-    return (r[0] + '\\t' + r[1] + '\\t' + r[2] + '\\t' + r[3]).toLowerCase().indexOf(q) >= 0;
-  }) : R.slice();
-  return rows.sort(cmp);
-}
-function el(tag, text, cls){
-  var e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = text;
-  if (cls) e.className = cls;
-  return e;
-}
-function bars(p){
-  var td = el('td', null, 'probs');
-  if (!p) return td;
-  var order = p.map(function(v, i){ return [v, i]; }).sort(function(a, b){ return b[0] - a[0]; });
-  order.forEach(function(o){
-    var d = el('div', null, 'bar'), f = el('span', null, 'fill');
-    f.style.width = Math.max(1, Math.round(80 * o[0])) + 'px';
-    f.style.background = 'rgb(' + COL[o[1]].join(',') + ')';
-    d.appendChild(f); d.appendChild(el('span', C[o[1]] + ' ' + o[0].toFixed(2), 'lab'));
-    td.appendChild(d);
-  });
-  return td;
-}
-function regions(a){
-  var td = el('td');
-  Object.keys(a || {}).sort(function(x, y){ return a[y] - a[x]; }).forEach(function(k){
-    td.appendChild(el('div', k + ' ' + a[k].toFixed(2)));
-  });
-  return td;
-}
-function thumb(r){
-  var td = el('td'), im = r[7] || {};
-  if (!im.thumb) return td;
-  var a = el('a'); a.href = im.argmax || im.thumb; a.target = '_blank';
-  var i = el('img', null, 'thumb'); i.loading = 'lazy'; i.src = im.thumb; i.alt = r[0];
-  a.appendChild(i); td.appendChild(a);
-  return td;
-}
-function detail(r){
-  S.sel = r[0];
-  var box = document.getElementById('detail'), im = r[7] || {};
-  box.hidden = false;
-  document.getElementById('detail-title').textContent = r[0];
-  document.getElementById('detail-pred').textContent = r[2];
-  var a = document.getElementById('detail-argmax'), p = document.getElementById('detail-class');
-  a.src = im.argmax || ''; a.alt = r[0] + ': argmax';
-  p.src = im.predicted || ''; p.alt = r[0] + ': P(' + r[2] + ')';
-  document.getElementById('fig-class').hidden = !im.predicted;
-  document.getElementById('detail-cls').textContent = r[2];
-  document.querySelectorAll('#slides tbody tr').forEach(function(tr){
-    tr.classList.toggle('sel', tr.dataset.id === r[0]);
-  });
-}
-function render(){
-  var rows = visible(), n = rows.length, pages = Math.max(1, Math.ceil(n / S.size));
-  S.page = Math.min(S.page, pages);
-  var tb = document.querySelector('#slides tbody'); tb.textContent = '';
-  rows.slice((S.page - 1) * S.size, S.page * S.size).forEach(function(r){
-    var tr = el('tr'); tr.dataset.id = r[0];
-    tr.appendChild(thumb(r)); tr.appendChild(el('td', r[0])); tr.appendChild(el('td', r[1]));
-    tr.appendChild(el('td', r[2])); tr.appendChild(bars(r[5])); tr.appendChild(el('td', r[3]));
-    tr.appendChild(el('td', r[4] === null ? '' : String(r[4]))); tr.appendChild(regions(r[6]));
-    tr.addEventListener('click', function(ev){ if (ev.target.tagName !== 'IMG') detail(r); });
-    tb.appendChild(tr);
-  });
-  document.getElementById('count').textContent =
-    n + ' of ' + R.length + ' slides; page ' + S.page + ' of ' + pages;
-  document.getElementById('q').value = S.q;
-  var h = 'sort=' + S.sort + '&asc=' + (S.asc ? 1 : 0) + '&page=' + S.page +
-    (S.q ? '&q=' + encodeURIComponent(S.q) : '') + (S.size !== D.page_size ? '&size=' + S.size : '');
-  if (location.hash.slice(1) !== h) history.replaceState(null, '', '#' + h);
-  var first = rows[(S.page - 1) * S.size];
-  if (first && !rows.some(function(r){ return r[0] === S.sel; })) detail(first);
-  else if (first) detail(rows.filter(function(r){ return r[0] === S.sel; })[0]);
-  document.body.dataset.ready = '1';
-}
-document.querySelectorAll('#slides th[data-key]').forEach(function(th){
-  th.classList.add('sort');
-  th.addEventListener('click', function(){
-    var k = th.dataset.key; S.asc = S.sort === k ? !S.asc : true; S.sort = k; S.page = 1; render();
-  });
-});
-document.getElementById('q').addEventListener('input', function(e){
-  S.q = e.target.value; S.page = 1; render();
-});
-document.getElementById('prev').addEventListener('click', function(){
-  S.page = Math.max(1, S.page - 1); render();
-});
-document.getElementById('next').addEventListener('click', function(){ S.page += 1; render(); });
-window.addEventListener('hashchange', function(){ params(); render(); });
-params(); render();
-})();
-"""
+def _asset(name: str) -> str:
+    """The page's stylesheet and script, kept as files (``data/report.css``, ``.js``). The
+    script draws the table from ``DATA.rows`` ([id, label, predicted, status, n_tiles,
+    probs, areas, images]); sorting and filtering run over every row, drawing over one
+    page, and text goes in through ``textContent`` (never ``innerHTML``)."""
+    return resources.files("histoalign_wsi").joinpath("data", name).read_text(encoding="utf-8")
+
+
 
 
 def _href(target: Path, base: Path) -> str:
@@ -366,7 +223,7 @@ def write_report(
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>histoalign-wsi report</title><style>{_CSS}</style></head><body>"
+        f"<title>histoalign-wsi report</title><style>{_asset('report.css')}</style></head><body>"
         "<h1>histoalign-wsi report</h1>"
     ]
     if untrained:
@@ -412,7 +269,7 @@ def write_report(
     data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size}
     parts.append(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"
-        f"<script>{_JS}</script></body></html>"
+        f"<script>{_asset('report.js')}</script></body></html>"
     )
     with atomic_file(out) as tmp:
         tmp.write_text("".join(parts), encoding="utf-8")

@@ -151,9 +151,7 @@ def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Conf
             total[s] += v / n if weighting == "slide" else v
             count[s] += 1 if weighting == "slide" else n
         del st
-    offsets = {
-        s: tuple(float(x) for x in (total[s] / count[s] if count[s] else np.zeros(k))) for s in scales
-    }
+    offsets = {s: tuple(float(x) for x in (total[s] / count[s] if count[s] else np.zeros(k))) for s in scales}
     return CalibrationOffsets(
         bag_hash=text.bag_hash,
         classes=tuple(text.classes),
