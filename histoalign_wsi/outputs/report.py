@@ -40,8 +40,6 @@ def _asset(name: str) -> str:
     return resources.files("histoalign_wsi").joinpath("data", name).read_text(encoding="utf-8")
 
 
-
-
 def _href(target: Path, base: Path) -> str:
     """``target`` relative to the folder ``base``, as a URL path (every part quoted, so a
     slide id with spaces, ``#`` or non-ASCII letters stays one link)."""

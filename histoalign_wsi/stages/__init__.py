@@ -1,12 +1,14 @@
 """The stages: one ``run_*`` per CLI subcommand. The CLI only parses arguments and calls
 one of these; the workflow's rules only call the CLI. ``pipeline`` holds the zero-shot
-chain (slides to report), ``patches`` the patch-folder stages (zero-shot and few-shot),
+chain (slides to scores), ``outputs`` what is made of the scores (cohort table, heatmaps,
+GeoJSON, report), ``patches`` the patch-folder stages (zero-shot and few-shot),
 ``learning`` the heads trained on stored features, ``reports`` and ``pairing`` what is
 learned from pathology reports."""
 
 from __future__ import annotations
 
 from .learning import run_fit, run_predict
+from .outputs import run_evaluate_segmentation, run_export_geojson, run_heatmap, run_report, run_summarize
 from .pairing import run_distill, run_pair_reports
 from .patches import run_classify_patches, run_few_shot
 from .pipeline import (
@@ -15,15 +17,10 @@ from .pipeline import (
     run_embed_prompts,
     run_encode,
     run_encoders,
-    run_evaluate_segmentation,
-    run_export_geojson,
-    run_heatmap,
     run_info,
     run_inspect,
     run_make_demo_slides,
-    run_report,
     run_score,
-    run_summarize,
     run_tile,
     run_tissue,
     run_unlock,
