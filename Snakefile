@@ -11,8 +11,7 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/tissue.smk"
-include: "workflow/rules/tile.smk"
+include: "workflow/rules/prepare.smk"
 include: "workflow/rules/encode.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/outputs.smk"
@@ -22,6 +21,7 @@ include: "workflow/rules/reports.smk"
 
 wildcard_constraints:
     slide=SLIDE_ID_PATTERN,
+    batch="b[0-9]+",
     head="linear|abmil|abmil_noscale",
 
 
@@ -40,11 +40,17 @@ onstart:
 
 
 onsuccess:
-    # failed_slides.tsv is rewritten, or removed when every slide is complete
-    finish_run(R, WF.slides, ok=True)
+    # failed_slides.tsv lists the slides a batch recorded as failed (the others went on);
+    # the run then exits non-zero, and the next run tries those slides again
+    failed = finish_run(R, WF.slides, ok=True, per_job=WF.config.slides_per_job)
+    if failed:
+        sys.exit(
+            f"histoalign-wsi: {len(failed)} of {len(WF.slides)} slides failed "
+            f"(see {R}/failed_slides.tsv); rerun to try them again"
+        )
 
 
 onerror:
     # with --keep-going: the cohort table of the slides that were scored, and
     # failed_slides.tsv naming the others with the error line of each failed stage
-    finish_run(R, WF.slides, ok=False)
+    finish_run(R, WF.slides, ok=False, per_job=WF.config.slides_per_job)

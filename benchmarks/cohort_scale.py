@@ -8,10 +8,10 @@ Parts (each a fresh process, peak RSS read by ``os.wait4``):
 
 - ``dag``: ``snakemake -n`` on folders of N symbolic links to one small slide (no pixel
   is read): wall time, peak RSS and the number of jobs.
-- ``real``: the real workflow on N small generated slides at ``--cores 2``: wall time per
-  slide, and per rule the mean job time (Snakemake's benchmark files) beside the time the
-  same command spends starting and importing (its ``--help``, a fresh process), and how
-  many times the encode model was loaded.
+- ``real``: the real workflow on N small generated slides at ``--cores 2``, once per
+  ``slides_per_job`` value (same slides): wall time per slide, per batch rule its jobs
+  and its time per slide (Snakemake's benchmark files), how many times the encoder was
+  loaded; and what a fresh process spends starting the CLI and importing torch.
 - ``report``: ``report.html`` of N slides (synthetic predictions, heatmaps linked from one
   small image): bytes, bytes per slide, time to write, and time for headless Chromium to
   load it and draw the table.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import shutil
 import subprocess
 import sys
@@ -38,12 +38,39 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report
-from encode_memory import measure
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "tests" / "data" / "CMU-1-Small-Region.svs"
 EXE = str(Path(sys.executable).parent / "histoalign-wsi")
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def measure(
+    cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, float]:
+    """(peak RSS MiB, wall s) of one process, its stderr kept in a file (not a pipe)."""
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status):
+            err.seek(0)
+            raise RuntimeError(f"{cmd[:4]} failed:\n{err.read().decode(errors='replace')[-3000:]}")
+    return usage.ru_maxrss / 1024, wall
+
+
+class Code:
+    """The code measured: this checkout, or ``--before REF`` checked out beside it (run
+    from outside this checkout with the worktree first on PYTHONPATH)."""
+
+    def __init__(self, label: str, root: Path, tmp: Path) -> None:
+        self.label, self.root = label, root
+        self.env = dict(os.environ) | ({"PYTHONPATH": str(root)} if root != REPO else {})
+        self.cwd = tmp
+
+    def cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "histoalign_wsi.cli", *args]
 
 
 def _links(folder: Path, n: int) -> Path:
@@ -53,68 +80,76 @@ def _links(folder: Path, n: int) -> Path:
     return folder
 
 
-def part_dag(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
+def part_dag(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         slides = _links(tmp / f"dag{n}", n)
-        cmd = [SNAKEMAKE, "-n", "--quiet", "--cores", "2", "--directory", str(REPO)]
-        cmd += ["--snakefile", str(REPO / "Snakefile"), "--config", f"slides={slides}"]
-        cmd += [f"results={tmp / f'res{n}'}"]
-        out = subprocess.run([*cmd, "--summary"], capture_output=True, text=True, cwd=REPO)
-        jobs = max(0, len(out.stdout.strip().splitlines()) - 1)
-        rss, wall = measure(cmd)
-        rows.append({"part": "dag", "slides": n, "jobs": jobs, "wall_s": wall, "peak_rss_mib": rss})
-        print(rows[-1], flush=True)
+        for code in codes:  # side by side, on the same links
+            if code.label != "now" and n > 4000:
+                continue  # minutes each before batches; the smaller sizes show the trend
+            res = tmp / f"res{n}_{code.label.replace(' ', '_')}"
+            cmd = [SNAKEMAKE, "-n", "--quiet", "--cores", "2", "--directory", str(tmp)]
+            cmd += ["--snakefile", str(code.root / "Snakefile"), "--configfile", str(REPO / "config.yaml")]
+            cmd += ["--config", f"slides={slides}", f"results={res}"]
+            out = subprocess.run([*cmd, "--summary"], capture_output=True, text=True, cwd=tmp, env=code.env)
+            jobs = len([ln for ln in out.stdout.splitlines()[1:] if ln.strip()])
+            rss, wall = measure(cmd, env=code.env, cwd=tmp)
+            row = {"part": "dag", "code": code.label, "slides": n, "jobs": jobs, "wall_s": wall}
+            rows.append(row | {"peak_rss_mib": rss})
+            print(rows[-1], flush=True)
         shutil.rmtree(slides)
     return rows
 
 
-def _startup(stage: str) -> float:
-    """Seconds a fresh ``histoalign-wsi STAGE --help`` takes: start-up and the parser."""
+def _startup(code: str) -> float:
+    """Seconds a fresh interpreter takes to run ``code`` (start-up and imports)."""
     t = time.perf_counter()
-    subprocess.run([EXE, stage, "--help"], capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
     return time.perf_counter() - t
 
 
-def part_real(n: int, tmp: Path) -> list[dict[str, Any]]:
+def part_real(n: int, per_job: list[int], tmp: Path) -> list[dict[str, Any]]:
+    """The real workflow on ``n`` small generated slides at ``--cores 2``, once per
+    ``slides_per_job`` value, on the same slides (fresh results each time)."""
     slides = tmp / "real"
     subprocess.run(
         [EXE, "make-demo-slides", str(slides), "--n", str(n), "--width", "4096", "--height", "3072"],
         check=True,
         capture_output=True,
     )
-    res = tmp / "real_results"
-    cmd = [SNAKEMAKE, "--cores", "2", "--directory", str(REPO), "--config", f"slides={slides}"]
-    cmd += [f"results={res}"]
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-    wall = time.perf_counter() - t
-    rows: list[dict[str, Any]] = [{"part": "real", "slides": n, "rule": "(all)", "wall_s": wall}]
-    rows[0]["wall_per_slide_s"] = wall / n
-    for rule_dir in sorted((res / "benchmarks").iterdir()):
-        if not rule_dir.is_dir():
-            continue
-        secs = [
-            float(f.read_text().splitlines()[1].split("\t")[0])
-            for f in rule_dir.glob("*.tsv")
-            if f.stat().st_size
-        ]
-        stage = rule_dir.name.replace("_", "-")
-        rows.append(
-            {
-                "part": "real",
-                "slides": n,
-                "rule": rule_dir.name,
-                "jobs": len(secs),
-                "mean_job_s": float(np.mean(secs)) if secs else None,
-                "startup_s": _startup(stage),
-            }
+    rows: list[dict[str, Any]] = []
+    for k in per_job:
+        res = tmp / f"real_results_{k}"
+        cmd = [SNAKEMAKE, "--cores", "2", "--directory", str(tmp), "--snakefile", str(REPO / "Snakefile")]
+        cmd += ["--configfile", str(REPO / "config.yaml"), "--config", f"slides={slides}"]
+        cmd += [f"results={res}", f"slides_per_job={k}"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp)
+        wall = time.perf_counter() - t
+        loads = sum(
+            f.read_text(errors="replace").count("loaded encoder(s)")
+            for f in (res / "logs" / "encode").glob("*.log")
         )
-    loads = sum(
-        len(re.findall(r"loaded encoder|loading encoder", f.read_text(errors="replace")))
-        for f in (res / "logs" / "encode").glob("*.log")
+        row: dict[str, Any] = {"part": "real", "slides": n, "slides_per_job": k, "wall_s": wall}
+        row |= {"wall_per_slide_s": wall / n, "model_loads": loads}
+        for rule in ("prepare", "encode", "finish"):
+            secs = [
+                float(f.read_text().splitlines()[1].split("\t")[0])
+                for f in (res / "benchmarks" / rule).glob("*.tsv")
+            ]
+            row[f"{rule}_jobs"] = len(secs)
+            row[f"{rule}_s_per_slide"] = sum(secs) / n
+        rows.append(row)
+        print(row, flush=True)
+        shutil.rmtree(res)
+    rows.append(
+        {
+            "part": "real",
+            "slides": n,
+            "cli_start_s": _startup("import histoalign_wsi.cli"),
+            "torch_open_clip_import_s": _startup("import torch, open_clip"),
+        }
     )
-    rows.append({"part": "real", "slides": n, "rule": "encode model loads", "jobs": loads})
     return rows
 
 
@@ -197,7 +232,7 @@ def part_report(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def part_memory(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
+def part_memory(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str, Any]]:
     sys.path.insert(0, str(REPO))
     from histoalign_wsi.zeroshot.text import save_text
     from tests.planting import build_store, make_text, unit
@@ -211,11 +246,12 @@ def part_memory(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
         for i in range(n):
             feats = {m: unit(rng.normal(size=(k, 32))) for m, k in ((0.5, 16), (1.0, 4), (2.0, 1))}
             stores.append(str(build_store(d / f"s{i:05d}.zarr", feats, slide_id=f"s{i:05d}")))
-        rss, wall = measure([EXE, "calibrate", *stores, "--text", str(text), "--out", str(d / "cal.json")])
-        rows.append(
-            {"part": "memory", "stage": "calibrate", "slides": n, "wall_s": wall, "peak_rss_mib": rss}
-        )
-        print(rows[-1], flush=True)
+        for code in codes:
+            cmd = code.cli("calibrate", *stores, "--text", str(text), "--out", str(d / "cal.json"))
+            rss, wall = measure(cmd, env=code.env, cwd=code.cwd)
+            row = {"part": "memory", "code": code.label, "stage": "calibrate", "slides": n, "wall_s": wall}
+            rows.append(row | {"peak_rss_mib": rss})
+            print(rows[-1], flush=True)
         first = d / "pred" / "s00000.json"
         score = [EXE, "score", stores[0], "--text", str(text), "--prediction", str(first)]
         subprocess.run([*score, "--tile-scores", str(d / "t.parquet")], check=True, capture_output=True)
@@ -224,48 +260,57 @@ def part_memory(sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
         for i in range(1, n):  # the one real prediction, copied under each id (cheap)
             preds.append(d / "pred" / f"s{i:05d}.json")
             preds[-1].write_text(json.dumps(obj | {"slide_id": f"s{i:05d}"}))
-        rss, wall = measure([EXE, "summarize", *map(str, preds), "--out", str(d / "predictions.csv")])
-        rows.append(
-            {"part": "memory", "stage": "summarize", "slides": n, "wall_s": wall, "peak_rss_mib": rss}
-        )
-        print(rows[-1], flush=True)
+        for code in codes:
+            cmd = code.cli("summarize", *map(str, preds), "--out", str(d / "predictions.csv"))
+            rss, wall = measure(cmd, env=code.env, cwd=code.cwd)
+            row = {"part": "memory", "code": code.label, "stage": "summarize", "slides": n, "wall_s": wall}
+            rows.append(row | {"peak_rss_mib": rss})
+            print(rows[-1], flush=True)
         shutil.rmtree(d)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--parts", nargs="+", default=["dag", "report", "memory"], choices=["dag", "real", "report", "memory"]
-    )
+    parts = ["dag", "real", "report", "memory"]
+    ap.add_argument("--parts", nargs="+", default=["dag", "report", "memory"], choices=parts)
     ap.add_argument("--dag", type=int, nargs="+", default=[1000, 4000, 10000])
-    ap.add_argument("--real", type=int, default=200)
+    ap.add_argument("--real", type=int, default=200, help="slides of the real run")
+    ap.add_argument(
+        "--slides-per-job", type=int, nargs="+", default=[1, 20], help="real run: values compared"
+    )
     ap.add_argument("--report", type=int, nargs="+", default=[200, 1000, 10000])
     ap.add_argument("--memory", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--before", help="a git ref measured beside this checkout (dag, memory), e.g. 7358e00")
     a = ap.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cohort_scale_") as t:
         tmp = Path(t)
-        if "dag" in a.parts:
-            rows += part_dag(a.dag, tmp)
-        if "report" in a.parts:
-            rows += part_report(a.report, tmp)
-        if "memory" in a.parts:
-            rows += part_memory(a.memory, tmp)
-        if "real" in a.parts:
-            rows += part_real(a.real, tmp)
-    cols = [
-        "part",
-        "slides",
-        "rule",
-        "stage",
-        "jobs",
-        "wall_s",
-        "wall_per_slide_s",
-        "mean_job_s",
-        "startup_s",
+        codes = [Code("now", REPO, tmp)]
+        if a.before:
+            old = tmp / "before"
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), a.before], check=True
+            )
+            codes.append(Code(f"before {a.before}", old, tmp))
+        try:
+            if "dag" in a.parts:
+                rows += part_dag(a.dag, tmp, codes)
+            if "report" in a.parts:
+                rows += part_report(a.report, tmp)
+            if "memory" in a.parts:
+                rows += part_memory(a.memory, tmp, codes)
+            if "real" in a.parts:
+                rows += part_real(a.real, a.slides_per_job, tmp)
+        finally:
+            if a.before:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "before")])
+    cols = ["part", "code", "slides", "stage", "slides_per_job", "jobs", "wall_s", "wall_per_slide_s"]
+    cols += ["model_loads"] + [
+        f"{r}_{x}" for r in ("prepare", "encode", "finish") for x in ("jobs", "s_per_slide")
     ]
-    cols += ["peak_rss_mib", "bytes", "bytes_per_slide", "chromium_load_s"]
+    cols += ["cli_start_s", "torch_open_clip_import_s", "peak_rss_mib", "bytes", "bytes_per_slide"]
+    cols += ["chromium_load_s"]
     report("cohort_scale", rows, [c for c in cols if any(c in r for r in rows)])
 
 

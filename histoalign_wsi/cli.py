@@ -16,6 +16,7 @@ from ._cli_common import opts as _opts
 from ._cli_common import print_json as _print_json
 from ._logging import setup_logging
 from ._threads import apply_thread_budget
+from .batches import expand_inputs
 from .cli_learn import learn_commands, report_commands
 from .config import Config, load_config, parse_overrides
 from .errors import HistoAlignError
@@ -50,6 +51,23 @@ def _tile(a: argparse.Namespace, cfg: Config) -> int:
 
 def _encode(a: argparse.Namespace, cfg: Config) -> int:
     stages.run_encode(a.tiles, a.slide, a.out, cfg, threads=a.threads)
+    return 0
+
+
+def _batch(a: argparse.Namespace, cfg: Config) -> int:
+    from .batches import FAILED, parse_spec
+
+    if a.stage == "pick":
+        stages.pick_slides(parse_spec(a.spec), a.upstream, a.out)
+        return 0
+
+    state = {"text": a.text, "calibration": a.calibration, "attention": a.attention, "threads": a.threads}
+    rows = stages.run_batch(
+        a.stage, parse_spec(a.spec), a.results, a.out, cfg, upstream=a.upstream, token=a.token, **state
+    )
+    for r in rows:
+        if r.status == FAILED:
+            print(f"histoalign-wsi batch {a.stage}: slide {r.slide_id!r} failed: {r.error}", file=sys.stderr)
     return 0
 
 
@@ -161,6 +179,21 @@ def _slide_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _add(sub, "batch", _batch, "run a per-slide stage over a batch of slides (what the workflow calls)")
+    p.add_argument(
+        "stage",
+        choices=("prepare", "encode", "finish", "pick"),
+        help="tissue+tile, encode, score+outputs; pick: these slides' manifest rows (fails if one failed)",
+    )
+    p.add_argument("--spec", required=True, help="the batch's slides as JSON [[slide_id, path, mpp], ...]")
+    p.add_argument("--results", type=Path, required=True, help="results folder (per-slide files go there)")
+    p.add_argument("--out", type=Path, required=True, help="the batch manifest (.tsv) to write")
+    p.add_argument("--upstream", type=Path, help="the previous stage's manifest of this batch")
+    p.add_argument("--token", default="", help="the workflow's retry token (recorded in the manifest)")
+    p.add_argument("--text", type=Path, help="finish: text embeddings (.npz)")
+    p.add_argument("--calibration", type=Path, help="finish: calibration offsets")
+    p.add_argument("--attention", action="store_true", help="finish: add the abmil head's attention")
+
     p = _add(sub, "encode", _encode, "encode tiles at every scale with every configured encoder")
     p.add_argument("tiles", type=Path, help="tile store from 'tile'")
     p.add_argument("--slide", type=Path, required=True, help="the slide the tiles came from")
@@ -286,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"histoalign-wsi {args.command}: error:"
     try:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))
+        for name in ("stores", "inputs", "predictions"):  # batch manifests stand for their slides
+            if isinstance(getattr(args, name, None), list):
+                setattr(args, name, expand_inputs(getattr(args, name)))
         code: int = args.handler(args, cfg)
         return code
     except HistoAlignError as exc:

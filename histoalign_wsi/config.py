@@ -266,6 +266,7 @@ class Config:
     heatmap: HeatmapParams
     geojson: GeoJSONParams
     report: ReportParams
+    slides_per_job: int
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -314,6 +315,7 @@ class Config:
             heatmap=HeatmapParams(**cfg["heatmap"]),
             geojson=GeoJSONParams(**cfg["geojson"]),
             report=ReportParams(**cfg["report"]),
+            slides_per_job=int(cfg["slides_per_job"]),
             raw=cfg,
         )
 
@@ -359,6 +361,21 @@ STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
     "heatmap": ("reader", "mpp_override", "max_read_megapixels", "heatmap"),
     "export_geojson": ("geojson",),
     "report": ("report",),
+    # the batched per-slide stages of the workflow (their rules' settings)
+    "prepare": ("reader", "mpp_override", "max_read_megapixels", "tissue", "scales_mpp", "tile_px", "tiling"),
+    "finish": (
+        "scales_mpp",
+        "alignment",
+        "pooling",
+        "protocol",
+        "conch",
+        "encoder_weights",
+        "reader",
+        "mpp_override",
+        "max_read_megapixels",
+        "heatmap",
+        "geojson",
+    ),
     "fit": ("prompt_bag", "heads", "fit"),
     "predict": ("prompt_bag", "pooling"),
     "train_reports": (

@@ -5,6 +5,7 @@ stay fast and work where torch is absent)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -14,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .batches import read_manifest, retry_token
 from .config import STAGE_KEYS, Config, validate_config
 from .errors import ConfigError, HistoAlignError
 from .features import get_entry, load_registry
@@ -26,6 +28,7 @@ __all__ = [
     "finish_run",
     "folder_of",
     "load_workflow",
+    "results_of",
     "start_run",
     "write_failure_report",
     "write_partial_summary",
@@ -46,9 +49,69 @@ class Workflow:
     def results(self) -> str:
         return self.config.results
 
-    @property
+    @functools.cached_property
     def slides(self) -> list[str]:
+        """The cohort's slide ids, sorted (computed once: rules ask for it per job)."""
         return sorted(self.cohort)
+
+    # --- batches: each per-slide stage runs on `slides_per_job` slides per job ---------
+
+    @functools.cached_property
+    def batches(self) -> dict[str, list[str]]:
+        """Batch id (``b00000``...) -> its slide ids: the sorted cohort in runs of
+        ``slides_per_job``."""
+        return _batches(tuple(self.slides), self.config.slides_per_job)
+
+    @functools.cached_property
+    def _batch_index(self) -> dict[str, str]:
+        return {s: b for b, ids in self.batches.items() for s in ids}
+
+    def batch_of(self, slide_id: str) -> str:
+        return self._batch_index[slide_id]
+
+    def batch_paths(self, batch: str) -> list[str]:
+        """The batch's slide files (its jobs' inputs: a changed slide reruns them)."""
+        return [str(self.cohort[s].path) for s in self.batches[batch]]
+
+    def spec(self, batch: str) -> str:
+        """The batch's slides for ``histoalign-wsi batch --spec``: [[id, path, mpp], ...]."""
+        return json.dumps(
+            [[s, str(self.cohort[s].path), self.cohort[s].mpp] for s in self.batches[batch]],
+            ensure_ascii=False,
+        )
+
+    def spec_of(self, slide_id: str) -> str:
+        """One slide as a batch spec (the ``slide`` target)."""
+        e = self.cohort[slide_id]
+        return json.dumps([[slide_id, str(e.path), e.mpp]], ensure_ascii=False)
+
+    def manifest(self, stage: str, batch: str) -> str:
+        return f"{self.results}/batches/{stage}/{batch}.tsv"
+
+    def manifests(self, stage: str) -> list[str]:
+        return [self.manifest(stage, b) for b in self.batches]
+
+    def retry(self, stage: str, batch: str) -> str:
+        """The batch rule's ``retry`` param: changes after a run with failed slides, so
+        the next run tries them again (see :func:`histoalign_wsi.batches.retry_token`)."""
+        return retry_token(self.manifest(stage, batch))
+
+    def finish_inputs(self, batch: str) -> dict[str, str]:
+        d = {"upstream": self.manifest("encode", batch), "text": f"{self.results}/text_embeddings.npz"}
+        if self.config.calibration:
+            d["calibration"] = f"{self.results}/calibration.json"
+        if self.with_attention:
+            d["attention"] = f"{self.results}/attention"
+        return d
+
+    def finish_flags(self, inputs: Any) -> str:
+        names = _names(inputs)
+        flags = []
+        if "calibration" in names:
+            flags.append(f"--calibration {shlex.quote(str(inputs['calibration']))}")
+        if "attention" in names:
+            flags.append("--attention")
+        return " ".join(flags)
 
     def settings(self, stage: str) -> str:
         """``--set`` options carrying only the config keys ``stage`` reads (see
@@ -149,12 +212,15 @@ class Workflow:
 
     def final_outputs(self) -> list[str]:
         r = self.results
-        out = [f"{r}/predictions.csv", f"{r}/report.html"]
-        out += [f"{r}/heatmaps/{s}" for s in self.slides]
-        out += [f"{r}/geojson/{s}.geojson" for s in self.slides]
+        out = [f"{r}/predictions.csv", f"{r}/report.html", *self.manifests("finish")]
         if self.labels_sheet:
             out.append(f"{r}/metrics.json")
         return out + list(self.learned_from_reports().values())
+
+
+@functools.lru_cache(maxsize=4)
+def _batches(slides: tuple[str, ...], per_job: int) -> dict[str, list[str]]:
+    return {f"b{i // per_job:05d}": list(slides[i : i + per_job]) for i in range(0, len(slides), per_job)}
 
 
 def _names(inputs: Any) -> set[str]:
@@ -235,6 +301,17 @@ def folder_of(key: str) -> Callable[[Any, Any], str]:
     return folder
 
 
+def results_of(key: str, up: int) -> Callable[[Any, Any], str]:
+    """A rule's params function: the results folder, ``up`` folders above output
+    ``key`` (derived from the output, so it also holds where the filesystem is not
+    shared)."""
+
+    def folder(wildcards: Any, output: Any) -> str:
+        return str(Path(str(output[key])).parents[up - 1])
+
+    return folder
+
+
 def bag_file(name_or_path: str) -> str:
     """The YAML file behind a prompt bag name (a workflow input, so edits rerun scoring)."""
     p = Path(name_or_path)
@@ -254,42 +331,51 @@ def _error_line(log: Path) -> str | None:
     return other[-1].strip() if other else None
 
 
-def _slide_outputs(res: Path, slide_id: str) -> list[Path]:
-    return [
-        res / "predictions" / f"{slide_id}.json",
-        res / "heatmaps" / slide_id,
-        res / "geojson" / f"{slide_id}.geojson",
-    ]
+def _batch_state(res: Path, batch: str, slides: list[str], *, recorded_only: bool) -> dict[str, str]:
+    """slide -> error line for every slide of the batch not finished: from the latest
+    stage manifest the batch has; a slide of a batch whose job failed as a whole gets
+    that job's error line. ``recorded_only``: only the failures a manifest records (a
+    slide that a partial target did not take to the end is not a failure)."""
+    for stage in ("finish", "encode", "prepare"):
+        m = res / "batches" / stage / f"{batch}.tsv"
+        if m.is_file():
+            rows = {r.slide_id: r for r in read_manifest(m)[0]}
+            out = {s: rows[s].error or f"{stage}: failed" for s in slides if s in rows and not rows[s].ok}
+            if stage != "finish" and not recorded_only:  # the batch stopped after this stage
+                nxt = {"prepare": "encode", "encode": "finish"}[stage]
+                line = _error_line_of(res / "logs" / nxt / f"{batch}.log")
+                out |= {s: f"{nxt}: {line or 'not completed'}" for s in slides if s not in out}
+            return out
+    if recorded_only:
+        return {}
+    line = _error_line_of(res / "logs" / "prepare" / f"{batch}.log")
+    return dict.fromkeys(slides, f"prepare: {line or 'not completed'}")
+
+
+def _error_line_of(log: Path) -> str | None:
+    return _error_line(log) if log.is_file() else None
 
 
 def write_failure_report(
-    results: str | Path, slide_ids: list[str], *, recheck_only: bool = False
+    results: str | Path, slide_ids: list[str], *, recorded_only: bool = False, per_job: int = 20
 ) -> list[str]:
-    """``failed_slides.tsv``: every slide missing any of its final outputs, with the error
-    line of each stage that failed; removed when no slide failed. ``recheck_only`` (after
-    a successful run) only drops the listed slides that are now complete, so a run of a
-    partial target does not list slides it was not asked to finish. Returns the failed ids."""
+    """``failed_slides.tsv``: every slide that failed, with the error line of the stage
+    that failed (from the batch manifests), and, after a failed run, every slide left
+    unfinished; removed when no slide failed. ``recorded_only`` (after a run that ended
+    well, perhaps of a partial target) lists only the failures the manifests record.
+    Returns the failed ids."""
     from ._atomic import atomic_file
 
     res = Path(results)
     target = res / "failed_slides.tsv"
-    if recheck_only:
-        if not target.is_file():
-            return []
-        listed = {ln.split("\t", 1)[0] for ln in target.read_text(encoding="utf-8").splitlines()[1:]}
-        slide_ids = [s for s in slide_ids if s in listed]
-    failed = [s for s in slide_ids if not all(p.exists() for p in _slide_outputs(res, s))]
+    errors: dict[str, str] = {}
+    for batch, slides in _batches(tuple(sorted(slide_ids)), per_job).items():
+        errors |= _batch_state(res, batch, slides, recorded_only=recorded_only)
+    failed = sorted(errors)
     if not failed:
         target.unlink(missing_ok=True)
         return []
-    rows = []
-    for s in failed:
-        msgs = [
-            f"{lg.parent.name}: {line}"
-            for lg in sorted((res / "logs").glob(f"*/{s}.log"))
-            if (line := _error_line(lg)) is not None
-        ]
-        rows.append(f"{s}\t{' | '.join(msgs) or 'not completed'}")
+    rows = [f"{s}\t{' '.join(errors[s].split())}" for s in failed]
     with atomic_file(target) as tmp:
         tmp.write_text("slide_id\terror\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
     return failed
@@ -302,18 +388,19 @@ def start_run(results: str | Path) -> None:
     acquire(results)
 
 
-def finish_run(results: str | Path, slide_ids: list[str], *, ok: bool) -> None:
+def finish_run(results: str | Path, slide_ids: list[str], *, ok: bool, per_job: int = 20) -> list[str]:
     """After a run: bring ``failed_slides.tsv`` up to date (rewritten or removed); after a
     failed one also the partial ``predictions.csv`` of the slides that completed; then
-    release the lock."""
+    release the lock. Returns the slides that failed."""
     from .runlock import release
 
     try:
-        write_failure_report(results, slide_ids, recheck_only=ok)
+        failed = write_failure_report(results, slide_ids, recorded_only=ok, per_job=per_job)
         if not ok:
             write_partial_summary(results, slide_ids)
     finally:
         release(results)
+    return failed
 
 
 def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | None:

@@ -273,37 +273,49 @@ def test_slide_smaller_than_a_tile_says_so(tmp_path: Path, capsys: pytest.Captur
     assert pred["status"] == "no_tiles" and pred["predicted_class"] == "no tiles (slide smaller than a tile)"
 
 
-def test_failure_report_lists_every_rule_and_the_real_error(tmp_path: Path) -> None:
+def test_failure_report_names_each_failed_slide_and_the_real_error(tmp_path: Path) -> None:
+    """From the batch manifests: a slide that failed in one stage (its error line), its
+    batchmates done; a batch whose job failed as a whole (that job's error line, not
+    the asyncio noise after it); after a run that ended well, only recorded failures."""
+    from histoalign_wsi.batches import ManifestRow, write_manifest
     from histoalign_wsi.workflow import finish_run, write_failure_report
 
     r = tmp_path / "results"
-    for s in ("ok", "bad_heatmap", "bad_tissue"):
-        (r / "predictions").mkdir(parents=True, exist_ok=True)
-        (r / "geojson").mkdir(exist_ok=True)
-        if s != "bad_tissue":
-            (r / "predictions" / f"{s}.json").write_text("{}")
-            (r / "geojson" / f"{s}.geojson").write_text("{}")
-        if s == "ok":
-            (r / "heatmaps" / s).mkdir(parents=True)
-    (r / "logs" / "heatmap").mkdir(parents=True)
-    (r / "logs" / "heatmap" / "bad_heatmap.log").write_text(
-        "INFO x: start\n"
-        "histoalign-wsi heatmap: error: no space left on device while writing results/heatmaps/bad_heatmap\n"
+    ids = ["a_ok", "b_bad_tissue", "c_ok", "d_no_encoder"]  # batches of 3: b00000, b00001
+    write_manifest(
+        r / "batches" / "prepare" / "b00000.tsv",
+        [
+            ManifestRow("a_ok", "ok", "t"),
+            ManifestRow("b_bad_tissue", "failed", "", "prepare: slide 'b.svs': file is truncated or damaged"),
+            ManifestRow("c_ok", "ok", "t"),
+        ],
     )
-    (r / "logs" / "tissue").mkdir(parents=True)
-    (r / "logs" / "tissue" / "bad_tissue.log").write_text(
-        "histoalign-wsi tissue: error: slide 'x.svs': file is truncated or damaged (...)\n"
+    write_manifest(
+        r / "batches" / "finish" / "b00000.tsv",
+        [
+            ManifestRow("a_ok", "ok", "p"),
+            ManifestRow(
+                "b_bad_tissue", "upstream", "", "prepare: slide 'b.svs': file is truncated or damaged"
+            ),
+            ManifestRow("c_ok", "ok", "p"),
+        ],
+    )
+    write_manifest(r / "batches" / "prepare" / "b00001.tsv", [ManifestRow("d_no_encoder", "ok", "t")])
+    (r / "logs" / "encode").mkdir(parents=True)
+    (r / "logs" / "encode" / "b00001.log").write_text(
+        "INFO x: start\n"
+        "histoalign-wsi batch: error: no weights for encoder 'plip': looked in ~/.cache\n"
         "ERROR asyncio: Task was destroyed but it is pending!\n"
     )
-    failed = write_failure_report(r, ["ok", "bad_heatmap", "bad_tissue"])
-    assert failed == ["bad_heatmap", "bad_tissue"]
+    failed = write_failure_report(r, ids, per_job=3)
+    assert failed == ["b_bad_tissue", "d_no_encoder"]
     rows = (r / "failed_slides.tsv").read_text().splitlines()[1:]
-    assert rows[0].startswith("bad_heatmap\theatmap: histoalign-wsi heatmap: error: no space left")
-    assert "truncated or damaged" in rows[1] and "asyncio" not in rows[1]
-    # a later successful run that completes the slides removes the stale report
-    (r / "heatmaps" / "bad_heatmap").mkdir()
-    (r / "predictions" / "bad_tissue.json").write_text("{}")
-    (r / "geojson" / "bad_tissue.geojson").write_text("{}")
-    (r / "heatmaps" / "bad_tissue").mkdir()
-    finish_run(r, ["ok", "bad_heatmap", "bad_tissue"], ok=True)
+    assert rows[0] == "b_bad_tissue\tprepare: slide 'b.svs': file is truncated or damaged"
+    assert rows[1].startswith("d_no_encoder\tencode: histoalign-wsi batch: error: no weights")
+    assert "asyncio" not in rows[1]
+    # a run that ended well (say of a partial target) lists only the recorded failures
+    assert finish_run(r, ids, ok=True, per_job=3) == ["b_bad_tissue"]
+    # and once the batch records no failure, the report is gone
+    write_manifest(r / "batches" / "finish" / "b00000.tsv", [ManifestRow(s, "ok", "p") for s in ids[:3]])
+    finish_run(r, ids, ok=True, per_job=3)
     assert not (r / "failed_slides.tsv").exists()

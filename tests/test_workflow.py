@@ -108,8 +108,12 @@ def test_every_output_exists(done: Path) -> None:
         assert (r / "geojson" / f"{sid}.geojson").stat().st_size > 100
     for f in ("predictions.csv", "report.html", "metrics.json", "confusion_matrix.png"):
         assert (r / f).is_file(), f
-    assert (r / "logs" / "encode" / "demo_01.log").is_file()
-    assert (r / "benchmarks" / "encode" / "demo_01.tsv").is_file()
+    # one job per stage for the batch of three slides (slides_per_job 20), one encoder load
+    for stage in ("prepare", "encode", "finish"):
+        assert (r / "batches" / stage / "b00000.tsv").is_file()
+        assert (r / "benchmarks" / stage / "b00000.tsv").is_file()
+    log = (r / "logs" / "encode" / "b00000.log").read_text()
+    assert log.count("loaded encoder(s) demo for this batch") == 1 and log.count("encoded ") == 3
 
 
 def test_second_run_has_nothing_to_do(done: Path) -> None:
@@ -126,9 +130,9 @@ def test_editing_the_prompt_bag_reruns_only_downstream_of_encoding(done: Path) -
     finally:
         bag.write_text(original)
     counts = job_counts(out.stdout + out.stderr)
-    assert counts.get("embed_prompts") == 1 and counts.get("score") == 3
-    assert {"tissue", "tile", "encode"}.isdisjoint(counts), counts
-    assert {"summarize", "heatmap", "export_geojson", "report"} <= set(counts)
+    assert counts.get("embed_prompts") == 1 and counts.get("finish") == 1  # one batch
+    assert {"prepare", "encode"}.isdisjoint(counts), counts
+    assert {"summarize", "report"} <= set(counts)
 
 
 def test_lint_is_clean(done: Path) -> None:
@@ -154,8 +158,10 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     out = smk(w, "--cores", "2", "--keep-going", check=False)
     assert out.returncode != 0
     r = w / "results"
-    log = (r / "logs" / "tissue" / "broken.log").read_text()
+    log = (r / "logs" / "prepare" / "b00000.log").read_text()
     assert "broken.svs" in log and "truncated or damaged" in log
+    # the batch went on: its good slides were encoded with one encoder load
+    assert (r / "logs" / "encode" / "b00000.log").read_text().count("encoded ") == 2
     import pandas as pd
 
     table = pd.read_csv(r / "predictions.csv")
@@ -164,7 +170,7 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     failed = (r / "failed_slides.tsv").read_text()
     assert "broken" in failed and "broken.svs" in failed
     row = next(ln for ln in failed.splitlines() if ln.startswith("broken\t"))
-    assert "tissue: histoalign-wsi tissue: error: slide" in row and "truncated or damaged" in row
+    assert "prepare: slide '" in row and "truncated or damaged" in row
     assert "asyncio" not in failed and "Traceback" not in failed
     assert not (r / "metrics.json").exists()
     # the user removes the bad slide; the run that then succeeds clears the stale report
@@ -181,7 +187,7 @@ def test_results_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path: Path
     (w / "slides").mkdir()
     shutil.copy(CMU, w / "slides" / CMU.name)
     write_config(w, labels=DROP)
-    target = "results/tissue/CMU-1-Small-Region.png"
+    target = "results/slides/CMU-1-Small-Region.tsv"
     lock_file = w / "results" / ".histoalign-run.lock"
     lock_file.parent.mkdir()
     other = subprocess.Popen(["sleep", "120"])
@@ -203,12 +209,13 @@ def test_results_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path: Path
     assert "cleared a stale lock" in out.stderr and (w / target).is_file() and not lock_file.exists()
     # a lock from another host cannot be checked: refused until the user clears it
     lock_file.write_text(json.dumps(lock | {"host": "node-17"}))
-    out = smk(w, "--cores", "1", "results/tiles/CMU-1-Small-Region.zarr", check=False)
+    target = "results/predictions.csv"  # not made yet: a run that has work to do
+    out = smk(w, "--cores", "1", target, check=False)
     assert out.returncode != 0 and "node-17" in out.stderr and "histoalign-wsi unlock" in out.stderr
     from histoalign_wsi.cli import main
 
     assert main(["unlock", str(w / "results")]) == 0 and not lock_file.exists()
-    smk(w, "--cores", "1", "results/tiles/CMU-1-Small-Region.zarr")
+    smk(w, "--cores", "1", target)
 
 
 def test_non_ascii_slide_names_run(tmp_path: Path) -> None:
@@ -217,9 +224,10 @@ def test_non_ascii_slide_names_run(tmp_path: Path) -> None:
     for name in ("café.svs", "中文.svs", "日本.svs"):
         shutil.copy(CMU, w / "slides" / name)
     write_config(w, labels=DROP)
-    targets = [f"results/tissue/{sid}.png" for sid in ("café", "中文", "日本")]
+    targets = [f"results/slides/{sid}.tsv" for sid in ("café", "中文", "日本")]
     smk(w, "--cores", "2", *targets)
     assert all((w / t).is_file() for t in targets)
+    assert all((w / "results" / "geojson" / f"{sid}.geojson").is_file() for sid in ("café", "中文", "日本"))
 
 
 def test_readme_own_slides_command_from_a_fresh_checkout(tmp_path: Path) -> None:
@@ -344,10 +352,17 @@ def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Pat
     why = slurm_cluster.available()
     if why:
         pytest.skip(why)
-    (tmp_path / "wd").mkdir()
-    w = _workdir(tmp_path / "wd", slides)
+    # 20 slides: the three of the local run and 17 links to the small real slide, in two
+    # batches of 10 (links cost nothing; the batches are what the cluster sees)
+    w = tmp_path / "wd"
+    (w / "slides").mkdir(parents=True)
+    for p in (slides / "slides").iterdir():
+        (w / "slides" / p.name).symlink_to(p)
+    for i in range(17):
+        (w / "slides" / f"extra {i:02d}.svs").symlink_to(CMU)
+    (w / "slides_truth").symlink_to(slides / "slides_truth")
     shutil.copy(done / "bag.yaml", w / "bag.yaml")
-    write_config(w, prompt_bag="bag.yaml")
+    write_config(w, prompt_bag="bag.yaml", slides_per_job=10)
     with slurm_cluster.slurm_cluster(tmp_path / "slurm") as ctl_log:
         out = smk(
             w, "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
@@ -358,8 +373,10 @@ def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Pat
         submitted = ctl_log.read_text().count("_slurm_rpc_submit_batch_job")
     text = out.stdout + out.stderr
     assert "executor: slurm" in text.lower() or "submitted with slurm jobid" in text.lower()
-    # grouping: 3 slides x 6 per-slide rules + 3 cohort rules = 21 jobs, far fewer cluster jobs
-    assert 4 <= submitted <= 12, submitted
+    # two batches x (prepare, encode, finish) + embed_prompts, summarize, report: 9 cluster
+    # jobs for 20 slides (before batches: 6 per slide, 123 jobs)
+    assert submitted == 9, submitted
+    assert len(pd.read_csv(w / "results" / "predictions.csv")) == 20
     a, b = done / "results", w / "results"
     for sid in ("CMU-1-Small-Region", "demo_01", "demo_02"):
         fa, fb = open_store(a / "features" / f"{sid}.zarr"), open_store(b / "features" / f"{sid}.zarr")
@@ -371,7 +388,9 @@ def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Pat
         assert (a / "geojson" / f"{sid}.geojson").read_bytes() == (
             b / "geojson" / f"{sid}.geojson"
         ).read_bytes()
-    assert (a / "predictions.csv").read_text() == (b / "predictions.csv").read_text()
+    table_a = pd.read_csv(a / "predictions.csv").set_index("slide_id")
+    table_b = pd.read_csv(b / "predictions.csv").set_index("slide_id")
+    pd.testing.assert_frame_equal(table_a, table_b.loc[table_a.index])
     assert (b / "report.html").is_file()
 
 
@@ -459,6 +478,6 @@ def test_calibrated_run_hands_the_offsets_to_score(slides: Path, tmp_path: Path)
     write_config(w, calibration=True)
     out = smk(w, "-n", "-p", "--forceall")
     text = out.stdout + out.stderr
-    score_cmds = [ln for ln in text.splitlines() if "histoalign-wsi score " in ln]
-    assert len(score_cmds) == 3 and all("--calibration results/calibration.json" in c for c in score_cmds)
+    score_cmds = [ln for ln in text.splitlines() if "histoalign-wsi batch finish " in ln]
+    assert len(score_cmds) == 1 and all("--calibration results/calibration.json" in c for c in score_cmds)
     assert "rule calibrate" in text

@@ -7,6 +7,7 @@ learned from pathology reports."""
 
 from __future__ import annotations
 
+from .batch import pick_slides, run_batch
 from .learning import run_fit, run_predict
 from .outputs import run_evaluate_segmentation, run_export_geojson, run_heatmap, run_report, run_summarize
 from .pairing import run_distill, run_pair_reports
@@ -29,6 +30,8 @@ from .reports import run_train_reports
 
 __all__ = [
     "open_for",
+    "pick_slides",
+    "run_batch",
     "run_calibrate",
     "run_classify_patches",
     "run_distill",

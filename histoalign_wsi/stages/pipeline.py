@@ -120,9 +120,11 @@ def run_encode(
     cfg: Config,
     *,
     threads: int | None = None,
+    encoders: Sequence[Any] | None = None,
 ) -> Path:
     """Copy the tile geometry into a new feature store and add every encoder's features,
-    within a budget of ``threads`` CPU threads (readers + torch)."""
+    within a budget of ``threads`` CPU threads (readers + torch). ``encoders`` already
+    loaded (a batch of slides loads them once) are used as they are."""
     import torch
     import zarr
 
@@ -132,7 +134,7 @@ def run_encode(
 
     src = open_store(tile_store)
     device = resolve_device(cfg.device)
-    encoders = load_encoders(cfg, device=device)
+    encoders = list(encoders) if encoders is not None else load_encoders(cfg, device=device)
     meta = src.attrs["slide"]
     scales = [src.scale(n) for n in src.scale_names]
     readers, torch_threads = thread_budget(threads, cfg.encode.readers)
@@ -169,6 +171,7 @@ def run_encode(
                     "encoders": {e.name: e.attrs() for e in encoders},
                     "untrained": any(e.entry.untrained for e in encoders),
                     "encode_device": device,
+                    "encode_config_hash": config_hash(cfg, "encode"),
                 }
             )
             names = ", ".join(e.name for e in encoders)

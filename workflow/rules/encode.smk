@@ -1,15 +1,20 @@
+# Features, per batch of slides: the encoders load once per job (features/{slide}.zarr).
+
+
 rule encode:
     input:
-        slide=lambda w: WF.slide_path(w.slide),
-        tiles=rules.tile.output.tiles,
+        upstream=rules.prepare.output.manifest,
     output:
-        features=directory(f"{R}/features/{{slide}}.zarr"),
+        manifest=f"{R}/batches/encode/{{batch}}.tsv",
     params:
+        spec=lambda w: WF.spec(w.batch),
+        retry=lambda w: WF.retry("encode", w.batch),
+        results=results_of("manifest", 3),
         settings=WF.settings("encode"),
     log:
-        f"{R}/logs/encode/{{slide}}.log",
+        f"{R}/logs/encode/{{batch}}.log",
     benchmark:
-        f"{R}/benchmarks/encode/{{slide}}.tsv"
+        f"{R}/benchmarks/encode/{{batch}}.tsv"
     threads: 2
     resources:
         mem_mb=8000,
@@ -17,5 +22,6 @@ rule encode:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi encode --threads {threads} {input.tiles:q} --slide {input.slide:q} --out {output.features:q} "
-        "{params.settings} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi batch encode --threads {threads} --spec {params.spec:q} --results {params.results:q} "
+        "--upstream {input.upstream:q} --out {output.manifest:q} --token={params.retry:q} {params.settings} "
+        "2>&1 | tee {log:q} >&2"

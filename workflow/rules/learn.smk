@@ -4,7 +4,7 @@
 
 rule fit:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        features=WF.manifests("encode"),
     output:
         models=directory(f"{R}/models"),
         attention=directory(f"{R}/attention"),
@@ -27,7 +27,7 @@ rule fit:
 
 rule predict_head:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        features=WF.manifests("encode"),
         models=rules.fit.output.models,
     output:
         csv=f"{R}/heads/{{head}}/predictions.csv",

@@ -1,60 +1,33 @@
-rule heatmap:
+# The cohort's outputs (report.html), and one slide's outputs as a target of its own:
+# `snakemake results/slides/SLIDE.tsv` runs the batch that holds that slide and fails,
+# naming the error, when that slide failed.
+
+
+rule slide:
     input:
-        unpack(lambda w: WF.attention_input(w.slide)),
-        slide=lambda w: WF.slide_path(w.slide),
-        tiles=rules.score.output.tiles,
-        prediction=rules.score.output.prediction,
+        manifest=lambda w: WF.manifest("finish", WF.batch_of(w.slide)),
     output:
-        heatmaps=directory(f"{R}/heatmaps/{{slide}}"),
+        status=f"{R}/slides/{{slide}}.tsv",
     params:
-        attention=lambda w, input: WF.attention_flag(input, w.slide),
-        settings=WF.settings("heatmap"),
+        spec=lambda w: WF.spec_of(w.slide),
+        results=results_of("status", 2),
     log:
-        f"{R}/logs/heatmap/{{slide}}.log",
-    benchmark:
-        f"{R}/benchmarks/heatmap/{{slide}}.tsv"
+        f"{R}/logs/slide/{{slide}}.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=500,
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi heatmap --threads {threads} {input.tiles:q} --prediction {input.prediction:q} --slide {input.slide:q} "
-        "--out {output.heatmaps:q} {params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
-
-
-rule export_geojson:
-    input:
-        unpack(lambda w: WF.attention_input(w.slide)),
-        tiles=rules.score.output.tiles,
-        prediction=rules.score.output.prediction,
-        tissue=rules.tissue.output.meta,
-        tile_store=rules.tile.output.tiles,
-    output:
-        geojson=f"{R}/geojson/{{slide}}.geojson",
-    params:
-        attention=lambda w, input: WF.attention_flag(input, w.slide),
-        settings=WF.settings("export_geojson"),
-    log:
-        f"{R}/logs/export_geojson/{{slide}}.log",
-    benchmark:
-        f"{R}/benchmarks/export_geojson/{{slide}}.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        "../../envs/histoalign.yaml"
-    shell:
-        "histoalign-wsi export-geojson --threads {threads} {input.tiles:q} --prediction {input.prediction:q} "
-        "--store {input.tile_store:q} --tissue {input.tissue:q} --out {output.geojson:q} "
-        "{params.attention} {params.settings} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi batch pick --spec {params.spec:q} --results {params.results:q} --upstream {input.manifest:q} "
+        "--out {output.status:q} 2>&1 | tee {log:q} >&2"
 
 
 rule report:
     input:
         csv=rules.summarize.output.csv,
         metrics=rules.summarize.output.metrics,
-        heatmaps=expand(f"{R}/heatmaps/{{slide}}", slide=WF.slides),
+        batches=WF.manifests("finish"),
         **WF.learned_from_reports(),
     output:
         html=f"{R}/report.html",

@@ -6,7 +6,7 @@
 
 rule train_reports:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        features=WF.manifests("encode"),
         sheet=WF.reports_input,
     output:
         metrics=f"{R}/reports/metrics.json",
@@ -31,7 +31,7 @@ rule train_reports:
 
 rule pair_reports:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        features=WF.manifests("encode"),
         corpus=WF.corpus_input,
     output:
         pairs=f"{R}/pairs/pairs.csv",

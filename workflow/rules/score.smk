@@ -22,7 +22,7 @@ rule embed_prompts:
 
 rule calibrate:
     input:
-        features=expand(f"{R}/features/{{slide}}.zarr", slide=WF.slides),
+        features=WF.manifests("encode"),
         text=rules.embed_prompts.output.text,
     output:
         calibration=f"{R}/calibration.json",
@@ -42,32 +42,37 @@ rule calibrate:
         "{params.settings} 2>&1 | tee {log:q} >&2"
 
 
-rule score:
+rule finish:
+    # score, heatmaps and QuPath GeoJSON per batch of slides (predictions/, tile_scores/,
+    # heatmaps/, geojson/ per slide)
     input:
-        unpack(lambda w: WF.score_inputs(w.slide)),
+        unpack(lambda w: WF.finish_inputs(w.batch)),
     output:
-        prediction=f"{R}/predictions/{{slide}}.json",
-        tiles=f"{R}/tile_scores/{{slide}}.parquet",
+        manifest=f"{R}/batches/finish/{{batch}}.tsv",
     params:
-        calibration=lambda w, input: WF.calibration_flag(input),
-        settings=WF.settings("score"),
+        spec=lambda w: WF.spec(w.batch),
+        retry=lambda w: WF.retry("finish", w.batch),
+        results=results_of("manifest", 3),
+        flags=lambda w, input: WF.finish_flags(input),
+        settings=WF.settings("finish"),
     log:
-        f"{R}/logs/score/{{slide}}.log",
+        f"{R}/logs/finish/{{batch}}.log",
     benchmark:
-        f"{R}/benchmarks/score/{{slide}}.tsv"
+        f"{R}/benchmarks/finish/{{batch}}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi score --threads {threads} {input.features:q} --text {input.text:q} --prediction {output.prediction:q} "
-        "--tile-scores {output.tiles:q} {params.calibration} {params.settings} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi batch finish --threads {threads} --spec {params.spec:q} --results {params.results:q} "
+        "--upstream {input.upstream:q} --text {input.text:q} --out {output.manifest:q} --token={params.retry:q} "
+        "{params.flags} {params.settings} 2>&1 | tee {log:q} >&2"
 
 
 rule summarize:
     input:
-        predictions=expand(f"{R}/predictions/{{slide}}.json", slide=WF.slides),
+        predictions=WF.manifests("finish"),
     output:
         csv=f"{R}/predictions.csv",
         metrics=f"{R}/metrics.json" if WF.labels_sheet else [],
