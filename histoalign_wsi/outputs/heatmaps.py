@@ -91,9 +91,8 @@ def _colorbar(img: Image.Image, name: str, cmap: matplotlib.colors.Colormap) -> 
     x0, y0 = 6, h - bh - int(fs * 1.6)
     d.rectangle([x0 - 3, y0 - int(fs * 1.5), x0 + bw + 3, h - 4], fill=(255, 255, 255))
     d.text((x0, y0 - int(fs * 1.4)), name, fill=(0, 0, 0), font=f)
-    for i in range(bw):
-        r, g, b, _ = cmap(i / (bw - 1))
-        d.line([x0 + i, y0, x0 + i, y0 + bh], fill=(int(r * 255), int(g * 255), int(b * 255)))
+    ramp = (cmap(np.linspace(0.0, 1.0, bw))[:, :3] * 255).astype(np.uint8)  # one call, not one per column
+    img.paste(Image.fromarray(np.repeat(ramp[None], bh + 1, axis=0)), (x0, y0))
     d.text((x0, y0 + bh + 1), "0", fill=(0, 0, 0), font=f)
     d.text((x0 + bw - int(fs * 0.7), y0 + bh + 1), "1", fill=(0, 0, 0), font=f)
 
@@ -129,6 +128,11 @@ def write_heatmaps(
     w, h = slide.dimensions
     side = heatmap_side((w, h), slide.mpp, max_size=max_size, mpp=mpp)
     thumb, scale = read_thumbnail(slide, max(w, h) / side, max_megapixels=max_megapixels)
+    if max(thumb.shape[:2]) > side:  # the read is up to twice the size: draw at the size written
+        f = side / max(thumb.shape[:2])
+        small = (max(1, round(thumb.shape[1] * f)), max(1, round(thumb.shape[0] * f)))
+        scale *= thumb.shape[1] / small[0]
+        thumb = np.asarray(Image.fromarray(thumb).resize(small, Image.Resampling.BOX))
     probs, count = probability_raster(fine, shape=thumb.shape[:2], scale=scale)
     covered = count > 0.5
     cmap = matplotlib.colormaps["inferno"]
