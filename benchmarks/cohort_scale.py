@@ -155,38 +155,9 @@ def part_real(n: int, per_job: list[int], tmp: Path) -> list[dict[str, Any]]:
 
 def _synthetic_results(res: Path, n: int) -> None:
     sys.path.insert(0, str(REPO))
-    import pandas as pd
-    from PIL import Image
+    from tests.planting import synthetic_cohort
 
-    from tests.planting import make_prediction
-
-    classes = [f"class {k}" for k in range(9)]
-    colors = {c: (25 * k, 100, 200) for k, c in enumerate(classes)}
-    (res / "predictions").mkdir(parents=True)
-    img = res / "one.webp"
-    Image.fromarray(np.full((144, 192, 3), 120, np.uint8)).save(img)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        sid = f"slide {i:05d}"
-        p = rng.dirichlet(np.ones(9))
-        pred = classes[int(p.argmax())]
-        make_prediction(
-            sid,
-            classes,
-            colors,
-            predicted_class=pred,
-            probabilities=dict(zip(classes, map(float, p), strict=True)),
-            extra={"region_area_mm2": {pred: float(i % 7)}},
-        ).write(res / "predictions" / f"{sid}.json")
-        hm = res / "heatmaps" / sid
-        hm.mkdir(parents=True)
-        for name in ("argmax_thumb.webp", "argmax.webp"):
-            (hm / name).symlink_to(img)
-        rows.append(
-            {"slide_id": sid, "predicted_class": pred, "status": "ok", "untrained": True, "n_tiles": i}
-        )
-    pd.DataFrame(rows).to_csv(res / "predictions.csv", index=False)
+    synthetic_cohort(res, n)
 
 
 def _chromium_load_s(html: Path, tmp: Path) -> float | None:

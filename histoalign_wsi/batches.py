@@ -23,6 +23,7 @@ __all__ = [
     "OK",
     "BatchSlide",
     "ManifestRow",
+    "cut_batches",
     "expand_inputs",
     "parse_spec",
     "read_manifest",
@@ -54,6 +55,12 @@ class ManifestRow:
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+
+def cut_batches(slides: Sequence[str], per_job: int) -> dict[str, list[str]]:
+    """Batch id (``b00000``, ``b00001``, ...) -> its slide ids: ``slides`` (sorted by the
+    caller) in runs of ``per_job``."""
+    return {f"b{i // per_job:05d}": list(slides[i : i + per_job]) for i in range(0, len(slides), per_job)}
 
 
 def parse_spec(text: str) -> list[BatchSlide]:

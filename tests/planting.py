@@ -176,3 +176,38 @@ def make_prediction(
         "per_scale": {},
     }
     return Prediction(**(fields | kw))
+
+
+def synthetic_cohort(res: Path, n: int) -> None:
+    """A results folder of ``n`` slides' predictions (9 classes, JSON and the cohort
+    table) whose heatmaps are links to one small image (links cost nothing): what the
+    report reads, at any cohort size."""
+    from PIL import Image
+
+    classes = [f"class {k} é" for k in range(9)]
+    colors = {c: (20 * k, 100, 200) for k, c in enumerate(classes)}
+    (res / "predictions").mkdir(parents=True)
+    img = res / "one.webp"
+    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(img)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        sid = f"slide {i:05d}"
+        p = rng.dirichlet(np.ones(9))
+        pred = classes[int(p.argmax())]
+        make_prediction(
+            sid,
+            classes,
+            colors,
+            predicted_class=pred,
+            probabilities=dict(zip(classes, map(float, p), strict=True)),
+            extra={"region_area_mm2": {pred: float(i % 7)}},
+        ).write(res / "predictions" / f"{sid}.json")
+        hm = res / "heatmaps" / sid
+        hm.mkdir(parents=True)
+        for name in ("argmax_thumb.webp", "argmax.webp"):
+            (hm / name).symlink_to(img)
+        rows.append(
+            {"slide_id": sid, "predicted_class": pred, "status": "ok", "untrained": True, "n_tiles": i % 50}
+        )
+    pd.DataFrame(rows).to_csv(res / "predictions.csv", index=False)

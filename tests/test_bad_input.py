@@ -78,7 +78,7 @@ def test_free_text_class_names_through_the_whole_chain(
     assert len(cols) == len(set(cols)) == 5
     common = ["--prediction", str(pred)]
     assert main(["heatmap", str(tiles), *common, "--slide", str(small_slide), "--out", str(r / "hm")]) == 0
-    assert len(list((r / "hm").glob("*.png"))) == 5 + 2  # one per class, argmax, thumbnail
+    assert len(list((r / "hm").glob("*.webp"))) == 5 + 3  # one per class, argmax, its thumbnail, thumbnail
     assert (
         main(
             [
@@ -278,7 +278,7 @@ def test_failure_report_names_each_failed_slide_and_the_real_error(tmp_path: Pat
     batchmates done; a batch whose job failed as a whole (that job's error line, not
     the asyncio noise after it); after a run that ended well, only recorded failures."""
     from histoalign_wsi.batches import ManifestRow, write_manifest
-    from histoalign_wsi.workflow import finish_run, write_failure_report
+    from histoalign_wsi.run_status import finish_run, write_failure_report
 
     r = tmp_path / "results"
     ids = ["a_ok", "b_bad_tissue", "c_ok", "d_no_encoder"]  # batches of 3: b00000, b00001

@@ -30,7 +30,7 @@ from histoalign_wsi.slides.reader import open_slide
 from histoalign_wsi.zeroshot import tile_scores
 from histoalign_wsi.zeroshot.tile_scores import TileScores
 
-from ..planting import make_prediction, planted_table
+from ..planting import make_prediction, planted_table, synthetic_cohort
 
 CLASSES = ["TUM", "STR", "LYM & <other>"]
 HM = {"max_size": 1024, "alpha": 0.55, "max_megapixels": 1000.0}
@@ -411,38 +411,6 @@ def test_report_renders_in_chromium_and_fits_1280(
     assert ((abs(top[..., 0] - 253) < 6) & (abs(top[..., 1] - 226) < 6)).sum() > 1000
 
 
-def _big_cohort(res: Path, n: int) -> None:
-    """``n`` slides' predictions (JSON and the cohort table), each with linked heatmaps
-    of one shared small image (links cost nothing)."""
-    classes = [f"class {k} é" for k in range(9)]
-    colors = {c: (20 * k, 100, 200) for k, c in enumerate(classes)}
-    (res / "predictions").mkdir(parents=True)
-    img = res / "one.webp"
-    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(img)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        sid = f"slide {i:05d}"
-        p = rng.dirichlet(np.ones(9))
-        pred = classes[int(p.argmax())]
-        make_prediction(
-            sid,
-            classes,
-            colors,
-            predicted_class=pred,
-            probabilities=dict(zip(classes, map(float, p), strict=True)),
-            extra={"region_area_mm2": {pred: float(i % 7)}},
-        ).write(res / "predictions" / f"{sid}.json")
-        hm = res / "heatmaps" / sid
-        hm.mkdir(parents=True)
-        for name in ("argmax_thumb.webp", "argmax.webp"):
-            (hm / name).symlink_to(img)
-        rows.append(
-            {"slide_id": sid, "predicted_class": pred, "status": "ok", "untrained": True, "n_tiles": i % 50}
-        )
-    pd.DataFrame(rows).to_csv(res / "predictions.csv", index=False)
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed")
 def test_report_of_1000_slides_is_small_fast_and_pages_sort_and_filter_across_all(tmp_path: Path) -> None:
@@ -451,7 +419,7 @@ def test_report_of_1000_slides_is_small_fast_and_pages_sort_and_filter_across_al
     import time
 
     res = tmp_path / "results"
-    _big_cohort(res, 1000)
+    synthetic_cohort(res, 1000)
     write_report(res / "predictions.csv", res / "report.html")
     html = (res / "report.html").read_text()
     size = (res / "report.html").stat().st_size

@@ -6,7 +6,8 @@ import sys
 
 from histoalign_wsi.errors import ConfigError
 from histoalign_wsi.slides.cohort import SLIDE_ID_PATTERN
-from histoalign_wsi.workflow import bag_file, finish_run, folder_of, load_workflow, results_of, start_run
+from histoalign_wsi.run_status import finish_run, start_run
+from histoalign_wsi.workflow import bag_file, folder_of, load_workflow, results_of
 
 try:
     WF = load_workflow(config)

@@ -1,0 +1,111 @@
+"""The start and the end of a workflow run: the results-folder lock, and after the run
+``failed_slides.tsv`` (from the batch manifests) and, after a failed run, the partial
+cohort table. Called by the Snakefile's ``onstart``/``onsuccess``/``onerror``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .batches import cut_batches, read_manifest
+
+__all__ = ["finish_run", "start_run", "write_failure_report", "write_partial_summary"]
+
+log = logging.getLogger(__name__)
+
+
+def _error_line(log: Path) -> str | None:
+    """The error a stage reported: its ``histoalign-wsi ...: error:`` line, else the last
+    line that mentions an error."""
+    lines = log.read_text(errors="replace").splitlines()
+    ours = [ln for ln in lines if ": error:" in ln]
+    if ours:
+        return ours[-1].strip()
+    other = [ln for ln in lines if "error" in ln.lower()]
+    return other[-1].strip() if other else None
+
+
+def _batch_state(res: Path, batch: str, slides: list[str], *, recorded_only: bool) -> dict[str, str]:
+    """slide -> error line for every slide of the batch not finished: from the latest
+    stage manifest the batch has; a slide of a batch whose job failed as a whole gets
+    that job's error line. ``recorded_only``: only the failures a manifest records (a
+    slide that a partial target did not take to the end is not a failure)."""
+    for stage in ("finish", "encode", "prepare"):
+        m = res / "batches" / stage / f"{batch}.tsv"
+        if m.is_file():
+            rows = {r.slide_id: r for r in read_manifest(m)[0]}
+            out = {s: rows[s].error or f"{stage}: failed" for s in slides if s in rows and not rows[s].ok}
+            if stage != "finish" and not recorded_only:  # the batch stopped after this stage
+                nxt = {"prepare": "encode", "encode": "finish"}[stage]
+                line = _error_line_of(res / "logs" / nxt / f"{batch}.log")
+                out |= {s: f"{nxt}: {line or 'not completed'}" for s in slides if s not in out}
+            return out
+    if recorded_only:
+        return {}
+    line = _error_line_of(res / "logs" / "prepare" / f"{batch}.log")
+    return dict.fromkeys(slides, f"prepare: {line or 'not completed'}")
+
+
+def _error_line_of(log: Path) -> str | None:
+    return _error_line(log) if log.is_file() else None
+
+
+def write_failure_report(
+    results: str | Path, slide_ids: list[str], *, recorded_only: bool = False, per_job: int = 20
+) -> list[str]:
+    """``failed_slides.tsv``: every slide that failed, with the error line of the stage
+    that failed (from the batch manifests), and, after a failed run, every slide left
+    unfinished; removed when no slide failed. ``recorded_only`` (after a run that ended
+    well, perhaps of a partial target) lists only the failures the manifests record.
+    Returns the failed ids."""
+    from ._atomic import atomic_file
+
+    res = Path(results)
+    target = res / "failed_slides.tsv"
+    errors: dict[str, str] = {}
+    for batch, slides in cut_batches(sorted(slide_ids), per_job).items():
+        errors |= _batch_state(res, batch, slides, recorded_only=recorded_only)
+    failed = sorted(errors)
+    if not failed:
+        target.unlink(missing_ok=True)
+        return []
+    rows = [f"{s}\t{' '.join(errors[s].split())}" for s in failed]
+    with atomic_file(target) as tmp:
+        tmp.write_text("slide_id\terror\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return failed
+
+
+def start_run(results: str | Path) -> None:
+    """Take the results-folder lock (see :mod:`histoalign_wsi.runlock`)."""
+    from .runlock import acquire
+
+    acquire(results)
+
+
+def finish_run(results: str | Path, slide_ids: list[str], *, ok: bool, per_job: int = 20) -> list[str]:
+    """After a run: bring ``failed_slides.tsv`` up to date (rewritten or removed); after a
+    failed one also the partial ``predictions.csv`` of the slides that completed; then
+    release the lock. Returns the slides that failed."""
+    from .runlock import release
+
+    try:
+        failed = write_failure_report(results, slide_ids, recorded_only=ok, per_job=per_job)
+        if not ok:
+            write_partial_summary(results, slide_ids)
+    finally:
+        release(results)
+    return failed
+
+
+def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | None:
+    """After a failed run: ``predictions.csv`` of the slides that were scored."""
+    from .outputs.predictions import summarize
+    from .zeroshot.prediction import load_predictions
+
+    res = Path(results)
+    done = [p for s in slide_ids if (p := res / "predictions" / f"{s}.json").is_file()]
+    if not done:
+        return None
+    summarize(load_predictions(done), res / "predictions.csv")
+    log.warning("partial predictions.csv: %d of %d slides scored", len(done), len(slide_ids))
+    return res / "predictions.csv"
