@@ -1,0 +1,62 @@
+"""Exact values of the small learning functions that the mutation run of ``learn/``
+found untested: the few-shot feature table, the curve summary, and retrieval in both
+directions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histoalign_wsi.learn.evaluation import RECALL_AT, retrieval
+from histoalign_wsi.learn.fewshot import FewShotData, summarize_curves
+
+
+def test_few_shot_features_join_encoders_in_name_order_and_renormalise() -> None:
+    a = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)  # encoder "b_enc"
+    b = np.array([[0.0, 0.0, 2.0], [0.0, 1.0, 0.0]], np.float32)  # encoder "a_enc"
+    zs = np.array([[0.1, 0.9], [0.7, 0.3]], np.float64)
+    d = FewShotData.from_encoders({"b_enc": a, "a_enc": b}, ["TUM", "STR"], zs, ["STR", "TUM"])
+    # a_enc's columns first (sorted names), then each row scaled to unit length
+    want = np.array([[0, 0, 2, 3, 4], [0, 1, 0, 1, 0]], np.float64)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert d.features.dtype == np.float32 and d.features.shape == (2, 5)
+    np.testing.assert_allclose(d.features, want, atol=1e-7)
+    assert d.labels.tolist() == [1, 0] and d.labels.dtype == np.int64
+    assert d.zero_shot_logits.dtype == np.float32 and d.classes == ("STR", "TUM")
+    np.testing.assert_allclose(d.zero_shot_logits, zs, atol=1e-7)
+
+
+def test_curve_summary_is_the_mean_and_sd_per_method_and_k_without_missing_values() -> None:
+    rows = [
+        {"method": "linear probe", "shots": 1, "bacc": 0.5},
+        {"method": "linear probe", "shots": 1, "bacc": 0.7},
+        {"method": "linear probe", "shots": 1, "bacc": None},  # a draw the metric skipped
+        {"method": "linear probe", "shots": 2, "bacc": 0.9},
+        {"method": "zero-shot", "shots": 1, "bacc": 0.2},
+        {"method": "Tip-Adapter", "shots": 2, "bacc": None},  # no value at all: no row
+    ]
+    out = summarize_curves(rows, "bacc")
+    by = {(r["method"], r["shots"]): r for r in out}
+    assert set(by) == {("zero-shot", 1), ("linear probe", 1), ("linear probe", 2)}
+    assert by[("linear probe", 1)]["mean"] == pytest.approx(0.6) and by[("linear probe", 1)]["n"] == 2
+    assert by[("linear probe", 1)]["sd"] == pytest.approx(0.1)
+    assert by[("linear probe", 2)] == {"method": "linear probe", "shots": 2, "mean": 0.9, "sd": 0.0, "n": 1}
+    assert by[("zero-shot", 1)]["mean"] == pytest.approx(0.2) and by[("zero-shot", 1)]["n"] == 1
+    assert [r["method"] for r in out] == ["zero-shot", "linear probe", "linear probe"]  # METHODS order
+
+
+def test_retrieval_counts_both_directions_and_chance() -> None:
+    """Slide 0 and 1 find their reports; report 2 is closest to slide 0, so the two
+    directions differ on it."""
+    z = np.eye(3, dtype=np.float32)
+    t = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.0, 0.1]], np.float32)
+    r = retrieval(z, t, ks=(1, 2))
+    # slide->report: row i's match is column i of z @ t.T
+    #   slide 2's scores (0, 0, 0.1): its report ranks first
+    assert r["slide_to_report"] == {"R@1": 1.0, "R@2": 1.0}
+    # report->slide: report 2's scores over slides (0.9, 0, 0.1): its slide ranks second
+    assert r["report_to_slide"] == {"R@1": pytest.approx(2 / 3), "R@2": 1.0}
+    assert r["n"] == 3 and r["chance"] == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3)}
+    default = retrieval(z, t)
+    assert set(default["slide_to_report"]) == {f"R@{k}" for k in RECALL_AT}
+    assert default["chance"]["R@5"] == 1.0  # k over n, at most 1
