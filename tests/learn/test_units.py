@@ -60,3 +60,34 @@ def test_retrieval_counts_both_directions_and_chance() -> None:
     default = retrieval(z, t)
     assert set(default["slide_to_report"]) == {f"R@{k}" for k in RECALL_AT}
     assert default["chance"]["R@5"] == 1.0  # k over n, at most 1
+
+
+def test_zero_shot_softmax_normalises_each_row() -> None:
+    from histoalign_wsi.learn.fewshot import _softmax
+
+    z = np.array([[1.0, 2.0, 3.0], [10.0, 10.0, 10.0]])
+    p = _softmax(z)
+    want = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p, want, atol=1e-7)
+    np.testing.assert_allclose(_softmax(np.array([[1000.0, 0.0]])), [[1.0, 0.0]])  # no overflow
+
+
+def test_few_shot_rows_name_their_draw_sizes_and_only_the_probe_has_c() -> None:
+    from histoalign_wsi.learn.fewshot import few_shot_curves
+    from histoalign_wsi.stages.learning import scorer
+
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1, 2], 10).astype(np.int64)
+    x = rng.normal(size=(30, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    data = FewShotData(x, y, rng.normal(size=(30, 3)).astype(np.float32), ("a", "b", "c"))
+    calls: list[int] = []
+    kw = {"shots": [2], "repeats": 3, "seed": 5, "score": scorer(["a", "b", "c"])}
+    rows = few_shot_curves(data, **kw, progress=calls.append)  # type: ignore[arg-type]
+    assert calls == [1, 1, 1]  # one step per draw
+    assert len(rows) == 3 * 3
+    for r in rows:
+        assert r["n_train"] == 6 and r["n_test"] == 24 and r["shots"] == 2
+        assert ("C" in r) == (r["method"] == "linear probe")
+    assert rows == few_shot_curves(data, **kw)  # type: ignore[arg-type]  # seeded: the same again
