@@ -8,7 +8,6 @@ and seed. Saved as safetensors + JSON."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,7 @@ from .._atomic import atomic_dir
 from ..errors import ConfigError
 from .abmil import ABMILConfig, ScaleAwareABMIL, prefetched
 from .bags import Bag, BagSource
+from .modelfile import read_config, read_tensors, write_model
 
 __all__ = ["ContrastiveSettings", "SlideReportModel", "embed_slides", "info_nce", "train_contrastive"]
 
@@ -61,30 +61,27 @@ class SlideReportModel(nn.Module):
         return self.logit_scale.exp().clamp(max=100.0)
 
     def save(self, folder: str | Path, meta: Mapping[str, Any]) -> Path:
-        from safetensors.torch import save_file
-
         info = {**meta, "abmil": self.mil.cfg.to_dict(), "logit_scale": float(self.scale().detach())}
+        tensors = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
         with atomic_dir(folder) as tmp:
-            save_file(
-                {k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                str(tmp / "model.safetensors"),
-            )
-            (tmp / "config.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+            write_model(tmp, tensors, info, what="slide-report model")
         return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> tuple[SlideReportModel, dict[str, Any]]:
-        from safetensors.torch import load_file
-
-        f = Path(folder)
+        """A saved model, checked against its checksum and for finite weights."""
+        f, what = Path(folder), "slide-report model"
+        meta = read_config(f, what=what)
         try:
-            meta = json.loads((f / "config.json").read_text(encoding="utf-8"))
             model = cls(ABMILConfig(**meta["abmil"]))
-            model.load_state_dict(load_file(str(f / "model.safetensors")))
-        except FileNotFoundError as exc:
-            raise ConfigError(
-                f"{str(f)!r} is not a saved slide-report model ({exc.filename} missing)"
-            ) from exc
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{what} {str(f)!r}: config.json has no valid 'abmil' ({exc})") from exc
+        arrays = read_tensors(f, meta, what=what)
+        try:
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        except RuntimeError as exc:
+            msg = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"{what} {str(f)!r}: weights do not fit config.json ({msg})") from exc
         return model.eval(), meta
 
 

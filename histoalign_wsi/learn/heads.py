@@ -5,7 +5,6 @@ JSON (no pickle anywhere: the probe is stored as its coefficients)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from ..errors import ConfigError, StoreError
 from .abmil import ABMILConfig, ScaleAwareABMIL, predict_bag, train_abmil
 from .bags import Bag, BagSource
 from .distill import MLPConfig, MLPHead
+from .modelfile import read_config, read_tensors, write_model
 
 __all__ = [
     "ABSENT_LOGIT",
@@ -116,7 +116,17 @@ class Head:
     intercept: NDArray[np.float64] | None = None
 
     def predict(self, bag: Bag) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
-        """(probabilities [K], attention [N] or None) of one slide."""
+        """(probabilities [K], attention [N] or None) of one slide; refuses a non-finite
+        result (damaged stores) in one line, naming the head and the slide."""
+        probs, att = self._predict(bag)
+        if not np.isfinite(probs).all():
+            raise StoreError(
+                f"head {self.name!r} gives non-finite probabilities for slide {bag.slide_id!r} "
+                "(its stored features hold NaN or infinity)"
+            )
+        return probs, att
+
+    def _predict(self, bag: Bag) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
         if self.kind == "linear":
             assert self.coef is not None and self.intercept is not None
             return linear_probs(self.coef, self.intercept, bag.pooled()[None], len(self.classes))[0], None
@@ -124,6 +134,16 @@ class Head:
             return self.model.probs(bag.pooled()[None])[0], None
         assert isinstance(self.model, ScaleAwareABMIL)
         return predict_bag(self.model, bag)
+
+    @property
+    def in_dim(self) -> int:
+        """The feature width the head reads: pooled (scales x D) for linear and MLP heads,
+        per tile (D) for the attention MIL."""
+        if self.kind == "linear":
+            assert self.coef is not None
+            return int(self.coef.shape[1])
+        assert self.model is not None
+        return int(self.model.cfg.in_dim)
 
     def check(self, source: BagSource) -> None:
         """Refuse stores made with other encoders or scales than the head was trained on."""
@@ -137,12 +157,12 @@ class Head:
                 f"head {self.name!r} was trained on encoders {dict(self.encoders)}, "
                 f"the stores have {dict(source.encoders)}"
             )
+        have = source.dim if self.kind == "abmil" else source.dim * len(source.scale_names)
+        if have != self.in_dim:
+            raise StoreError(f"head {self.name!r} reads {self.in_dim}-wide features, the stores give {have}")
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save_file as save_np
-        from safetensors.torch import save_file as save_torch
-
-        meta = {
+        meta: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "classes": list(self.classes),
@@ -150,57 +170,58 @@ class Head:
             "encoders": dict(self.encoders),
             "params": self.params,
         }
+        if self.kind == "linear":
+            assert self.coef is not None and self.intercept is not None
+            tensors: dict[str, NDArray[Any]] = {"coef": self.coef, "intercept": self.intercept}
+        else:
+            assert self.model is not None
+            meta[self.kind] = self.model.cfg.to_dict()
+            tensors = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
         with atomic_dir(folder) as tmp:
-            if self.kind == "linear":
-                assert self.coef is not None and self.intercept is not None
-                save_np({"coef": self.coef, "intercept": self.intercept}, str(tmp / "model.safetensors"))
-            else:
-                assert self.model is not None
-                meta[self.kind] = self.model.cfg.to_dict()
-                save_torch(
-                    {k: v.contiguous() for k, v in self.model.state_dict().items()},
-                    str(tmp / "model.safetensors"),
-                )
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+            write_model(tmp, tensors, meta, what=f"head {self.name!r}")
         return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> Head:
-        """Load a saved head (safetensors only: a pickle-bearing file is refused)."""
+        """Load a saved head (safetensors only: a pickle-bearing file is refused), checked
+        against its checksum, for finite weights and for shapes that fit its classes."""
         f = Path(folder)
+        meta = read_config(f, what="head")
+        where = f"head {str(f)!r}"
         try:
-            meta = json.loads((f / "config.json").read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{str(f)!r} is not a saved head (no config.json)") from exc
-        w = f / "model.safetensors"
-        head = cls(
-            meta["name"],
-            meta["kind"],
-            tuple(meta["classes"]),
-            tuple(meta["scale_names"]),
-            meta["encoders"],
-            meta.get("params", {}),
-        )
+            head = cls(
+                str(meta["name"]),
+                str(meta["kind"]),
+                tuple(str(c) for c in meta["classes"]),
+                tuple(str(s) for s in meta["scale_names"]),
+                dict(meta["encoders"]),
+                dict(meta.get("params", {})),
+            )
+            if head.kind not in ("linear", "abmil", "mlp"):
+                raise ValueError(f"unknown kind {head.kind!r}")
+            cfg: ABMILConfig | MLPConfig | None = None
+            if head.kind != "linear":
+                cfg = MLPConfig(**meta["mlp"]) if head.kind == "mlp" else ABMILConfig(**meta["abmil"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: config.json is not a head's ({type(exc).__name__}: {exc})") from exc
+        arrays = read_tensors(f, meta, what="head")
+        k = len(head.classes)
         try:
-            if head.kind == "linear":
-                from safetensors.numpy import load_file as load_np
-
-                arrays = load_np(str(w))
+            if cfg is None:
                 head.coef, head.intercept = arrays["coef"], arrays["intercept"]
+                if head.coef.ndim != 2 or head.coef.shape[0] != k or head.intercept.shape != (k,):
+                    raise ValueError(f"coefficients {head.coef.shape} do not fit {k} classes")
             else:
-                from safetensors.torch import load_file as load_torch
+                if cfg.n_classes != k:
+                    raise ValueError(f"the model has {cfg.n_classes} outputs for {k} classes")
+                model = MLPHead(cfg) if isinstance(cfg, MLPConfig) else ScaleAwareABMIL(cfg)
+                import torch
 
-                model: ScaleAwareABMIL | MLPHead = (
-                    MLPHead(MLPConfig(**meta["mlp"]))
-                    if head.kind == "mlp"
-                    else ScaleAwareABMIL(ABMILConfig(**meta["abmil"]))
-                )
-                model.load_state_dict(load_torch(str(w)))
+                model.load_state_dict({n: torch.from_numpy(a) for n, a in arrays.items()})
                 head.model = model.eval()
-        except Exception as exc:  # safetensors raises its own error type for a bad header
-            raise ConfigError(
-                f"head {str(f)!r}: {w.name} is not a valid safetensors file ({exc}); pickles are refused"
-            ) from exc
+        except (KeyError, ValueError, RuntimeError) as exc:
+            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ConfigError(f"{where}: its weights do not fit its config.json ({msg})") from exc
         return head
 
 

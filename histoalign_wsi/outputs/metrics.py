@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,24 @@ def dice_iou(pred: NDArray[np.bool_], truth: NDArray[np.bool_]) -> dict[str, flo
     return {"dice": 2 * inter / (a + b), "iou": inter / union}
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float made ``None`` (JSON has no NaN: an
+    undefined metric is ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON; never a NaN (see :func:`finite_json`)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.write_text(
+            json.dumps(finite_json(obj), indent=2, allow_nan=False, ensure_ascii=False), encoding="utf-8"
+        )
     return Path(path)

@@ -63,7 +63,9 @@ class Prediction:
 
     def write(self, path: str | Path) -> Path:
         with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(
+                json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8"
+            )
         return Path(path)
 
     @classmethod
@@ -83,12 +85,16 @@ class Prediction:
     def read(cls, path: str | Path) -> Prediction:
         p = Path(path)
         try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
+            raw = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
         except FileNotFoundError as exc:
             raise StoreError(f"prediction {str(p)!r} does not exist") from exc
         except json.JSONDecodeError as exc:
             raise StoreError(f"prediction {str(p)!r} is not valid JSON: {exc}") from exc
         return cls.from_dict(raw, source=repr(str(p)))
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
 
 
 def load_predictions(paths: Sequence[str | Path]) -> list[Prediction]:

@@ -187,6 +187,11 @@ def _result(
         predicted, probabilities, top = NO_TILES if status == "no_tiles" else NO_TISSUE, None, []
     else:
         probs = softmax(fused)
+        if not np.isfinite(probs).all():
+            raise StoreError(
+                f"slide {store.slide_id!r}: non-finite probabilities from store {str(store.path)!r} "
+                "(its features or the prompt embeddings hold NaN or infinity); re-encode it"
+            )
         best = int(np.argmax(probs))
         status, predicted = "ok", classes[best]
         probabilities = dict(zip(classes, map(float, probs), strict=True))

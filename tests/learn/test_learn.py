@@ -3,6 +3,7 @@ ablation, attention on the planted region, few-shot draws, saved heads, bad inpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -127,7 +128,13 @@ def test_saved_head_predicts_identically_and_pickles_are_refused(
             np.testing.assert_array_equal(a[0], b[0])
     marker = tmp_path / "pwned"
     Evil.target = str(marker)
-    (tmp_path / "abmil" / "model.safetensors").write_bytes(pickle.dumps({"w": Evil()}))
+    evil = pickle.dumps({"w": Evil()})
+    (tmp_path / "abmil" / "model.safetensors").write_bytes(evil)
+    with pytest.raises(ConfigError, match="does not match its checksum"):
+        Head.load(tmp_path / "abmil")
+    cfg = json.loads((tmp_path / "abmil" / "config.json").read_text())
+    cfg["weights_sha256"] = hashlib.sha256(evil).hexdigest()  # a checksum forged to match
+    (tmp_path / "abmil" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="not a valid safetensors file"):
         Head.load(tmp_path / "abmil")
     assert not marker.exists()  # nothing was unpickled
