@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import re
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -12,7 +14,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-__all__ = ["default_filling_validator", "load_schema", "schema_error_line"]
+__all__ = ["coerce_strings", "default_filling_validator", "load_schema", "schema_error_line"]
+
+_INT = re.compile(r"[+-]?\d+")
+_BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def load_schema(name: str = "config") -> dict[str, Any]:
@@ -20,6 +25,38 @@ def load_schema(name: str = "config") -> dict[str, Any]:
     text = resources.files("histoalign_wsi").joinpath("data", f"{name}.schema.yaml").read_text()
     schema: dict[str, Any] = yaml.safe_load(text)
     return schema
+
+
+def coerce_strings(instance: Any, schema: Any) -> Any:
+    """``instance`` with each string made the number or boolean its schema asks for.
+    Snakemake's ``--config`` reads values with YAML's base loader, which keeps every
+    scalar a string: ``scales_mpp=[0.5,1.0,2.0]`` arrives as ``["0.5", "1.0", "2.0"]``."""
+    if not isinstance(schema, Mapping):
+        return instance
+    if isinstance(instance, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        other = extra if isinstance(extra, Mapping) else {}
+        return {k: coerce_strings(v, props.get(k, other)) for k, v in instance.items()}
+    if isinstance(instance, list):
+        return [coerce_strings(v, schema.get("items", {})) for v in instance]
+    if not isinstance(instance, str):
+        return instance
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    text = instance.strip()
+    if "string" in kinds or not text:
+        return instance
+    if ("integer" in kinds or "number" in kinds) and _INT.fullmatch(text):
+        return int(text)
+    if "number" in kinds:
+        try:
+            value = float(text)
+        except ValueError:
+            return instance
+        return value if math.isfinite(value) else instance
+    if "boolean" in kinds and text.lower() in _BOOL:
+        return _BOOL[text.lower()]
+    return instance
 
 
 def default_filling_validator() -> type[jsonschema.protocols.Validator]:

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from ._schema import default_filling_validator, load_schema, schema_error_line
+from ._schema import coerce_strings, default_filling_validator, load_schema, schema_error_line
 from .errors import ConfigError
+from .textfiles import read_yaml
 
 __all__ = [
     "STAGE_KEYS",
@@ -57,7 +58,9 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         # value (`labels=`) clears a key too
         if isinstance(cfg.get(key), str) and cfg[key].strip().lower() in ("", "null", "none", "~"):
             cfg[key] = None
-    validator = default_filling_validator()(load_schema("config"))
+    schema = load_schema("config")
+    cfg = coerce_strings(cfg, schema)  # numbers and booleans from snakemake --config
+    validator = default_filling_validator()(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         raise ConfigError(f"invalid configuration: {schema_error_line(errors[0])}")
@@ -236,6 +239,7 @@ class Config:
 
     slides: str
     results: str
+    strict_slides: bool
     labels: str | None
     reader: str
     mpp_override: float | None
@@ -277,6 +281,7 @@ class Config:
         return cls(
             slides=cfg["slides"],
             results=cfg["results"],
+            strict_slides=bool(cfg["strict_slides"]),
             labels=cfg["labels"],
             reader=cfg["reader"],
             mpp_override=cfg["mpp_override"],
@@ -333,12 +338,7 @@ def load_config(
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"configuration file {str(p)!r} not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"configuration file {str(p)!r} is not valid YAML: {exc}") from exc
+        loaded = read_yaml(p, what="configuration file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {str(p)!r} must hold a mapping")
         raw = loaded or {}

@@ -8,12 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .batches import cut_batches, retry_token
 from .config import STAGE_KEYS, Config, validate_config
@@ -172,20 +173,18 @@ class Workflow:
         """The report sheet as the input of ``train_reports`` (a changed sheet retrains);
         asked for without ``reports`` configured, the target is refused before any job."""
         if not self.config.reports:
-            raise ConfigError("the train_reports target needs a report sheet: --config reports=PATH")
+            _refuse("the train_reports target needs a report sheet: --config reports=PATH")
         return [self.config.reports]
 
     def corpus_input(self, wildcards: Any = None) -> list[str]:
         """The report corpus as the input of ``pair_reports`` (and so of ``distill``)."""
         if not self.config.report_corpus:
-            raise ConfigError(
-                "the pair_reports and distill targets need a corpus: --config report_corpus=PATH"
-            )
+            _refuse("the pair_reports and distill targets need a corpus: --config report_corpus=PATH")
         return [self.config.report_corpus]
 
     def distill_labels_input(self, wildcards: Any = None) -> list[str]:
         if not self.labels_sheet:
-            raise ConfigError("the distill target needs labels: --config labels=PATH")
+            _refuse("the distill target needs labels: --config labels=PATH")
         return [self.labels_sheet]
 
     def reports_flag(self) -> str:
@@ -238,17 +237,42 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
         unknown_w = set(cfg.encoder_weights) - set(cfg.encoders)
         if unknown_w:
             raise ConfigError(f"encoder_weights names encoders that are not configured: {sorted(unknown_w)}")
+        _check_places(cfg)
         bag = load_bag(cfg.prompt_bag)
-        entries = discover_slides(cfg.slides)
+        entries = discover_slides(cfg.slides, strict=cfg.strict_slides)
         cohort = {e.slide_id: e for e in entries}
         sheet = cfg.labels or (cfg.slides if any(e.label for e in entries) else None)
         if sheet is not None:
-            labels = read_labels(sheet) if cfg.labels else {e.slide_id: e.label for e in entries if e.label}
-            _check_labels(labels, cohort, bag.class_names, sheet)
+            # read as summarize will: an empty cell or a slide labelled twice is refused now
+            _check_labels(read_labels(sheet), cohort, bag.class_names, sheet)
         _check_reports(cfg, cohort)
     except HistoAlignError as exc:
         raise ConfigError(f"configuration check failed: {exc}") from exc
     return Workflow(cfg, cohort, sheet)
+
+
+def _refuse(message: str) -> NoReturn:
+    """End the run while Snakemake builds its DAG, with the message alone: an exception
+    raised in an input function would come wrapped in Snakemake's traceback."""
+    raise SystemExit(f"histoalign-wsi: {message}")
+
+
+def _check_places(cfg: Config) -> None:
+    """The results folder can be made and written; the device exists on this machine."""
+    res = Path(cfg.results)
+    if res.exists() and not res.is_dir():
+        raise ConfigError(f"results {cfg.results!r} is a file, not a folder")
+    parent = next((p for p in (res, *res.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"results {cfg.results!r} cannot be written ({str(parent)!r}: permission denied)")
+    if cfg.device.startswith("cuda"):
+        import torch  # only when a GPU is asked for
+
+        index = int(cfg.device.partition(":")[2] or 0)
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= n:
+            have = f"{n} CUDA device(s)" if n else "no CUDA device"
+            raise ConfigError(f"device {cfg.device!r} is not available: this machine has {have}")
 
 
 def _check_reports(cfg: Config, cohort: Mapping[str, SlideEntry]) -> None:

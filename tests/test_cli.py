@@ -215,7 +215,9 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "ascending" in capsys.readouterr().err
 
 
-def test_every_subcommand_holds_its_thread_pools_to_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_subcommand_holds_its_thread_pools_to_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """`--threads N` (the rule's threads) caps OpenMP/BLAS pools and torch's intra-op
     threads in every stage; without it a user's own OMP_NUM_THREADS is respected."""
     import cv2
@@ -235,6 +237,9 @@ def test_every_subcommand_holds_its_thread_pools_to_the_budget(monkeypatch: pyte
     finally:
         torch.set_num_threads(before)
         cv2.setNumThreads(cv_before)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("f.zarr", "pairs"):  # inputs must exist: the parser refuses them otherwise
+        (tmp_path / folder).mkdir()
     for sub in ("tissue", "tile", "score", "fit", "train-reports", "distill", "report"):
         assert build_parser().parse_args([sub, *_min_args(sub), "--threads", "2"]).threads == 2
 

@@ -430,6 +430,7 @@ def test_report_targets_without_their_inputs_are_refused_before_any_job(
     write_config(tmp_path, labels=None)
     out = smk(tmp_path, "-n", target, check=False)
     assert out.returncode != 0 and needle in out.stdout + out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "results").exists()
 
 

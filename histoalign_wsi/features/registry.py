@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import EncoderError
+from ..textfiles import read_yaml
 
 __all__ = [
     "KINDS",
@@ -123,15 +124,8 @@ def _validate(raw: Any, source: str) -> dict[str, Any]:
 
 
 def _read_user_registry(p: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise EncoderError(f"encoder registry file {str(p)!r} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise EncoderError(f"encoder registry file {str(p)!r} is not UTF-8 text") from exc
-    except yaml.YAMLError as exc:  # malformed, or a !!python tag safe_load refuses
-        first = str(exc).strip().splitlines()[0]
-        raise EncoderError(f"encoder registry file {str(p)!r} is not valid YAML: {first}") from exc
+    # malformed, not UTF-8, a key written twice, or a !!python tag the safe loader refuses
+    loaded = read_yaml(p, what="encoder registry file", error=EncoderError)
     add = _validate(loaded, repr(str(p)))
     # relative weight paths are relative to the registry file
     for entry in add.values():

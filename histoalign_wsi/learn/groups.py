@@ -6,13 +6,13 @@ pattern when every file name fits it, and otherwise treats each patch as its own
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..textfiles import read_rows
 
 __all__ = ["PATTERNS", "PatchGroups", "patch_groups"]
 
@@ -37,17 +37,10 @@ class PatchGroups:
 
 
 def _from_sheet(paths: Sequence[Path], root: Path, sheet: Path) -> tuple[str, ...]:
-    delim = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
-    try:
-        with sheet.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter=delim)
-            if not {"path", "patient_id"} <= set(reader.fieldnames or []):
-                raise ConfigError(f"patch group sheet {str(sheet)!r} needs columns path,patient_id")
-            rows = {r["path"].strip(): (r["patient_id"] or "").strip() for r in reader if r.get("path")}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"patch group sheet {str(sheet)!r} does not exist") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"patch group sheet {str(sheet)!r} is not UTF-8 text; save it as UTF-8") from exc
+    fields, table = read_rows(sheet, "patch group sheet")
+    if not {"path", "patient_id"} <= set(fields):
+        raise ConfigError(f"patch group sheet {str(sheet)!r} needs columns path,patient_id")
+    rows = {r["path"]: r["patient_id"] for _, r in table if r.get("path")}
     keys, missing = [], []
     for p in paths:
         rel = p.relative_to(root).as_posix()

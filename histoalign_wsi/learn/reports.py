@@ -5,9 +5,7 @@ problem names the file and the row; reports are free text of any length."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import re
 import unicodedata
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..textfiles import decode_text, read_rows
 
 __all__ = [
     "SPLITS",
@@ -52,48 +51,6 @@ class ReportSheet:
         return list(self.reports)
 
 
-def _decode(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{str(path)!r} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise ConfigError(f"{str(path)!r} is a directory, not a file") from exc
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as spreadsheets write
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{str(path)!r} is not UTF-8 text (byte {exc.start}, line {line}); save it as UTF-8"
-        ) from exc
-
-
-def _rows(path: Path, what: str) -> list[tuple[str, dict[str, str]]]:
-    """(where, row) for every record of a CSV/TSV/JSONL file; ``where`` names the line."""
-    text = _decode(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{what} {str(path)!r} line {i}: not JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{what} {str(path)!r} line {i}: expected an object with keys")
-            rows.append((f"line {i}", {str(k): "" if v is None else str(v) for k, v in obj.items()}))
-        return rows
-    delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delim)
-    out = []
-    for r in reader:
-        # a quoted report may span lines: the reader's line number is where the record ends
-        out.append((f"row ending on line {reader.line_num}", {k: v or "" for k, v in r.items() if k}))
-    return out
-
-
 def read_reports(path: str | Path) -> ReportSheet:
     """The report sheet.
 
@@ -104,10 +61,10 @@ def read_reports(path: str | Path) -> ReportSheet:
         id, or an unknown split name, each naming the file and the row.
     """
     p = Path(path)
-    rows = _rows(p, "report sheet")
+    fields, rows = read_rows(p, "report sheet")
     if not rows:
         raise ConfigError(f"report sheet {str(p)!r} holds no reports")
-    missing = {"slide_id", "report"} - set(rows[0][1])
+    missing = {"slide_id", "report"} - set(fields)
     if missing:
         raise ConfigError(
             f"report sheet {str(p)!r} needs columns slide_id and report (missing {sorted(missing)})"
@@ -255,10 +212,10 @@ def read_corpus(path: str | Path) -> Corpus:
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_EXT)
-        pairs = [(str(f.relative_to(p)), _decode(f).strip()) for f in files]
+        pairs = [(str(f.relative_to(p)), decode_text(f, what="report").strip()) for f in files]
     elif p.is_file():
-        rows = _rows(p, "report corpus")
-        if rows and "report" not in rows[0][1]:
+        fields, rows = read_rows(p, "report corpus")
+        if rows and "report" not in fields:
             raise ConfigError(f"report corpus {str(p)!r} needs a column named report")
         pairs = [(r.get("report_id", "").strip() or where, r.get("report", "").strip()) for where, r in rows]
     else:

@@ -3,7 +3,8 @@ and optional labels."""
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import logging
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ import jsonschema
 
 from ..config import load_schema
 from ..errors import ConfigError
+from ..textfiles import Row, read_rows
 from .reader import SLIDE_EXTENSIONS
 
 __all__ = ["SlideEntry", "discover_slides", "read_labels", "read_patients", "slide_id_for"]
@@ -21,7 +23,11 @@ __all__ = ["SlideEntry", "discover_slides", "read_labels", "read_patients", "sli
 # Unicode letters and digits are kept (Snakemake wildcards and file systems take them), so
 # `café.svs` is `café` and `中文.svs` is `中文`; every other run of characters becomes `_`.
 _UNSAFE = re.compile(r"[^\w.-]+")
+log = logging.getLogger(__name__)
 SLIDE_ID_PATTERN = r"[^\W_][\w.-]*"
+#: longest slide id in bytes (file names are limited to 255); a longer one is cut and
+#: given a short hash of the whole name
+_MAX_ID_BYTES = 120
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ def slide_id_for(path: str | Path) -> str:
     sid = _UNSAFE.sub("_", raw).strip("_.-") or "slide"
     if not sid[0].isalnum():
         sid = "s" + sid
+    if len(sid.encode("utf-8")) > _MAX_ID_BYTES:  # outputs are named {id}.json, {id}_argmax.webp...
+        digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:8]
+        cut = sid.encode("utf-8")[: _MAX_ID_BYTES - 9].decode("utf-8", "ignore").rstrip("_.-")
+        sid = f"{cut}_{digest}"
     return sid
 
 
@@ -64,27 +74,25 @@ def _check_unique(entries: Iterable[SlideEntry]) -> list[SlideEntry]:
 
 
 def _read_sheet(sheet: Path) -> list[SlideEntry]:
-    delim = "\t" if sheet.suffix.lower() in (".tsv", ".tab") else ","
-    with sheet.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter=delim))
+    _, rows = read_rows(sheet, "slide sheet")
     validator = jsonschema.Draft202012Validator(load_schema("sheet"))
     entries = []
-    for i, row in enumerate(rows, start=2):
-        rec: dict[str, object] = {k.strip(): (v.strip() if v else None) for k, v in row.items() if k}
+    for i, row in rows:
+        rec: dict[str, object] = {k: (v or None) for k, v in row.items()}
         if rec.get("mpp") is not None:
             try:
                 rec["mpp"] = float(str(rec["mpp"]))
             except ValueError as exc:
-                raise ConfigError(f"{sheet}: line {i}: mpp {rec['mpp']!r} is not a number") from exc
+                raise ConfigError(f"{sheet}: {i}: mpp {rec['mpp']!r} is not a number") from exc
         err = next(iter(validator.iter_errors(rec)), None)
         if err is not None:
             where = ".".join(str(p) for p in err.path) or "row"
-            raise ConfigError(f"{sheet}: line {i}: {where}: {err.message}")
+            raise ConfigError(f"{sheet}: {i}: {where}: {err.message}")
         p = Path(str(rec["path"]))
         if not p.is_absolute():
             p = (sheet.parent / p).resolve()
         if not p.exists():
-            raise ConfigError(f"{sheet}: line {i}: slide {rec['slide_id']!r}: path {str(p)!r} does not exist")
+            raise ConfigError(f"{sheet}: {i}: slide {rec['slide_id']!r}: path {str(p)!r} does not exist")
         entries.append(
             SlideEntry(
                 slide_id=str(rec["slide_id"]),
@@ -98,61 +106,91 @@ def _read_sheet(sheet: Path) -> list[SlideEntry]:
     return entries
 
 
-def discover_slides(slides: str | Path) -> list[SlideEntry]:
+def discover_slides(slides: str | Path, *, strict: bool = False) -> list[SlideEntry]:
     """Slides from a directory (files with known slide extensions) or a CSV/TSV sheet.
+    A link in the folder that points to nothing is left out with a warning naming it
+    (refused when ``strict``).
 
     Raises
     ------
     ConfigError
-        Missing or empty folder, bad sheet rows, duplicate ids.
+        Missing, unreadable or empty folder, bad sheet rows, duplicate ids.
     """
     src = Path(slides)
     if not src.exists():
         raise ConfigError(f"slides: {str(src)!r} does not exist")
     if src.is_dir():
-        files = sorted(
-            p
-            for p in src.iterdir()
-            if p.is_file() and p.name.lower().endswith(SLIDE_EXTENSIONS) and not p.name.startswith(".")
-        )
-        if not files:
-            raise ConfigError(
-                f"slides: folder {str(src)!r} holds no slide files (looked for {', '.join(SLIDE_EXTENSIONS)})"
-            )
-        return _check_unique(SlideEntry(slide_id_for(p), p.resolve()) for p in files)
+        return _check_unique(SlideEntry(slide_id_for(p), p.resolve()) for p in _folder(src, strict))
     if src.suffix.lower() in (".csv", ".tsv", ".tab"):
         return _check_unique(_read_sheet(src))
     raise ConfigError(f"slides: {str(src)!r} is neither a folder nor a .csv/.tsv sheet")
 
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """``slide_id -> label`` from a CSV/TSV with those two columns."""
-    p = Path(path)
-    delim = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+def _folder(src: Path, strict: bool) -> list[Path]:
     try:
-        with p.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter=delim)
-            if not reader.fieldnames or not {"slide_id", "label"} <= set(reader.fieldnames):
-                raise ConfigError(f"label sheet {str(p)!r} needs columns slide_id,label")
-            return {r["slide_id"].strip(): r["label"].strip() for r in reader if r.get("slide_id")}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"label sheet {str(p)!r} does not exist") from exc
+        listing = list(src.iterdir())
+    except PermissionError as exc:
+        raise ConfigError(f"slides: folder {str(src)!r} cannot be read (permission denied)") from exc
+    names = sorted(p for p in listing if p.name.lower().endswith(SLIDE_EXTENSIONS) and p.name[0] != ".")
+    broken = [p for p in names if p.is_symlink() and not p.exists()]  # dangling, or a loop
+    if broken:
+        msg = (
+            f"slides: {len(broken)} link(s) in {str(src)!r} point to nothing: "
+            + ", ".join(repr(p.name) for p in broken[:10])
+            + (" ..." if len(broken) > 10 else "")
+        )
+        if strict:
+            raise ConfigError(f"{msg} (strict_slides is on)")
+        log.warning("%s; left out of the cohort (strict_slides: true refuses)", msg)
+    files = [p for p in names if p.is_file()]
+    if not files:
+        raise ConfigError(
+            f"slides: folder {str(src)!r} holds no slide files (looked for {', '.join(SLIDE_EXTENSIONS)})"
+        )
+    return files
+
+
+def _label_rows(path: str | Path) -> tuple[Path, list[str], list[Row]]:
+    p = Path(path)
+    fields, rows = read_rows(p, "label sheet")
+    if not {"slide_id", "label"} <= set(fields):
+        raise ConfigError(f"label sheet {str(p)!r} needs columns slide_id,label (it has {', '.join(fields)})")
+    return p, fields, [(w, r) for w, r in rows if any(r.values())]  # blank rows are no rows
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """``slide_id -> label`` from a CSV/TSV with those two columns.
+
+    Raises
+    ------
+    ConfigError
+        A row without a slide id or without a label, or a slide given two different
+        labels, naming the rows.
+    """
+    p, _, rows = _label_rows(path)
+    out: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for w, r in rows:
+        sid, label = r.get("slide_id", ""), r.get("label", "")
+        if not sid:
+            raise ConfigError(f"label sheet {str(p)!r}, {w}: empty slide_id")
+        if not label:
+            raise ConfigError(
+                f"label sheet {str(p)!r}, {w}: slide {sid!r} has an empty label (give one, or drop the row)"
+            )
+        if sid in out and out[sid] != label:
+            raise ConfigError(
+                f"label sheet {str(p)!r}: slide {sid!r} has two labels, {out[sid]!r} ({where[sid]}) "
+                f"and {label!r} ({w})"
+            )
+        out[sid], where[sid] = label, where.get(sid, w)
+    return out
 
 
 def read_patients(path: str | Path) -> dict[str, str] | None:
     """``slide_id -> patient_id`` when a label sheet has a ``patient_id`` column (splits
     then keep a patient on one side), else None. An empty cell is the slide's own group."""
-    p = Path(path)
-    delim = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, delimiter=delim)
-            if "patient_id" not in (reader.fieldnames or []):
-                return None
-            return {
-                r["slide_id"].strip(): (r.get("patient_id") or "").strip() or r["slide_id"].strip()
-                for r in reader
-                if r.get("slide_id")
-            }
-    except FileNotFoundError as exc:
-        raise ConfigError(f"label sheet {str(p)!r} does not exist") from exc
+    _, fields, rows = _label_rows(path)
+    if "patient_id" not in fields:
+        return None
+    return {r["slide_id"]: r.get("patient_id") or r["slide_id"] for _, r in rows if r.get("slide_id")}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
 from ..errors import SlideError
 
@@ -26,8 +27,12 @@ def _first_ifd(head: bytes) -> tuple[int, bool] | None:
     return struct.unpack(end + "I", head[4:8])[0], False
 
 
-def check_tiff(path: Path) -> None:
-    """Raise :class:`SlideError` when a TIFF's directories or tile data lie past its end.
+def check_tiff(path: Path, *, max_megapixels: float = 1000.0) -> None:
+    """Raise :class:`SlideError` when a TIFF's directories or tile data lie past its end,
+    or when one of its strips or tiles declares more than ``max_megapixels`` pixels: a
+    compressed strip is decoded whole, so a small file declaring one huge strip would
+    otherwise take all memory at its first read (a decompression bomb). NDPI files are
+    exempt: their one JPEG per level is read by restart intervals, never whole.
 
     Files that are not TIFFs (DICOM, MRXS index files, ...) pass unchecked.
     """
@@ -62,6 +67,8 @@ def check_tiff(path: Path) -> None:
                     path, f"file is truncated or damaged ({caught.messages[0]}; the file has {size} bytes)"
                 )
             for i, page in enumerate(pages):
+                if not tif.is_ndpi:
+                    _check_segment(path, i, page, max_megapixels)
                 offsets = getattr(page, "dataoffsets", ()) or ()
                 counts = getattr(page, "databytecounts", ()) or ()
                 for off, n in zip(offsets, counts, strict=False):
@@ -79,6 +86,25 @@ def check_tiff(path: Path) -> None:
         log.removeHandler(caught)
         log.propagate = propagate
         log.setLevel(level)
+
+
+def _check_segment(path: Path, index: int, page: Any, max_megapixels: float) -> None:
+    """Refuse a page whose largest strip or tile holds more than ``max_megapixels``."""
+    width, length = int(getattr(page, "imagewidth", 0)), int(getattr(page, "imagelength", 0))
+    if getattr(page, "is_tiled", False):
+        w, h = int(page.tilewidth), int(page.tilelength) * max(int(getattr(page, "tiledepth", 1)), 1)
+        kind = "tile"
+    else:
+        w, h = width, min(int(getattr(page, "rowsperstrip", 0) or length), length)
+        kind = "strip"
+    mp = w * h / 1e6
+    if mp > max_megapixels:
+        raise SlideError(
+            path,
+            f"image {index} ({width} x {length}) is stored in a {w} x {h} {kind} ({mp:,.0f} megapixels), "
+            f"which is decoded whole: more than max_read_megapixels={max_megapixels:g} "
+            "(a decompression bomb, or a slide to re-save tiled)",
+        )
 
 
 class _Collect(logging.Handler):

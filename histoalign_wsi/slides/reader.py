@@ -312,6 +312,7 @@ def open_slide(
     mpp_override: float | None = None,
     mpp_default: float | None = None,
     verify: bool = True,
+    max_megapixels: float = 1000.0,
 ) -> Slide:
     """Open a slide.
 
@@ -327,6 +328,9 @@ def open_slide(
         Used only when the slide's metadata has no MPP (the config's ``mpp_override``).
     verify
         Decode a few pixels of the smallest level so an undecodable file fails here.
+    max_megapixels
+        The most pixels one TIFF strip or tile may declare (it is decoded whole):
+        the configuration's ``max_read_megapixels``.
 
     Raises
     ------
@@ -342,7 +346,7 @@ def open_slide(
         raise SlideError(p, "is a directory, not a slide file")
     if p.stat().st_size == 0:
         raise SlideError(p, "is an empty file")
-    check_tiff(p)
+    check_tiff(p, max_megapixels=max_megapixels)
     backend, name = _open_backend(p, reader)
     try:
         slide = Slide(p, backend, name, mpp_override, mpp_default)

@@ -3,6 +3,7 @@ with metrics, and few-shot curves."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,18 +59,13 @@ def run_few_shot(
     ``curves.csv`` (every draw), ``summary.json`` (mean and sd, and the grouping used) and
     ``curves.png``. Draws and tests keep a patient's patches together when the patches
     carry a patient key (``groups`` sheet, or ``group_pattern`` on file names)."""
-    from .._progress import Progress
-    from ..features.adapters import load_encoders, resolve_device
-    from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
     from ..learn.groups import patch_groups
-    from ..outputs.metrics import write_json
-    from ..outputs.plots import plot_curves
-    from ..zeroshot.alignment import AlignmentSpec, fused_logits
-    from ..zeroshot.patches import encode_patches, find_patches, read_mapping
-    from ..zeroshot.text import text_for
+    from ..zeroshot.patches import find_patches, read_mapping
+    from ..zeroshot.prompts import load_bag
+    from ..zeroshot.text import load_text, text_for
 
-    text = text_for(cfg, text_path, out / "cache")
-    classes = list(text.classes)
+    # every check on the arguments and the folder first: a refusal is quick and leaves nothing
+    classes = list(load_text(text_path).classes if text_path else load_bag(cfg.prompt_bag).class_names)
     items = find_patches(patch_dir)
     names = dict(read_mapping(mapping)) if mapping else {}
     labels = [names.get(f, f) for _, f in items]
@@ -78,7 +74,18 @@ def run_few_shot(
         raise ConfigError(
             f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); give --mapping"
         )
+    _check_shots(patch_dir, labels, shots)
     grouping = patch_groups([p for p, _ in items], patch_dir, sheet=groups, pattern=group_pattern)
+
+    from .._progress import Progress
+    from ..features.adapters import load_encoders, resolve_device
+    from ..learn.fewshot import TIP_ALPHA, TIP_BETA, FewShotData, few_shot_curves, summarize_curves
+    from ..outputs.metrics import write_json
+    from ..outputs.plots import plot_curves
+    from ..zeroshot.alignment import AlignmentSpec, fused_logits
+    from ..zeroshot.patches import encode_patches
+
+    text = text_for(cfg, text_path, out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
     feats = encode_patches([p for p, _ in items], encs)
     zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
@@ -114,3 +121,22 @@ def run_few_shot(
     title = "few-shot (UNTRAINED demo encoder: meaningless)" if summary["untrained"] else "few-shot"
     plot_curves(curves, out / "curves.png", title=title)
     return summary
+
+
+def _check_shots(patch_dir: Path, labels: Sequence[str], shots: Sequence[int]) -> None:
+    """Refuse, before anything is encoded, a folder with fewer than two classes or too few
+    patches for the largest k (k patches to learn from and at least one to test on)."""
+    counts = Counter(labels)
+    if len(counts) < 2:
+        raise ConfigError(
+            f"few-shot needs patches of at least two classes; {str(patch_dir)!r} has "
+            f"{len(counts)} ({', '.join(counts) or 'none'})"
+        )
+    if min(shots) < 1:
+        raise ConfigError(f"--shots must be whole numbers >= 1 (got {list(shots)})")
+    least = min(counts, key=lambda c: counts[c])
+    if max(shots) >= counts[least]:
+        raise ConfigError(
+            f"{max(shots)}-shot needs more than {max(shots)} patches of class {least!r}, which has "
+            f"{counts[least]} (lower --shots or add patches)"
+        )

@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 
 def open_for(path: str | Path, cfg: Config, *, mpp: float | None = None) -> Slide:
     """Open a slide with the configured reader and MPP rules."""
-    return open_slide(path, reader=cfg.reader, mpp_override=mpp, mpp_default=cfg.mpp_override)
+    return open_slide(
+        path,
+        reader=cfg.reader,
+        mpp_override=mpp,
+        mpp_default=cfg.mpp_override,
+        max_megapixels=cfg.max_read_megapixels,
+    )
 
 
 # --- slides ---------------------------------------------------------------------------
@@ -149,7 +155,7 @@ def run_encode(
         native_jpeg=cfg.encode.native_jpeg,
         device_jpeg={"auto": None, "always": True, "never": False}[cfg.encode.device_jpeg],
     )
-    with open_slide(slide_path, reader=cfg.reader, mpp_override=float(meta["mpp"])) as slide:
+    with open_for(slide_path, cfg, mpp=float(meta["mpp"])) as slide:
         if list(slide.dimensions) != list(meta["level0_dims"]):
             raise SlideError(
                 slide.path,

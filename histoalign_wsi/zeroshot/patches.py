@@ -7,36 +7,50 @@ import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-import yaml
 from numpy.typing import NDArray
 from PIL import Image
 
 from ..errors import ConfigError
-from ..features.adapters import LoadedEncoder
+from ..textfiles import decode_text, read_yaml
 from .alignment import AlignmentSpec, fused_logits
 from .pooling import softmax
 from .text import TextEmbeddings
 from .tile_scores import class_columns
 
-__all__ = ["PatchPredictions", "classify_patches", "encode_patches", "find_patches", "read_mapping"]
+if TYPE_CHECKING:
+    from ..features.adapters import LoadedEncoder
+
+__all__ = [
+    "MAX_PATCH_MEGAPIXELS",
+    "PatchPredictions",
+    "classify_patches",
+    "encode_patches",
+    "find_patches",
+    "open_patch",
+    "read_mapping",
+]
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: the largest patch image read (million pixels); patches are tiles of a few hundred
+#: pixels, and a larger image in a patch folder is refused before it is decoded
+MAX_PATCH_MEGAPIXELS = 25.0
 
 
 def read_mapping(path: str | Path) -> dict[str, str]:
     """Folder name -> class, from YAML (a mapping) or CSV (``folder,class``)."""
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml"):
-        raw = yaml.safe_load(p.read_text())
+        raw = read_yaml(p, what="mapping file")
         if not isinstance(raw, dict):
             raise ConfigError(f"mapping file {str(p)!r} must hold a mapping folder: class")
         return {str(k): str(v) for k, v in raw.items()}
-    with p.open(newline="") as fh:
-        return {r[0].strip(): r[1].strip() for r in csv.reader(fh) if len(r) >= 2 and r[0] != "folder"}
+    text = decode_text(p, what="mapping file")
+    rows = csv.reader(text.splitlines())
+    return {r[0].strip(): r[1].strip() for r in rows if len(r) >= 2 and r[0] != "folder"}
 
 
 def find_patches(root: str | Path) -> list[tuple[Path, str]]:
@@ -109,14 +123,36 @@ def classify_patches(
     )
 
 
+def open_patch(path: Path, *, max_megapixels: float = MAX_PATCH_MEGAPIXELS) -> Image.Image:
+    """The patch as RGB; refused in one line naming the file when it is not an image,
+    is damaged, or declares more than ``max_megapixels`` (checked from its header,
+    before any pixel is decoded)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_megapixels * 1e6:
+                raise ConfigError(
+                    f"patch {str(path)!r} is {w} x {h} pixels, more than the {max_megapixels:g} megapixels "
+                    "a patch may have (crop it into tiles)"
+                )
+            return im.convert("RGB")
+    except ConfigError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise ConfigError(f"patch {str(path)!r} cannot be read as an image ({why})") from exc
+
+
 def encode_patches(
     images: Sequence[Path], encoders: Sequence[LoadedEncoder], *, batch_size: int = 32
 ) -> dict[str, NDArray[np.float32]]:
     """L2-normalised features [n, D] of every image, per encoder (each its own transform)."""
+    import torch  # lazily: the folder checks before encoding stay light
+
     transforms = {e.name: e.pil_transform() for e in encoders}
     out: dict[str, list[NDArray[np.float32]]] = {e.name: [] for e in encoders}
     for i in range(0, len(images), batch_size):
-        imgs = [Image.open(p).convert("RGB") for p in images[i : i + batch_size]]
+        imgs = [open_patch(p) for p in images[i : i + batch_size]]
         for e in encoders:
             x = torch.stack([transforms[e.name](im) for im in imgs]).to(e.device)
             out[e.name].append(e.encode_image(x).cpu().numpy().astype(np.float32))

@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 
 from ..errors import PromptBagError
+from ..textfiles import read_yaml, strict_yaml
+from .names import safe_base
 
 __all__ = ["GROUPS", "PROTOCOLS", "ClassPrompts", "PromptBag", "conch_templates", "list_bags", "load_bag"]
 
@@ -122,6 +124,26 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
+def _check_class_names(keys: list[Any], bag: str) -> None:
+    """Class names are text, not blank, and stay distinct once made file-name safe (a
+    heatmap or a column per class); refused in one line otherwise."""
+    seen: dict[str, str] = {}
+    for k in keys:
+        if not isinstance(k, str):
+            raise PromptBagError(
+                f"prompt bag {bag!r}: class name {k!r} is a {type(k).__name__}, not text; quote it ('{k}':)"
+            )
+        if not k.strip():
+            raise PromptBagError(f"prompt bag {bag!r}: a class name is empty ({k!r})")
+        key = safe_base(k).casefold()
+        if key in seen:
+            raise PromptBagError(
+                f"prompt bag {bag!r}: class names {seen[key]!r} and {k!r} differ only in case or "
+                f"punctuation (both become {safe_base(k)!r} in file and column names); rename one"
+            )
+        seen[key] = k
+
+
 def parse_bag(raw: Any, *, name: str) -> PromptBag:
     """Validate a loaded YAML mapping; errors name the bag and the bad key."""
     if not isinstance(raw, Mapping):
@@ -140,6 +162,7 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
     classes_raw = raw.get("classes")
     if not isinstance(classes_raw, Mapping) or len(classes_raw) < 2:
         raise PromptBagError(f"prompt bag {name!r}: 'classes' must map at least two class names")
+    _check_class_names(list(classes_raw), name)
     classes = []
     for i, (cname, c) in enumerate(classes_raw.items()):
         where = f"prompt bag {name!r}: classes.{cname}"
@@ -191,17 +214,12 @@ def load_bag(name_or_path: str | Path) -> PromptBag:
     """A shipped bag by name (see :func:`list_bags`) or a YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise PromptBagError(f"prompt bag file {str(p)!r} does not exist") from exc
-        except yaml.YAMLError as exc:
-            raise PromptBagError(f"prompt bag file {str(p)!r} is not valid YAML: {exc}") from exc
+        raw = read_yaml(p, what="prompt bag file", error=PromptBagError)
         return parse_bag(raw, name=p.stem)
     name = str(name_or_path)
     if name not in list_bags():
         raise PromptBagError(
             f"unknown prompt bag {name!r}; shipped bags: {', '.join(list_bags())}, or give a YAML path"
         )
-    raw = yaml.safe_load(_shipped_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
+    raw = strict_yaml(_shipped_dir().joinpath(f"{name}.yaml").read_text(encoding="utf-8"))
     return parse_bag(raw, name=name)

@@ -10,8 +10,6 @@ so readers never re-derive either.
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,30 +22,13 @@ from numpy.typing import NDArray
 
 from .._atomic import atomic_file
 from ..errors import StoreError
+from .names import safe_names
 
 __all__ = ["BASE_COLUMNS", "SCHEMA", "TileScores", "class_columns", "read", "safe_names", "write"]
 
 SCHEMA = "histoalign-tile-scores/1"
 BASE_COLUMNS = ("scale", "mpp", "x", "y", "size0", "tissue_fraction")
 _META_KEY = b"histoalign"
-_UNSAFE = re.compile(r"[^\w]+", re.UNICODE)
-
-
-def safe_names(classes: Sequence[str]) -> list[str]:
-    """A safe, unique identifier per class name (free text): Unicode letters and digits
-    kept, every other run of characters made ``_``; ``_2``, ``_3``... where two collide.
-    Used for column names and file names; the names themselves stay as written."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for c in classes:
-        base = _UNSAFE.sub("_", unicodedata.normalize("NFC", c)).strip("_") or "class"
-        name, n = base, 1
-        while name.casefold() in seen:  # case-insensitive file systems
-            n += 1
-            name = f"{base}_{n}"
-        seen.add(name.casefold())
-        out.append(name)
-    return out
 
 
 def class_columns(classes: Sequence[str], prefix: str) -> list[str]:

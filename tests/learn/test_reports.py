@@ -274,8 +274,14 @@ def test_splits_are_seeded_grouped_and_need_two_slides_each() -> None:
         (
             b"slide_id,report\na,fine\nb,\n",
             ".csv",
-            r"r\.csv', row ending on line 3: the report of slide 'b' is empty",
+            r"r\.csv', line 3: the report of slide 'b' is empty",
         ),
+        (
+            b'slide_id,report\na,"two\nlines"\na,again\n',
+            ".csv",
+            r"r\.csv', line 4: slide 'a' already has a report \(lines 2-3\)",
+        ),
+        ("slide_id,report\na,b\n".encode("utf-16"), ".csv", r"r\.csv' is UTF-16 text; save it as UTF-8"),
         (b"slide_id,report\na,caf\xe9\n", ".csv", r"r\.csv' is not UTF-8 text \(byte 21, line 2\)"),
         (
             b'{"slide_id": "a", "report": "x"}\n{"slide_id": "a", "report": "y"}\n',
@@ -313,7 +319,7 @@ def test_corpora_folder_and_table_and_empty(tmp_path: Path) -> None:
     (tmp_path / "blank.csv").write_text('report\n\n""\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="holds no report texts"):
         read_corpus(tmp_path / "blank.csv")
-    (folder / "bad.txt").write_bytes(b"\xff\xfe\xfa")
+    (folder / "bad.txt").write_bytes(b"Befund caf\xe9")  # Latin-1
     with pytest.raises(ConfigError, match=r"bad\.txt' is not UTF-8"):
         read_corpus(folder)
 

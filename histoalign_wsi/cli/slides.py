@@ -1,0 +1,68 @@
+"""Subcommands on slides: metadata, demo slides, tissue and tiles."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import stages
+from ..config import Config
+from .common import Subparsers, at_least, print_json
+from .common import add as _add
+
+__all__ = ["slide_commands"]
+
+
+def _info(a: argparse.Namespace, cfg: Config) -> int:
+    print_json(stages.run_info(a.slide, cfg, mpp=a.mpp))
+    return 0
+
+
+def _make_demo(a: argparse.Namespace, cfg: Config) -> int:
+    paths = stages.run_make_demo_slides(
+        a.outdir, truth=a.truth, n=a.n, width=a.width, height=a.height, seed=a.seed, ome_every=a.ome_every
+    )
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def _tissue(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_tissue(a.slide, a.out, cfg, mpp=a.mpp)
+    return 0
+
+
+def _tile(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_tile(a.slide, a.out, cfg, tissue_png=a.tissue, slide_id=a.slide_id, mpp=a.mpp)
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------
+
+
+def slide_commands(sub: Subparsers) -> None:
+    p = _add(sub, "info", _info, "print slide metadata as JSON")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--mpp", type=float, help="level-0 MPP to use instead of the metadata's")
+
+    p = _add(
+        sub, "make-demo-slides", _make_demo, "write generated pyramidal slides with planted regions and masks"
+    )
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--n", type=at_least(1), default=2, help="number of slides (alternately TUM/STR-dominant)")
+    p.add_argument("--width", type=at_least(512), default=8192, help="level-0 width at 0.25 µm/px")
+    p.add_argument("--height", type=at_least(512), default=6144)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ome-every", type=at_least(0), default=2, help="every Nth slide is OME-TIFF (0: none)")
+    p.add_argument("--truth", type=Path, help="folder for masks and labels.csv")
+
+    p = _add(sub, "tissue", _tissue, "detect tissue: mask PNG (+ JSON with scale, polygons)")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="mask PNG path")
+    p.add_argument("--mpp", type=float)
+
+    p = _add(sub, "tile", _tile, "lay nested multi-scale tiles and write the tile store")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="tile store (.zarr)")
+    p.add_argument("--tissue", type=Path, help="mask PNG from 'tissue' (detected anew if absent)")
+    p.add_argument("--slide-id", help="id recorded in the store (default: from the file name)")
+    p.add_argument("--mpp", type=float)
