@@ -4,10 +4,23 @@ refused (or accepted) before any job runs, in one line naming the file and the r
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
+from PIL import Image
 
+from histoalign_wsi.cli import main
 from histoalign_wsi.errors import ConfigError, PromptBagError
 from histoalign_wsi.learn.reports import read_corpus, read_reports
 from histoalign_wsi.slides.cohort import read_labels, slide_id_for
@@ -121,3 +134,201 @@ def test_a_five_megabyte_report_is_read_from_a_sheet_and_a_corpus(tmp_path: Path
     sheet = read_reports(tmp_path / "reports.csv")
     assert len(sheet.reports["a"]) == len(long.strip()) > 5_000_000
     assert max(len(t) for t in read_corpus(tmp_path / "corpus.csv").texts) == len(long.strip())
+
+
+# --- decompression bombs: small files that declare huge pixels (headers patched) --------
+
+
+def _stripped_bomb(path: Path, side: int = 40_000) -> Path:
+    """A deflate TIFF of 64 x 64 pixels in one strip, patched to declare one strip of
+    ``side`` x ``side``: decoding it would need side² x 3 bytes."""
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), compression="zlib", rowsperstrip=64)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for tag in ("ImageWidth", "ImageLength", "RowsPerStrip"):
+            tif.pages[0].tags[tag].overwrite(side)
+    assert path.stat().st_size < 10_000
+    return path
+
+
+def _tiled_bomb(path: Path) -> Path:
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for tag in ("ImageWidth", "ImageLength", "TileWidth", "TileLength"):
+            tif.pages[0].tags[tag].overwrite(32_768)
+    return path
+
+
+@pytest.mark.parametrize(("make", "kind"), [(_stripped_bomb, "strip"), (_tiled_bomb, "tile")])
+def test_a_tiff_declaring_one_huge_strip_or_tile_is_refused_at_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], Path], kind: str
+) -> None:
+    p = make(tmp_path / "bomb.tif")
+    assert main(["info", str(p), "--mpp", "0.25"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "bomb.tif" in line and f"{kind} (" in line and "max_read_megapixels=1000" in line
+    assert main(["tissue", str(p), "--mpp", "0.25", "--out", str(tmp_path / "t.png")]) == 2
+    assert not (tmp_path / "t.png").exists()
+
+
+def _png_bomb(path: Path, side: int = 30_000) -> Path:
+    """An 8 x 8 PNG whose header is patched to declare ``side`` x ``side`` (CRC fixed)."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    blob = bytearray(path.read_bytes())
+    assert blob[12:16] == b"IHDR"
+    blob[16:24] = struct.pack(">II", side, side)
+    blob[29:33] = struct.pack(">I", zlib.crc32(bytes(blob[12:29])))
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("command", ["classify-patches", "few-shot"])
+def test_an_image_bomb_in_a_patch_folder_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    for cls in ("TUM", "STR"):
+        (tmp_path / "p" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "p" / cls / f"{i}.png")
+    _png_bomb(tmp_path / "p" / "STR" / "huge one.png")
+    bag = _bag(tmp_path, "  TUM: {names: [tumour]}\n  STR: {names: [stroma]}\n")
+    extra = ["--shots", "1", "--repeats", "1"] if command == "few-shot" else []
+    out = tmp_path / "out"
+    assert main([command, str(tmp_path / "p"), "--out", str(out), "--set", f"prompt_bag={bag}", *extra]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "huge one.png" in line and "30000 x 30000" in line and "25 megapixels" in line
+    assert not out.exists()  # a refused command leaves nothing, not even its cache
+
+
+# --- one line, exit 2, before any heavy import -----------------------------------------
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _patches(root: Path, classes: tuple[str, ...] = ("TUM", "STR"), n: int = 3) -> Path:
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["few-shot", "{one}", "--out", "{out}", "--shots", "1"], "needs patches of at least two classes"),
+        (["few-shot", "{two}", "--out", "{out}", "--shots", "0", "-1"], "argument --shots: 0 is less than 1"),
+        (["few-shot", "{two}", "--out", "{out}", "--shots", "3"], "3-shot needs more than 3 patches"),
+        (["few-shot", "{tmp}/nowhere", "--out", "{out}"], "argument dir: '{tmp}/nowhere' does not exist"),
+        (["fit", "{tmp}", "--out", "{out}", "--folds", "1"], "argument --folds: 1 is less than 2"),
+        (["fit", "{tmp}", "--out", "{out}", "--epochs", "-3"], "argument --epochs: -3 is less than 1"),
+        (["fit", "{tmp}/x.zarr", "--out", "{out}"], "argument stores: '{tmp}/x.zarr' does not exist"),
+        (
+            ["predict", "{tmp}", "--head", "{tmp}/h", "--out", "{out}"],
+            "argument --head: '{tmp}/h' does not exist",
+        ),
+        (["distill", "{tmp}/p.npz", "--out", "{out}"], "argument pairs: '{tmp}/p.npz' does not exist"),
+        (["pair-reports", "{tmp}", "--out", "{out}", "-k", "0"], "argument -k: 0 is less than 1"),
+    ],
+)
+def test_refusals_by_argument_are_one_line_and_import_nothing_heavy(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    """Each in a fresh process: exit 2, one line, and torch never imported (so the answer
+    comes in well under a second, not after 8 s of imports)."""
+    _patches(tmp_path / "one", ("TUM",))
+    _patches(tmp_path / "two")
+    where = {"tmp": str(tmp_path), "out": str(tmp_path / "out"), "one": str(tmp_path / "one")}
+    where["two"] = str(tmp_path / "two")
+    argv = [a.format(**where) for a in args]
+    code = (
+        "import sys\nfrom histoalign_wsi.cli import main\n"
+        "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+        "heavy = [m for m in ('torch', 'open_clip', 'sklearn') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr) if heavy else None\nsys.exit(rc)\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert needle.format(**where) in line, line
+    assert not (tmp_path / "out").exists()
+    print(f"{args[0]}: refused in {elapsed:.2f} s")  # informative; the bound is on the imports
+
+
+def test_a_broken_head_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text('{"name": "linear", "kind": ', encoding="utf-8")
+    (tmp_path / "s.zarr").mkdir()
+    assert main(["predict", str(tmp_path / "s.zarr"), "--head", str(head), "--out", str(tmp_path / "o")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "head" in line and "config.json is not valid JSON" in line
+    assert not (tmp_path / "o").exists()
+
+
+# --- the pre-run check ------------------------------------------------------------------
+
+
+def _slides(tmp_path: Path, **cfg: object) -> dict[str, object]:
+    slides = tmp_path / "slides"
+    slides.mkdir(exist_ok=True)
+    (slides / "a.svs").write_bytes(b"")
+    return {"slides": str(slides), "results": str(tmp_path / "results"), **cfg}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needle"),
+    [
+        ({"tile_px": 1_000_000_000}, "tile_px = 1000000000: breaks maximum 4096"),
+        ({"device": "cuda:99"}, "device 'cuda:99' is not available: this machine has"),
+    ],
+)
+def test_values_a_job_would_fail_on_are_refused_before_any(
+    tmp_path: Path, cfg: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_workflow(_slides(tmp_path, **cfg))
+
+
+def test_results_that_is_a_file_and_an_unreadable_slides_folder(tmp_path: Path) -> None:
+    (tmp_path / "results.txt").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"results '.*results\.txt' is a file, not a folder"):
+        load_workflow(_slides(tmp_path, results=str(tmp_path / "results.txt")))
+    if os.geteuid() == 0:
+        pytest.skip("root reads every folder: the permission case needs an ordinary user")
+    (tmp_path / "slides").chmod(0)
+    try:
+        with pytest.raises(ConfigError, match=r"slides: folder .* cannot be read"):
+            load_workflow(_slides(tmp_path))
+    finally:
+        (tmp_path / "slides").chmod(0o755)
+
+
+def test_numbers_from_snakemake_config_strings_are_accepted(tmp_path: Path) -> None:
+    """Snakemake reads --config values with YAML's base loader: every scalar a string."""
+    wf = load_workflow(_slides(tmp_path, scales_mpp=["0.5", "1.0", "2.0"], tile_px="224", offline="true"))
+    assert wf.config.tiling.scales_mpp == (0.5, 1.0, 2.0) and wf.config.tiling.tile_px == 224
+    with pytest.raises(ConfigError, match=r"scales_mpp.0 = \"half\": breaks type"):
+        load_workflow(_slides(tmp_path, scales_mpp=["half", "1.0"]))
+
+
+def test_links_to_nothing_are_named_and_refused_when_strict(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _slides(tmp_path)
+    slides = Path(str(cfg["slides"]))
+    (slides / "gone.svs").symlink_to(tmp_path / "deleted.svs")
+    (slides / "loop.svs").symlink_to(slides / "loop.svs")
+    with caplog.at_level(logging.WARNING):
+        wf = load_workflow(cfg)
+    assert list(wf.slides) == ["a"]
+    assert "2 link(s)" in caplog.text and "'gone.svs'" in caplog.text and "'loop.svs'" in caplog.text
+    with pytest.raises(
+        ConfigError, match=re.escape("point to nothing: 'gone.svs', 'loop.svs' (strict_slides is on)")
+    ):
+        load_workflow({**cfg, "strict_slides": True})

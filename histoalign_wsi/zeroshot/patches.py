@@ -127,8 +127,18 @@ def open_patch(path: Path, *, max_megapixels: float = MAX_PATCH_MEGAPIXELS) -> I
     """The patch as RGB; refused in one line naming the file when it is not an image,
     is damaged, or declares more than ``max_megapixels`` (checked from its header,
     before any pixel is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the header alone is read here; our own limit follows
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"patch {str(path)!r} cannot be read as an image ({exc or type(exc).__name__})"
+        ) from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with im:
             w, h = im.size
             if w * h > max_megapixels * 1e6:
                 raise ConfigError(
