@@ -4,6 +4,7 @@ refused (or accepted) before any job runs, in one line naming the file and the r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -332,3 +333,46 @@ def test_links_to_nothing_are_named_and_refused_when_strict(
         ConfigError, match=re.escape("point to nothing: 'gone.svs', 'loop.svs' (strict_slides is on)")
     ):
         load_workflow({**cfg, "strict_slides": True})
+
+
+def test_calibration_over_a_store_with_nan_is_refused_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import zarr
+
+    from histoalign_wsi.features.store import open_store
+    from histoalign_wsi.zeroshot.text import save_text
+
+    from .planting import build_store, make_text, planted_features
+
+    text = make_text()
+    save_text(text, tmp_path / "t.npz")
+    x = planted_features(text, 64, {0: (0.5, 2.0)}, seed=1)
+    stores = [build_store(tmp_path / f"{n}.zarr", {0.5: x, 1.0: x[:16]}, slide_id=n) for n in ("a", "b")]
+    scale = open_store(stores[1]).scale_names[0]
+    zarr.open_array(stores[1] / "scales" / scale / "features" / "demo", mode="r+")[2, 3] = np.nan
+    args = [
+        "calibrate",
+        *map(str, stores),
+        "--text",
+        str(tmp_path / "t.npz"),
+        "--out",
+        str(tmp_path / "c.json"),
+    ]
+    assert main([*args, "--set", "scales_mpp=[0.5, 1.0]"]) == 2
+    assert "are not finite: a feature store holds NaN" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_the_report_data_and_printed_json_hold_no_nan(capsys: pytest.CaptureFixture[str]) -> None:
+    from histoalign_wsi.cli.common import print_json
+    from histoalign_wsi.outputs.report import _script_json
+
+    assert _script_json({"p": [float("nan"), 0.5], "x": np.float32("inf"), "t": "<b>"}) == (
+        '{"p":[null,0.5],"x":null,"t":"\\u003cb>"}'
+    )
+    print_json({"auc": float("nan"), "n": np.int64(3)})
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {
+        "auc": None,
+        "n": 3,
+    }

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .._json import finite_json
 from ..config import Config
 
 __all__ = [
@@ -40,7 +41,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str, ensure_ascii=False, allow_nan=False))
+    print(json.dumps(finite_json(obj), indent=2, default=str, ensure_ascii=False, allow_nan=False))
 
 
 def opts(a: argparse.Namespace, *names: str) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from numpy.typing import NDArray
 from sklearn import metrics as skm
 
 from .._atomic import atomic_file
+from .._json import finite_json
 
 __all__ = ["classification_metrics", "dice_iou", "write_json"]
 
@@ -99,20 +99,6 @@ def dice_iou(pred: NDArray[np.bool_], truth: NDArray[np.bool_]) -> dict[str, flo
     if a + b == 0:
         return {"dice": 1.0, "iou": 1.0}
     return {"dice": 2 * inter / (a + b), "iou": inter / union}
-
-
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float made ``None`` (JSON has no NaN: an
-    undefined metric is ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.floating):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

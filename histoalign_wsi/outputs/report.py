@@ -23,6 +23,7 @@ import pandas as pd
 from PIL import Image
 
 from .._atomic import atomic_file
+from .._json import finite_json
 from ..zeroshot.prediction import Prediction
 from .heatmaps import FORMATS, class_files
 
@@ -185,7 +186,8 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
 
 def _script_json(obj: Any) -> str:
     """JSON safe inside ``<script>``: no ``<`` can close the element or open a comment."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    text = json.dumps(finite_json(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c")
 
 
 def write_report(

@@ -73,6 +73,12 @@ class CalibrationOffsets:
         return np.asarray(self.offsets[scale], np.float32)
 
     def write(self, path: str | Path) -> Path:
+        bad = [s for s, v in self.offsets.items() if not np.isfinite(np.asarray(v, np.float64)).all()]
+        if bad:
+            raise StoreError(
+                f"calibration offsets at scale(s) {', '.join(bad)} are not finite: a feature store holds "
+                "NaN or infinity (score the stores one by one to find it)"
+            )
         d = {
             "schema": SCHEMA,
             "bag_hash": self.bag_hash,
@@ -85,7 +91,7 @@ class CalibrationOffsets:
             "offsets": {s: list(v) for s, v in self.offsets.items()},
         }
         with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
         return Path(path)
 
     @classmethod
