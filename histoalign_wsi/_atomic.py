@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import os
 import shutil
 import uuid
@@ -54,13 +55,18 @@ def replace_path(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path; on success it is renamed to ``target``, on error removed."""
+def atomic_file(target: str | os.PathLike[str], *, keep_identical: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success it is renamed to ``target``, on error removed.
+    With ``keep_identical``, a ``target`` whose bytes equal the new file's is left as it
+    is (its modification time too, so a workflow sees nothing new)."""
     dst = Path(target)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(dst)
     try:
         yield tmp
+        if keep_identical and dst.is_file() and filecmp.cmp(tmp, dst, shallow=False):
+            tmp.unlink()
+            return
         replace_path(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

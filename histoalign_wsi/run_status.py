@@ -107,5 +107,19 @@ def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | N
     if not done:
         return None
     summarize(load_predictions(done), res / "predictions.csv")
-    log.warning("partial predictions.csv: %d of %d slides scored", len(done), len(slide_ids))
+    if len(done) == len(slide_ids):
+        log.error(
+            "the run FAILED in a step after scoring (see the error above); every slide was scored "
+            "and %s lists all %d, but the failed step's outputs are missing",
+            res / "predictions.csv",
+            len(done),
+        )
+    else:
+        log.error(
+            "the run FAILED: %d of %d slides were scored (%s lists those; failed_slides.tsv names "
+            "the others when a slide failed)",
+            len(done),
+            len(slide_ids),
+            res / "predictions.csv",
+        )
     return res / "predictions.csv"

@@ -194,11 +194,15 @@ class Workflow:
         return f"--corpus {shlex.quote(self.config.report_corpus)}" if self.config.report_corpus else ""
 
     def learned_from_reports(self) -> dict[str, str]:
-        """The report-learning results the report page shows, when configured: the
-        slide-report models' metrics (``reports``), the distilled classifier's
-        (``report_corpus`` with labels)."""
+        """The learning results the report page shows, when configured: the heads'
+        cross-validated metrics and predictions (``heads`` with labels), the slide-report
+        models' metrics (``reports``), the distilled classifier's (``report_corpus`` with
+        labels)."""
         r = self.results
         out = {}
+        if self.config.heads and self.labels_sheet:  # the heads' table and prediction columns
+            out["models"] = f"{r}/models"  # fit's folder: cv_metrics.json, one folder per head
+            out |= {f"head_{h}": f"{r}/heads/{h}/predictions.csv" for h in self.head_names}
         if self.config.reports:
             out["reports"] = f"{r}/reports/metrics.json"
         if self.config.report_corpus and self.labels_sheet:

@@ -412,6 +412,16 @@ def test_fit_and_predict_targets_and_attention_outputs(tmp_path: Path) -> None:
     gj = json.loads((r / "geojson" / "demo_01.geojson").read_text())
     tile = next(f for f in gj["features"] if f["properties"]["objectType"] == "tile")
     assert "attention" in tile["properties"]["measurements"]
+    # the report shows the heads: their cross-validated metrics, a prediction column
+    # each, and the attention map beside a slide's heatmaps
+    html = (r / "report.html").read_text(encoding="utf-8")
+    assert "<table id='heads'>" in html and "abmil_noscale (ablation" in html
+    data = json.loads(html.split("id='report-data'>", 1)[1].split("</script>", 1)[0])
+    assert data["heads"] == ["abmil", "abmil_noscale", "linear"]
+    row = next(x for x in data["rows"] if x[0] == "demo_01")
+    heads_csv = pd.read_csv(r / "heads" / "linear" / "predictions.csv").set_index("slide_id")
+    assert row[8]["linear"][0] == heads_csv.loc["demo_01", "predicted_class"]
+    assert row[7]["attention"].endswith("heatmaps/demo_01/attention.webp")
 
 
 @pytest.mark.parametrize(

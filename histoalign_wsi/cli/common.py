@@ -25,6 +25,7 @@ __all__ = [
     "existing_dir",
     "opts",
     "print_json",
+    "says",
 ]
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -42,6 +43,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def print_json(obj: Any) -> None:
     print(json.dumps(finite_json(obj), indent=2, default=str, ensure_ascii=False, allow_nan=False))
+
+
+def says(command: str, what: str, where: Path) -> None:
+    """The last line of a learning command: what the numbers above are, and where the
+    rest is (on stderr, so stdout stays one JSON document)."""
+    print(f"{command}: the numbers above are {what}; all metrics in {where}", file=sys.stderr)
 
 
 def opts(a: argparse.Namespace, *names: str) -> dict[str, Any]:

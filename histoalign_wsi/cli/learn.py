@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import stages
 from ..config import Config
-from .common import Subparsers, at_least, existing, existing_dir, opts, print_json
+from .common import Subparsers, at_least, existing, existing_dir, opts, print_json, says
 from .common import add as _add
 
 __all__ = ["group_options", "learn_commands"]
@@ -24,6 +24,11 @@ def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
             for m in dict.fromkeys(r["method"] for r in curve)
         }
     )
+    says(
+        "few-shot",
+        f"balanced accuracy on held-out patches per method and k, mean of {a.repeats} draws",
+        a.out / "summary.json",
+    )
     return 0
 
 
@@ -31,6 +36,11 @@ def _fit(a: argparse.Namespace, cfg: Config) -> int:
     kw = opts(a, "heads", "folds", "seed", "epochs")
     report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, **kw)
     print_json({h: v["mean"] for h, v in report["heads"].items()})
+    says(
+        "fit",
+        f"each head's metrics on held-out slides, mean of {report['folds']} cross-validation folds",
+        a.out / "cv_metrics.json",
+    )
     return 0
 
 

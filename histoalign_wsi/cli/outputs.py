@@ -70,7 +70,7 @@ def output_commands(sub: Subparsers) -> None:
     p.add_argument("--slide", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
-        "--attention", type=Path, help="a head's per-tile attention (.parquet): adds attention.png"
+        "--attention", type=Path, help="a head's per-tile attention (.parquet): adds the attention map"
     )
 
     p = _add(sub, "export-geojson", _export, "QuPath GeoJSON: tiles, class regions, tissue")

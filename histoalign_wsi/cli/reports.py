@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import stages
 from ..config import Config
-from .common import Subparsers, at_least, existing, existing_dir, opts, print_json
+from .common import Subparsers, at_least, existing, existing_dir, opts, print_json, says
 from .common import add as _add
 from .learn import group_options
 
@@ -23,6 +23,11 @@ def _train_reports(a: argparse.Namespace, cfg: Config) -> int:
             name: {"retrieval": m["retrieval"]["slide_to_report"], "chance": m["retrieval"]["chance"]}
             for name, m in r["models"].items()
         }
+    )
+    says(
+        "train-reports",
+        "slide-to-report retrieval Recall@k on held-out test slides, beside chance (k/n)",
+        a.out / "metrics.json",
     )
     return 0
 
@@ -39,12 +44,14 @@ def _pair_reports(a: argparse.Namespace, cfg: Config) -> int:
         group_pattern=a.group_pattern,
     )
     print_json({k: s[k] for k in ("items", "corpus_reports", "k", "mean_top1_score")})
+    says("pair-reports", "counts and the mean cosine of each item's best report", a.out / "summary.json")
     return 0
 
 
 def _distill(a: argparse.Namespace, cfg: Config) -> int:
     r = stages.run_distill(a.pairs, a.out, cfg, labels_sheet=a.labels, seed=a.seed)
     print_json({k: v["balanced_accuracy"] for k, v in r["metrics"].items()})
+    says("distill", "balanced accuracy on held-out items of each model", a.out / "metrics.json")
     return 0
 
 

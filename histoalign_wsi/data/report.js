@@ -77,6 +77,9 @@ function detail(r){
   a.src = im.argmax || ''; a.alt = r[0] + ': argmax';
   p.src = im.predicted || ''; p.alt = r[0] + ': P(' + r[2] + ')';
   document.getElementById('fig-class').hidden = !im.predicted;
+  var t = document.getElementById('detail-attention');
+  t.src = im.attention || ''; t.alt = r[0] + ': attention';
+  document.getElementById('fig-attention').hidden = !im.attention;
   document.getElementById('detail-cls').textContent = r[2];
   document.querySelectorAll('#slides tbody tr').forEach(function(tr){
     tr.classList.toggle('sel', tr.dataset.id === r[0]);
@@ -91,6 +94,10 @@ function render(){
     tr.appendChild(thumb(r)); tr.appendChild(el('td', r[0])); tr.appendChild(el('td', r[1]));
     tr.appendChild(el('td', r[2])); tr.appendChild(bars(r[5])); tr.appendChild(el('td', r[3]));
     tr.appendChild(el('td', r[4] === null ? '' : String(r[4]))); tr.appendChild(regions(r[6]));
+    (D.heads || []).forEach(function(h){
+      var v = (r[8] || {})[h];
+      tr.appendChild(el('td', v ? v[0] + (v[1] === null ? '' : ' (' + v[1].toFixed(2) + ')') : ''));
+    });
     tr.addEventListener('click', function(ev){ if (ev.target.tagName !== 'IMG') detail(r); });
     tb.appendChild(tr);
   });

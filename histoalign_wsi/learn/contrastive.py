@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,9 +108,11 @@ def train_contrastive(
     settings: ContrastiveSettings,
     *,
     scale_embedding: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[SlideReportModel, dict[str, Any]]:
     """Train on ``train_ids`` (report embedding ``text[slide]``), early-stopped on the
-    InfoNCE loss of ``val_ids``; returns the best model and its history."""
+    InfoNCE loss of ``val_ids``; returns the best model and its history. ``progress(1)``
+    is called after each epoch."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     dim = len(next(iter(text.values())))
@@ -147,6 +149,8 @@ def train_contrastive(
         hist["train_loss"].append(float(np.mean(losses)) if losses else float("nan"))
         hist["val_loss"].append(v)
         hist["temperature"].append(1.0 / float(model.scale().detach()))
+        if progress is not None:
+            progress(1)
         if v < best - 1e-4:
             best, best_state, since = v, copy.deepcopy(model.state_dict()), 0
         else:

@@ -6,6 +6,7 @@ same initialisation and seed, without the distillation term. No text at inferenc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,6 +101,7 @@ def distill(
     y: NDArray[np.int64],
     n_classes: int,
     s: DistillSettings,
+    progress: Callable[[int], None] | None = None,
 ) -> Distilled:
     """Teacher on [image, paired text] of the labelled rows (``y >= 0``); the student learns
     cross-entropy on the labelled rows and the teacher's hidden features on every row
@@ -107,9 +109,13 @@ def distill(
     MLP on the labelled rows' image features alone, same seed."""
     lab = y >= 0
     fused = np.concatenate([image, text], axis=1).astype(np.float32)
+    step = progress or (lambda n: None)
     teacher = train_mlp(fused[lab], y[lab], n_classes, s)
+    step(1)
     with torch.no_grad():
         _, h_t = teacher(torch.from_numpy(fused))
     student = train_mlp(image, y, n_classes, s, target=h_t.numpy())
+    step(1)
     baseline = train_mlp(image[lab], y[lab], n_classes, s)
+    step(1)
     return Distilled(student, baseline, teacher)

@@ -269,10 +269,11 @@ def cross_validate(
     epochs: int,
     score: Scorer,
     groups: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Stratified k-fold by slide (by ``groups``, e.g. patient, when given): per-fold and
     mean metrics (``score(y_true, probs)``) of each head on its held-out slides, with the
-    out-of-fold probabilities."""
+    out-of-fold probabilities. ``progress(1)`` is called after each head of each fold."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = np.array([list(classes).index(labels[s]) for s in ids], np.int64)
@@ -304,6 +305,8 @@ def cross_validate(
             held_out = [ids[i] for i in te]
             out[h]["folds"].append(dict(score([labels[s] for s in held_out], probs)) | {"slides": held_out})
             out[h]["oof"].update({ids[i]: probs[j].tolist() for j, i in enumerate(te)})
+            if progress is not None:
+                progress(1)
     for h in heads:
         fm = out[h]["folds"]
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")

@@ -26,6 +26,7 @@ from .._atomic import atomic_file
 from .._json import finite_json
 from ..zeroshot.prediction import Prediction
 from .heatmaps import FORMATS, class_files
+from .report_heads import head_predictions, heads_section
 
 __all__ = ["PAGE_SIZE", "write_report"]
 
@@ -76,7 +77,13 @@ def _images(hm: Path, pred: Prediction | None, base: Path, *, embed: bool) -> di
     if pred is not None and pred.predicted_class in pred.classes:
         stem = Path(class_files(list(pred.classes))[pred.predicted_class]).stem
         cls = _find(hm, stem)
-    for name, path, width in (("thumb", thumb, 192), ("argmax", argmax, 640), ("predicted", cls, 640)):
+    attention = _find(hm, "attention")
+    for name, path, width in (
+        ("thumb", thumb, 192),
+        ("argmax", argmax, 640),
+        ("predicted", cls, 640),
+        ("attention", attention, 640),
+    ):
         if path is not None:
             out[name] = _inline(path, width) if embed else _href(path, base)
     return out
@@ -89,7 +96,13 @@ def _number(v: Any) -> Any:
 
 
 def _rows(
-    table: pd.DataFrame, preds: Mapping[str, Path], res: Path, base: Path, *, embed: bool
+    table: pd.DataFrame,
+    preds: Mapping[str, Path],
+    res: Path,
+    base: Path,
+    *,
+    embed: bool,
+    heads: Mapping[str, Mapping[str, list[Any]]],
 ) -> Iterator[tuple[list[Any], Prediction | None]]:
     """One compact row per slide (predictions read one at a time: memory stays flat)."""
     for r in table.itertuples(index=False):
@@ -113,6 +126,7 @@ def _rows(
                 probs,
                 areas,
                 _images(res / "heatmaps" / sid, p, base, embed=embed),
+                dict(heads.get(sid, {})),
             ],
             p,
         )
@@ -208,7 +222,8 @@ def write_report(
     preds = _prediction_files(res / "predictions", table["slide_id"].astype(str).tolist())
     rows: list[list[Any]] = []
     first: Prediction | None = None
-    for row, p in _rows(table, preds, res_abs, base, embed=embed):
+    head_names, by_head = head_predictions(res)
+    for row, p in _rows(table, preds, res_abs, base, embed=embed, heads=by_head):
         rows.append(row)
         if first is None and p is not None:
             first = p
@@ -248,7 +263,7 @@ def write_report(
         )
     head = [("", None), ("slide", "slide"), ("label", "label"), ("predicted", "predicted")]
     head += [("probabilities", "probability"), ("status", "status"), ("tiles", "tiles")]
-    head += [("regions (mm²)", "regions")]
+    head += [("regions (mm²)", "regions"), *((f"head: {h}", None) for h in head_names)]
     ths = "".join(f"<th data-key='{k}'>{e(h)}</th>" if k else f"<th>{e(h)}</th>" for h, k in head)
     parts.append(
         "</table></div><h2>Slides</h2>"
@@ -262,11 +277,14 @@ def write_report(
         f"tile (argmax), over tissue.<div class='legend'>{legend}</div></figcaption></figure>"
         "<figure id='fig-class'><img id='detail-class' alt=''><figcaption>P(<span id='detail-cls'></span>) "
         "per tile, the predicted class: 0 <span class='cbar'></span> 1 (inferno)</figcaption></figure>"
-        "</div></div>"
+        "<figure id='fig-attention'><img id='detail-attention' alt=''><figcaption>Where the abmil "
+        "head looked: its attention per tile (a slide-level head trained on the labels)</figcaption>"
+        "</figure></div></div>"
     )
     parts.append(_metrics(res, base, embed=embed))
+    parts.append(heads_section(res))
     parts.append(_learned_from_reports(res))
-    data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size}
+    data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size, "heads": head_names}
     parts.append(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"
         f"<script>{_asset('report.js')}</script></body></html>"

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,10 @@ def write_slide(spec: DemoSlideSpec, path: str | Path) -> Path:
         "photometric": "rgb",
     }
     res = (1e4 / spec.mpp, 1e4 / spec.mpp)
-    with atomic_file(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=spec.fmt == "ome") as tif:
+    with (
+        atomic_file(path, keep_identical=True) as tmp,  # a rerun leaves an identical slide untouched
+        tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=spec.fmt == "ome") as tif,
+    ):
         for i, d in enumerate(levels):
             lw, lh = math.ceil(spec.width / d), math.ceil(spec.height / d)
             kwargs: dict[str, object] = dict(common)
@@ -231,6 +235,7 @@ def write_slide(spec: DemoSlideSpec, path: str | Path) -> Path:
                 kwargs["metadata"] = {
                     "axes": "YXS",
                     "Name": spec.name,
+                    "UUID": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'histoalign-demo/{spec}')}",
                     "PhysicalSizeX": spec.mpp,
                     "PhysicalSizeXUnit": "µm",
                     "PhysicalSizeY": spec.mpp,
@@ -283,10 +288,10 @@ def write_masks(spec: DemoSlideSpec, outdir: str | Path) -> dict[str, object]:
     present = sorted({r.cls for r in spec.regions})
     for c in present:
         name = CLASS_CODES[c]
-        with atomic_file(outdir / f"{name}.png") as tmp:
+        with atomic_file(outdir / f"{name}.png", keep_identical=True) as tmp:
             Image.fromarray(((labels == c) * 255).astype(np.uint8)).save(tmp, format="PNG")
         files[name] = f"{name}.png"
-    with atomic_file(outdir / "tissue.png") as tmp:
+    with atomic_file(outdir / "tissue.png", keep_identical=True) as tmp:
         Image.fromarray(((labels != BACKGROUND) * 255).astype(np.uint8)).save(tmp, format="PNG")
     files["tissue"] = "tissue.png"
     index: dict[str, object] = {
@@ -295,7 +300,7 @@ def write_masks(spec: DemoSlideSpec, outdir: str | Path) -> dict[str, object]:
         "level0_dims": [spec.width, spec.height],
         "masks": files,
     }
-    with atomic_file(outdir / "masks.json") as tmp:
+    with atomic_file(outdir / "masks.json", keep_identical=True) as tmp:
         tmp.write_text(json.dumps(index, indent=2))
     return index
 
@@ -356,7 +361,7 @@ def make_demo_cohort(
         log.info("wrote %s (%dx%d, %s)", p, spec.width, spec.height, spec.fmt)
         paths.append(p)
         rows.append((spec.name, label))
-    with atomic_file(truth / "labels.csv") as tmp, tmp.open("w", newline="") as fh:
+    with atomic_file(truth / "labels.csv", keep_identical=True) as tmp, tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "label"])
         w.writerows(rows)

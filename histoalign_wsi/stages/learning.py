@@ -61,6 +61,7 @@ def run_fit(
     folds = folds or cfg.fit.folds
     seed = cfg.fit.seed if seed is None else seed
     epochs = epochs or cfg.fit.epochs
+    from .._progress import Progress
     from ..learn.bags import BagSource, match_labels
     from ..learn.heads import HEADS, cross_validate, fit_head
     from ..outputs.metrics import write_json
@@ -76,34 +77,44 @@ def run_fit(
     bag_classes = load_bag(cfg.prompt_bag).class_names
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
-    cv = cross_validate(
-        source,
-        ids,
-        labels,
-        classes,
-        heads=names,
-        folds=folds,
-        seed=seed,
-        epochs=epochs,
-        score=scorer(classes),
-        groups=groups,
-    )
-    y = np.array([classes.index(labels[s]) for s in ids], np.int64)
-    for name in names:
-        head = fit_head(
-            name,
+    with Progress(folds * len(names) + len(names), desc="fit", unit="model") as bar:
+        cv = cross_validate(
             source,
             ids,
-            y,
+            labels,
             classes,
+            heads=names,
+            folds=folds,
             seed=seed,
             epochs=epochs,
-            groups=[groups.get(s, s) for s in ids] if groups else None,
+            score=scorer(classes),
+            groups=groups,
+            progress=bar.update,
         )
-        head.save(out / name)
-        if name == "abmil" and attention_dir is not None:
-            _write_attention(head, source, attention_dir)
-    report = {"classes": classes, "n_slides": len(ids), "folds": folds, "seed": seed, "heads": cv}
+        y = np.array([classes.index(labels[s]) for s in ids], np.int64)
+        for name in names:
+            head = fit_head(
+                name,
+                source,
+                ids,
+                y,
+                classes,
+                seed=seed,
+                epochs=epochs,
+                groups=[groups.get(s, s) for s in ids] if groups else None,
+            )
+            head.save(out / name)
+            if name == "abmil" and attention_dir is not None:
+                _write_attention(head, source, attention_dir)
+            bar.update()
+    report = {
+        "classes": classes,
+        "n_slides": len(ids),
+        "folds": folds,
+        "seed": seed,
+        "grouped": groups is not None,
+        "heads": cv,
+    }
     write_json(report, out / "cv_metrics.json")
     for name in names:
         log.info(

@@ -58,13 +58,15 @@ def _slide_items(stores: Sequence[Path], cfg: Config) -> tuple[dict[str, Any], A
 def _patch_items(
     folder: Path, cfg: Config, groups: Path | None, group_pattern: str
 ) -> tuple[dict[str, Any], Any]:
+    from .._progress import Progress
     from ..learn.groups import patch_groups
     from ..zeroshot.patches import encode_patches, find_patches
 
     found = find_patches(folder)
     grouping = patch_groups([p for p, _ in found], folder, sheet=groups, pattern=group_pattern)
     enc = report_encoder(cfg)
-    feats = encode_patches([p for p, _ in found], [enc])[enc.name]
+    with Progress(len(found), desc="pair-reports: encode", unit="image") as bar:
+        feats = encode_patches([p for p, _ in found], [enc], progress=bar.update)[enc.name]
     ids = [str(p.relative_to(folder)) for p, _ in found]
     labels = ["" if f == UNLABELLED else f for _, f in found]
     meta = {
@@ -221,6 +223,7 @@ def run_distill(
     """Train the distilled student, the no-pairing baseline and the teacher on the same
     split and seed; write ``out/student/`` and ``out/baseline/`` (heads that ``predict``
     applies to new stores, images only) and ``out/metrics.json`` (held-out metrics)."""
+    from .._progress import Progress
     from ..learn.distill import DistillSettings, distill
     from ..learn.heads import Head
     from ..outputs.metrics import write_json
@@ -266,7 +269,8 @@ def run_distill(
     # labelled training items and the unlabelled ones, less every item of a held-out group
     pool = ~in_held
     assert not set(grp[pool]) & set(grp[test])
-    res = distill(student_x[pool], text[pool], np.where(lab, y, -1)[pool], len(classes), s)
+    with Progress(3, desc="distill", unit="model") as bar:  # teacher, student, baseline
+        res = distill(student_x[pool], text[pool], np.where(lab, y, -1)[pool], len(classes), s, bar.update)
     score = scorer(classes)
     truth = [classes[k] for k in y[test]]
     metrics = {

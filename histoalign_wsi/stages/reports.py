@@ -107,6 +107,7 @@ def run_train_reports(
     ``out/{variant}/`` (safetensors + JSON), ``out/metrics.json`` and
     ``out/embeddings.npz``. ``shuffle_pairs`` trains on shuffled slide-report pairs (the
     control: retrieval then stays at chance)."""
+    from .._progress import Progress
     from ..learn.bags import BagSource
     from ..learn.contrastive import ContrastiveSettings, embed_slides, train_contrastive
     from ..learn.evaluation import class_centroids, retrieval, zero_shot_probs
@@ -179,6 +180,7 @@ def run_train_reports(
         "models": {},
     }
     vectors: dict[str, NDArray[np.float32]] = {"slide_ids": np.array(ids)}
+    bar = Progress(len(VARIANTS) * settings.epochs, desc="train-reports", unit="epoch")
     for name, scale_on in VARIANTS.items():
         model, hist = train_contrastive(
             source,
@@ -187,7 +189,9 @@ def run_train_reports(
             train_text,
             settings,
             scale_embedding=scale_on,
+            progress=bar.update,
         )
+        bar.update(settings.epochs - int(hist["epochs"]))  # epochs early stopping left out
         z = embed_slides(model, source, ids)
         vectors[name] = z
         idx = {s: i for i, s in enumerate(ids)}
@@ -220,6 +224,7 @@ def run_train_reports(
             },
         )
         result["models"][name] = res
+    bar.close()
     _write_vectors(out / "embeddings.npz", vectors)
     write_json(result, out / "metrics.json")
     for name, res in result["models"].items():

@@ -4,7 +4,7 @@ the labels (a mapping file maps folder names to prompt-bag classes)."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,7 +154,11 @@ def open_patch(path: Path, *, max_megapixels: float = MAX_PATCH_MEGAPIXELS) -> I
 
 
 def encode_patches(
-    images: Sequence[Path], encoders: Sequence[LoadedEncoder], *, batch_size: int = 32
+    images: Sequence[Path],
+    encoders: Sequence[LoadedEncoder],
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, NDArray[np.float32]]:
     """L2-normalised features [n, D] of every image, per encoder (each its own transform)."""
     import torch  # lazily: the folder checks before encoding stay light
@@ -166,4 +170,6 @@ def encode_patches(
         for e in encoders:
             x = torch.stack([transforms[e.name](im) for im in imgs]).to(e.device)
             out[e.name].append(e.encode_image(x).cpu().numpy().astype(np.float32))
+        if progress is not None:
+            progress(len(imgs))
     return {n: np.concatenate(v) for n, v in out.items()}
