@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -134,7 +136,10 @@ class _Forward:
 
 
 class _Appender:
-    """Buffers rows per (scale, encoder) and writes chunk-aligned slices on a thread."""
+    """Writes each (scale, encoder)'s rows in chunk-aligned slices, on one writer thread
+    that also brings the embeddings to the host: the forward loop hands over device
+    tensors and never waits for a device-to-host copy (no host synchronisation per
+    batch). The single worker keeps the order of the rows."""
 
     def __init__(self, arrays: Mapping[tuple[int, str], Any]) -> None:
         self.arrays = arrays
@@ -143,28 +148,72 @@ class _Appender:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self.futures: list[Future[None]] = []
 
-    def add(self, key: tuple[int, str], rows: NDArray[np.float16], *, final: bool = False) -> None:
-        self.buf[key].append(rows)
+    def add(self, key: tuple[int, str], emb: torch.Tensor) -> None:
+        self.futures.append(self.pool.submit(self._write, key, emb, False))
+
+    def _write(self, key: tuple[int, str], emb: torch.Tensor | None, final: bool) -> None:
+        if emb is not None:
+            self.buf[key].append(emb.float().cpu().numpy().astype(np.float16))
         n = sum(len(r) for r in self.buf[key])
-        if n >= ROW_CHUNK or final:
-            data = np.concatenate(self.buf[key]) if self.buf[key] else np.empty((0,))
+        if n >= ROW_CHUNK or (final and n):
+            data = np.concatenate(self.buf[key])
             self.buf[key] = []
             start = self.pos[key]
             self.pos[key] += len(data)
-            if len(data):
-                arr = self.arrays[key]
-                self.futures.append(self.pool.submit(arr.__setitem__, slice(start, start + len(data)), data))
+            self.arrays[key][start : start + len(data)] = data
 
     def close(self) -> None:
         for k in self.buf:
-            self.add(k, self._empty(k), final=True)
+            self.futures.append(self.pool.submit(self._write, k, None, True))
         self.pool.shutdown(wait=True)
         for f in self.futures:
             f.result()
 
-    def _empty(self, key: tuple[int, str]) -> NDArray[np.float16]:
-        d = int(self.arrays[key].shape[1])
-        return np.zeros((0, d), np.float16)
+
+class _Producer:
+    """Runs the tile source (reads, decodes, cuts and area reduces) on a thread of its
+    own, a bounded queue ahead of the forward passes, so that block N+1 is prepared
+    while block N runs forward. On CUDA both threads use the same (default) stream, so
+    the device sees the work in order; the host work of the two overlaps."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator[tuple[int, Any]], depth: int) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(items,), name="tiles", daemon=True)
+        self.thread.start()
+
+    def _run(self, items: Iterator[tuple[int, Any]]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def thread_budget(threads: int | None, readers: int) -> tuple[int, int]:
@@ -199,12 +248,12 @@ def run_pipeline(
         batch = torch.cat(pending[s])
         pending[s] = []
         for fw in forwards:
-            emb = fw(batch).float().cpu().numpy().astype(np.float16)
-            appender.add((s, fw.enc.name), emb)
+            appender.add((s, fw.enc.name), fw(batch))  # to the host on the writer thread
 
     bar = Progress(total, desc=f"encode {slide.path.name}")
+    producer = _Producer(scale_tiles(slide, scales, settings), depth=max(2, settings.prefetch))
     try:
-        for s, tiles in scale_tiles(slide, scales, settings):
+        for s, tiles in producer:
             pending[s].append(torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles)
             if sum(t.shape[0] for t in pending[s]) >= flush_at:
                 flush(s)
@@ -212,6 +261,7 @@ def run_pipeline(
         for s in pending:
             flush(s)
     finally:
+        producer.close()
         bar.close()
         appender.close()
     return total

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -280,13 +280,22 @@ def _tiles_box(block: Block, scales: Sequence[ScaleView], s: int, plan: ReadPlan
 
 
 def read_blocks(
-    slide: Slide, reads: Sequence[Read], settings: ReadSettings
-) -> Iterator[tuple[Read, NDArray[np.uint8] | EncodedRegion, int]]:
+    slide: Slide,
+    reads: Sequence[Read],
+    settings: ReadSettings,
+    post: Callable[[Read, NDArray[np.uint8] | EncodedRegion, int], Any] | None = None,
+) -> Iterator[tuple[Read, Any, int]]:
     """(read, pixels, DCT factor used) in order, read by ``settings.readers`` threads with
     a bounded prefetch: native JPEG tiles decoded at 1/``plan.factor`` where the level and
     box allow (or only read, left compressed for the device), else the backend's
-    full-resolution read (factor 1)."""
+    full-resolution read (factor 1). ``post(read, pixels, factor)``, when given, runs in
+    the reader thread too and its result takes the pixels' place (the CPU tile cut: so
+    every stage of a block scales with the readers, not only the decode)."""
     nj = slide.native_jpeg() if any(r.plan.on_device for r in reads) else None
+
+    def work(r: Read) -> tuple[Any, int]:
+        pixels, f = read(r)
+        return (pixels if post is None else post(r, pixels, f)), f
 
     def read(r: Read) -> tuple[NDArray[np.uint8] | EncodedRegion, int]:
         plan = r.plan
@@ -300,19 +309,18 @@ def read_blocks(
                 return px, plan.factor
         return slide.read_region((r.x0, r.y0), plan.level, (w, h)), 1
 
-    Result = tuple[NDArray[np.uint8] | EncodedRegion, int]
     with ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="reader") as pool:
-        pending: deque[tuple[Read, Future[Result]]] = deque()
+        pending: deque[tuple[Read, Future[tuple[Any, int]]]] = deque()
         it = iter(reads)
         for r in it:
-            pending.append((r, pool.submit(read, r)))
+            pending.append((r, pool.submit(work, r)))
             if len(pending) >= settings.prefetch + settings.readers:
                 break
         while pending:
             r, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
+                pending.append((nxt, pool.submit(work, nxt)))
             pixels, f = fut.result()
             yield r, pixels, f
 
@@ -364,17 +372,24 @@ def scale_tiles(
     plans = read_plans(slide, scales, settings)
     pairs = [(b, r) for b in blocks for r in plan_reads(b, scales, plans)]
     _log_reads(slide, scales, [r for _, r in pairs], len(blocks))
-    owners = iter(b for b, _ in pairs)
-    for r, pixels, f in read_blocks(slide, [r for _, r in pairs], settings):
-        b = next(owners)
+    owner = {id(r): b for b, r in pairs}
+
+    def cut(r: Read, pixels: NDArray[np.uint8] | EncodedRegion, f: int) -> list[tuple[int, Any]]:
+        b = owner[id(r)]
         pyramid: _BlockPyramid | _CpuPyramid
         if settings.device == "cpu" and not isinstance(pixels, EncodedRegion):
             pyramid = _CpuPyramid(pixels, settings.tile_px)
         else:
             pyramid = _device_pyramid(pixels, settings.device, settings.tile_px)
-        lds = r.plan.downsample
+        lds, out = r.plan.downsample, []
         for s in r.scales:
             lo, hi = b.rows[s]
             if hi > lo:
-                sv = scales[s]
-                yield s, pyramid.tiles(sv.coords[lo:hi], r.x0, r.y0, sv.size0 / lds / f, 1.0 / (lds * f))
+                size = scales[s].size0 / lds / f
+                out.append((s, pyramid.tiles(scales[s].coords[lo:hi], r.x0, r.y0, size, 1.0 / (lds * f))))
+        return out
+
+    # on the CPU the cut runs in the reader threads; device tensors are made in this one
+    in_readers = settings.device == "cpu" and not any(r.plan.on_device for _, r in pairs)
+    for r, got, f in read_blocks(slide, [r for _, r in pairs], settings, cut if in_readers else None):
+        yield from got if in_readers else cut(r, got, f)
