@@ -33,7 +33,7 @@ from _common import report
 from histoalign_wsi.config import load_config
 from histoalign_wsi.features import EncoderEntry, load_registry
 from histoalign_wsi.features.adapters import load_encoder
-from histoalign_wsi.features.encode import EncodeSettings, run_pipeline
+from histoalign_wsi.features.encode import CPU_CHUNK, EncodeSettings, run_pipeline, thread_budget
 from histoalign_wsi.features.store import copy_geometry, create_features, open_store
 from histoalign_wsi.features.tile_source import scale_tiles
 from histoalign_wsi.slides.reader import open_slide
@@ -42,6 +42,10 @@ from histoalign_wsi.stages import run_tile
 
 
 def encoders_for(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.fake_forward_ms is not None:
+        from histoalign_wsi.features.fake_accelerator import fake_accelerator
+
+        return [fake_accelerator(args.fake_forward_ms, name=f"fake{i}") for i in range(args.fake_encoders)]
     if not args.arch:
         return [load_encoder(load_registry()["demo"], device=args.device)]
     import open_clip
@@ -129,7 +133,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path)
+    ap.add_argument(
+        "--fake-forward-ms",
+        type=float,
+        help="an accelerator stand-in: each forward sleeps this long per batch (the GIL released); "
+        "'auto' sizing: give 0 to match the measured decode rate",
+    )
+    ap.add_argument("--fake-encoders", type=int, default=1, help="how many stand-ins (as encoders)")
     args = ap.parse_args()
+    torch.set_num_threads(thread_budget(None, args.workers)[1])  # as the encode stage does
     work = args.keep or Path(tempfile.mkdtemp(prefix="encode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     s = float(args.size)
@@ -152,6 +164,15 @@ def main() -> None:
     src = open_store(work / "tiles.zarr")
     scales = [src.scale(n) for n in src.scale_names]
     n_tiles = sum(len(sv.coords) for sv in scales)
+    if args.fake_forward_ms == 0:  # size the stand-in to the decode: the hardest case to overlap
+        probe = EncodeSettings(tile_px=224, batch_size=args.batch, readers=args.workers, device=args.device)
+        with open_slide(slide_path) as slide:
+            t = time.perf_counter()
+            for _ in scale_tiles(slide, scales, probe):
+                pass
+            d_tiles = n_tiles / (time.perf_counter() - t)
+        args.fake_forward_ms = 1000.0 * min(args.batch, CPU_CHUNK) / (d_tiles * args.fake_encoders)
+        print(f"fake forward: {args.fake_forward_ms:.1f} ms per batch (decode {d_tiles:.0f} tiles/s)")
     encoders = encoders_for(args)
     results = {}
     for native in (False, True, False, True):  # interleaved: each path twice, best kept
@@ -190,9 +211,18 @@ def main() -> None:
             ours_tps = n_tiles * len(encoders) / (time.perf_counter() - t)
         old = results.get(path, (0.0, 0.0))
         results[path] = (max(old[0], ours_tps), max(old[1], decode_tps))
-    clam_tps = clam_style(slide_path, scales, encoders, args.device, args.workers, args.batch)
+    fake = args.fake_forward_ms is not None
+    clam_tps = (
+        float("nan")
+        if fake
+        else clam_style(slide_path, scales, encoders, args.device, args.workers, args.batch)
+    )
     # forward ceiling in embeddings/s over all encoders (each tile costs every encoder once)
-    fwd_tiles_tps = forward_ceiling(encoders, args.device, args.batch, min(n_tiles, 512))
+    fwd_tiles_tps = (
+        1000.0 * min(args.batch, CPU_CHUNK) / args.fake_forward_ms  # the stand-in's rate, by construction
+        if fake
+        else forward_ceiling(encoders, args.device, args.batch, min(n_tiles, 512))
+    )
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows = [
         {

@@ -38,6 +38,9 @@ class LoadedEncoder:
     #: tokens each text takes in the text tower (special tokens included), before truncation
     token_count: Callable[[Sequence[str]], list[int]] | None = None
     context_length: int = 77
+    #: an accelerator stand-in (:mod:`.fake_accelerator`): its preprocessing counts as
+    #: device time, so the pipeline hands it the uint8 tiles as they are
+    emulated_device: bool = False
 
     @property
     def name(self) -> str:

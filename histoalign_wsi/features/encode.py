@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -109,7 +109,10 @@ class _Forward:
         while i < tiles.shape[0]:
             bs = self.batch_size
             try:
-                x = preprocess_on_device(tiles[i : i + bs], self.enc, out=self._buffer(tiles))
+                if self.enc.emulated_device:  # its forward stands for the device's preprocess too
+                    x = tiles[i : i + bs]
+                else:
+                    x = preprocess_on_device(tiles[i : i + bs], self.enc, out=self._buffer(tiles))
                 ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
                 if self.cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -172,47 +175,62 @@ class _Appender:
 
 class _Producer:
     """Runs the tile source (reads, decodes, cuts and area reduces) on a thread of its
-    own, a bounded queue ahead of the forward passes, so that block N+1 is prepared
-    while block N runs forward. On CUDA both threads use the same (default) stream, so
-    the device sees the work in order; the host work of the two overlaps."""
+    own, up to ``capacity`` tiles ahead of the forward passes, so that the next batch is
+    prepared while this one runs forward (bounded in tiles, not blocks: a batch spans
+    several blocks). On CUDA both threads use the same (default) stream, so the device
+    sees the work in order; the host work of the two overlaps."""
 
-    _END = object()
-
-    def __init__(self, items: Iterator[tuple[int, Any]], depth: int) -> None:
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self.stop = threading.Event()
+    def __init__(self, items: Iterator[tuple[int, Any]], capacity: int) -> None:
+        self.items: deque[Any] = deque()
+        self.queued = 0  # tiles waiting
+        self.capacity = max(1, capacity)
+        self.done = False
+        self.cond = threading.Condition()
+        self.stop = False
         self.thread = threading.Thread(target=self._run, args=(items,), name="tiles", daemon=True)
         self.thread.start()
 
     def _run(self, items: Iterator[tuple[int, Any]]) -> None:
         try:
-            for item in items:
-                if not self._put(item):
-                    return
-            self._put(self._END)
+            for s, tiles in items:
+                n = int(tiles.shape[0])
+                with self.cond:
+                    self.cond.wait_for(lambda n=n: self._room(n))  # type: ignore[misc]
+                    if self.stop:
+                        return
+                    self.items.append((s, tiles))
+                    self.queued += n
+                    self.cond.notify_all()
         except BaseException as exc:  # handed to the consumer, raised there
-            self._put(exc)
+            with self.cond:
+                self.items.append(exc)
+                self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
 
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _room(self, n: int) -> bool:
+        return self.stop or self.queued == 0 or self.queued + n <= self.capacity
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
+            with self.cond:
+                self.cond.wait_for(lambda: bool(self.items) or self.done)
+                if not self.items:
+                    return
+                item = self.items.popleft()
+                if not isinstance(item, BaseException):
+                    self.queued -= int(item[1].shape[0])
+                self.cond.notify_all()
             if isinstance(item, BaseException):
                 raise item
             yield item
 
     def close(self) -> None:
-        self.stop.set()
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
         self.thread.join()
 
 
@@ -237,29 +255,44 @@ def run_pipeline(
     """
     total = sum(len(sv.coords) for sv in scales)
     forwards = [_Forward(e, settings.batch_size) for e in encoders]
-    # tiles wait per scale until a forward batch is full (on a CPU, one chunk)
+    # tiles wait until a forward batch is full (on a CPU, one chunk); a batch may mix
+    # scales (every tile is tile_px square), so only the last batch of a slide is partial
     flush_at = min((fw.batch_size for fw in forwards), default=settings.batch_size)
     appender = _Appender(arrays)
-    pending: dict[int, list[torch.Tensor]] = {s: [] for s in range(len(scales))}
+    pending: list[tuple[int, torch.Tensor]] = []  # (scale, tiles) in arrival order
 
-    def flush(s: int) -> None:
-        if not pending[s]:
+    def flush(*, final: bool = False) -> None:
+        """Run whole batches of ``flush_at`` tiles (fixed shapes: a device runs every batch
+        at the same cost), keeping the remainder for the next block; everything when final.
+        Each scale's rows go to its own array, in order."""
+        have = sum(len(t) for _, t in pending)
+        n = have if final else have // flush_at * flush_at
+        if not n:
             return
-        batch = torch.cat(pending[s])
-        pending[s] = []
+        batch = torch.cat([t for _, t in pending]) if len(pending) > 1 else pending[0][1]
+        segments, left, off = [], [], 0
+        for sc, t in pending:
+            take = max(0, min(len(t), n - off))
+            if take:
+                segments.append((sc, off, take))
+            if take < len(t):
+                left.append((sc, t[take:]))
+            off += len(t)
+        pending[:] = left
         for fw in forwards:
-            appender.add((s, fw.enc.name), fw(batch))  # to the host on the writer thread
+            emb = fw(batch[:n])
+            for sc, start, k in segments:  # to the host on the writer thread
+                appender.add((sc, fw.enc.name), emb[start : start + k])
 
     bar = Progress(total, desc=f"encode {slide.path.name}")
-    producer = _Producer(scale_tiles(slide, scales, settings), depth=max(2, settings.prefetch))
+    producer = _Producer(scale_tiles(slide, scales, settings), capacity=3 * flush_at)
     try:
-        for s, tiles in producer:
-            pending[s].append(torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles)
-            if sum(t.shape[0] for t in pending[s]) >= flush_at:
-                flush(s)
+        for sc, tiles in producer:
+            pending.append((sc, torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles))
+            if sum(len(t) for _, t in pending) >= flush_at:
+                flush()
             bar.update(tiles.shape[0])
-        for s in pending:
-            flush(s)
+        flush(final=True)
     finally:
         producer.close()
         bar.close()

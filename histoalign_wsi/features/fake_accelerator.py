@@ -28,4 +28,4 @@ def fake_accelerator(ms_per_batch: float, *, name: str = "fake") -> LoadedEncode
         return torch.zeros(x.shape[0], dim)
 
     entry = dataclasses.replace(demo.entry, name=name)
-    return dataclasses.replace(demo, entry=entry, image_fn=forward)
+    return dataclasses.replace(demo, entry=entry, image_fn=forward, emulated_device=True)

@@ -65,7 +65,7 @@ def test_a_decoder_that_disagrees_sends_the_slide_back_to_the_cpu(
         # a decoder that ignores the Adobe RGB marker reads the channels in another order
         monkeypatch.setattr(device_jpeg, "_decode", lambda st, dev: [t.flip(0) for t in real(st, dev)])
         ok, why = device_agrees(nj, 0, "cpu")
-        assert not ok and "differ from libjpeg-turbo" in why
+        assert not ok and "differ from libjpeg-turbo" in why and "over 8 tiles" in why
 
         def refuse(st: object, dev: object) -> list[torch.Tensor]:
             raise RuntimeError("unsupported marker")
@@ -75,8 +75,54 @@ def test_a_decoder_that_disagrees_sends_the_slide_back_to_the_cpu(
         assert not ok and "unsupported marker" in why
 
 
+def test_the_check_samples_tiles_over_the_level_and_ignores_padding(
+    monkeypatch: pytest.MonkeyPatch, planted: tuple[Path, Path]
+) -> None:
+    """Eight tiles spread over the level are compared, on the pixels inside the image: a
+    decoder that differs only in the padding of edge tiles agrees; one that is wrong on
+    one tile in eight, by 20 grey levels, does not."""
+    real = device_jpeg._decode
+    with open_slide(CMU) as s:  # 2220 px wide in 240-px tiles: the right column is padded
+        nj = s.native_jpeg()
+        assert nj is not None
+        lv = nj.levels[0]
+        edge = [i for i in range(len(lv.counts)) if (i % lv.tiles_across + 1) * lv.tile_w > lv.width]
+        pad = (lv.tiles_across * lv.tile_w) - lv.width
+        assert edge and pad > 0
+
+        def padding_differs(st: tuple[bytes, ...], dev: object) -> list[torch.Tensor]:
+            out = [t.clone() for t in real(st, dev)]
+            for t in out:
+                t[:, :, -pad:] = 0  # garbage beyond the image, in every edge tile
+            return out
+
+        monkeypatch.setattr(device_jpeg, "_sample", lambda lv, n: edge[:8])
+        monkeypatch.setattr(device_jpeg, "_decode", padding_differs)
+        ok, why = device_agrees(nj, 0, "cpu")
+        assert ok, why
+        monkeypatch.undo()
+    with open_slide(planted[0]) as s:
+        nj = s.native_jpeg()
+        assert nj is not None
+        lv = nj.levels[0]
+        picks = device_jpeg._sample(lv, device_jpeg.AGREE_TILES)
+        assert len(picks) == 8 and len(set(picks)) == 8
+        assert picks[-1] - picks[0] > len(lv.counts) // 2  # spread, not the first eight
+
+        def one_wrong(st: tuple[bytes, ...], dev: object) -> list[torch.Tensor]:
+            out = real(st, dev)
+            out[3] = (out[3].short() - 20).clamp(0, 255).to(torch.uint8)
+            return out
+
+        monkeypatch.setattr(device_jpeg, "_decode", one_wrong)
+        ok, why = device_agrees(nj, 0, "cpu")
+        assert not ok and "over 8 tiles" in why
+
+
 def _encode(tiles: Path, slide: Path, out: Path, where: str) -> Path:
-    opts = ["--set", f"encode.device_jpeg={where}", "--set", "encode.batch_size=32"]
+    # the CPU device on every machine (a GPU machine would otherwise pick CUDA): these two
+    # tests check the assembly and the fallback, the CUDA test below checks nvJPEG itself
+    opts = ["--set", f"encode.device_jpeg={where}", "--set", "encode.batch_size=32", "--set", "device=cpu"]
     assert main(["encode", str(tiles), "--slide", str(slide), "--out", str(out), *opts]) == 0
     return out
 
@@ -142,5 +188,6 @@ def test_nvjpeg_matches_libjpeg_turbo(
         ok, why = device_agrees(nj, level, "cuda")
     got, ref = _compare(path, level, box, "cuda")
     mad = np.abs(got.astype(np.int16) - ref).mean()
-    assert ok == (mad <= device_jpeg.AGREE_MAD), why
-    assert mad <= device_jpeg.AGREE_MAD, why
+    # the check's verdict on the level predicts this region: a slide it refuses (Aperio's
+    # RGB-coded tiles: nvJPEG is 49 grey levels off) goes to the CPU, which is right
+    assert ok == (mad <= device_jpeg.AGREE_MAD), (why, mad)
