@@ -42,7 +42,10 @@ def report(
     OUT.mkdir(exist_ok=True)
     path = OUT / f"{name}.json"
     meta = {"machine": platform.platform(), "python": platform.python_version(), "cpus": _cpus()}
-    path.write_text(json.dumps({"benchmark": name, "meta": meta | (extra or {}), "rows": rows}, indent=2))
+    from histoalign_wsi._json import finite_json  # no NaN in JSON: a value not measured is null
+
+    doc = finite_json({"benchmark": name, "meta": meta | (extra or {}), "rows": rows})
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False))
     print(f"\nwrote {path}")
     return path
 

@@ -91,3 +91,29 @@ def test_few_shot_rows_name_their_draw_sizes_and_only_the_probe_has_c() -> None:
         assert r["n_train"] == 6 and r["n_test"] == 24 and r["shots"] == 2
         assert ("C" in r) == (r["method"] == "linear probe")
     assert rows == few_shot_curves(data, **kw)  # type: ignore[arg-type]  # seeded: the same again
+
+
+def test_a_group_sheet_missing_patches_names_the_sheet_and_the_first_five(tmp_path: Path) -> None:
+    """The refusal names the sheet and the first five patches without a patient, then
+    '...' when there are more; five or fewer are listed whole, without '...'."""
+    from histoalign_wsi.errors import ConfigError
+    from histoalign_wsi.learn.groups import patch_groups
+
+    root = tmp_path / "p"
+    (root / "TUM").mkdir(parents=True)
+    paths = [root / "TUM" / f"{i}.png" for i in range(7)]
+    sheet = tmp_path / "groups.csv"
+    sheet.write_text("path,patient_id\nTUM/0.png,P1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        patch_groups(paths, root, sheet=sheet)
+    assert str(e.value) == (
+        f"patch group sheet {str(sheet)!r} gives no patient_id for 6 patch(es): "
+        "TUM/1.png, TUM/2.png, TUM/3.png, TUM/4.png, TUM/5.png ..."
+    )
+    with pytest.raises(ConfigError) as e:
+        patch_groups(paths[:3], root, sheet=sheet)
+    assert str(e.value).endswith("for 2 patch(es): TUM/1.png, TUM/2.png")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes("path,patient_id\nTUM/0.png,Pé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^patch group sheet '.*bad\.csv' is not UTF-8"):
+        patch_groups(paths[:1], root, sheet=bad)
