@@ -120,3 +120,13 @@ def test_the_demo_line_leaves_its_inputs_untouched_when_run_again(tmp_path: Path
     time.sleep(0.05)
     subprocess.run(script, shell=True, cwd=tmp_path, env=env, check=True, capture_output=True)
     assert len(files) >= 8 and all((p.stat().st_mtime_ns, p.read_bytes()) == before[p] for p in files)
+
+
+def test_the_gpu_check_script_parses_and_names_files_that_exist() -> None:
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"((?:tests|benchmarks)/[\w/]+\.py)", text))
+    assert {"benchmarks/encode_throughput.py", "tests/slides/test_device_jpeg.py"} <= named
+    assert all((REPO / n).is_file() for n in named), named
+    assert "--no-index" in text  # the GPU machine has no registry
