@@ -79,7 +79,8 @@ def test_free_text_class_names_through_the_whole_chain(
     assert len(cols) == len(set(cols)) == len(FREE_CLASSES)
     common = ["--prediction", str(pred)]
     assert main(["heatmap", str(tiles), *common, "--slide", str(small_slide), "--out", str(r / "hm")]) == 0
-    assert len(list((r / "hm").glob("*.webp"))) == len(FREE_CLASSES) + 3  # one per class, argmax, its thumbnail, thumbnail
+    # one per class, the argmax map, its thumbnail and the slide thumbnail
+    assert len(list((r / "hm").glob("*.webp"))) == len(FREE_CLASSES) + 3
     assert (
         main(
             [
