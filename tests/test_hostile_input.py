@@ -258,7 +258,9 @@ def test_refusals_by_argument_are_one_line_and_import_nothing_heavy(
     line = _one_line(proc.stderr)
     assert needle.format(**where) in line, line
     assert not (tmp_path / "out").exists()
-    print(f"{args[0]}: refused in {elapsed:.2f} s")  # informative; the bound is on the imports
+    # the bound that matters is on the imports above; this one is generous (0.2-0.6 s
+    # measured on 2 busy cores, 8-16 s before the checks came first)
+    assert elapsed < 5.0, f"{args[0]}: refused after {elapsed:.1f} s"
 
 
 def test_a_broken_head_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
