@@ -119,3 +119,38 @@ def test_a_group_sheet_missing_patches_names_the_sheet_and_the_first_five(tmp_pa
     bad.write_bytes("path,patient_id\nTUM/0.png,Pé\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"^patch group sheet '.*bad\.csv' is not UTF-8"):
         patch_groups(paths[:1], root, sheet=bad)
+
+
+def test_attention_mil_training_with_its_defaults_is_stable(tmp_path: Path) -> None:
+    """The attention MIL with its default optimiser settings (the ones `fit` uses) on an
+    easy planted task: the inner validation loss starts near log 2, never leaves the
+    neighbourhood of chance, and falls. A learning rate a thousand times too large still
+    separates this easy task, but its validation loss jumps to the hundreds."""
+    import math
+
+    from histoalign_wsi.learn.abmil import ABMILConfig, train_abmil
+    from histoalign_wsi.learn.bags import BagSource
+
+    from ..planting import D, build_store, unit
+
+    rng = np.random.default_rng(0)
+    v = unit(rng.normal(size=D))
+    paths, y = [], []
+    for i in range(16):
+        f = rng.normal(size=(24, D))
+        f[:6] += (3 if i % 2 else -3) * v  # a quarter of the tiles carry the class
+        fine, coarse = unit(f), unit(rng.normal(size=(6, D)))
+        paths.append(build_store(tmp_path / f"s{i}.zarr", {0.5: fine, 1.0: coarse}, slide_id=f"s{i}"))
+        y.append(i % 2)
+    source = BagSource(paths)
+    _, hist = train_abmil(
+        source,
+        [f"s{i}" for i in range(12)],
+        y[:12],
+        ABMILConfig(in_dim=D, n_classes=2, n_scales=2),
+        epochs=20,
+    )
+    losses = hist["val_losses"]
+    assert abs(losses[0] - math.log(2)) < 0.15, losses[:3]
+    assert max(losses) < 2 * math.log(2), max(losses)
+    assert losses[-1] < losses[0] - 0.03, (losses[0], losses[-1])
