@@ -154,3 +154,35 @@ def test_attention_mil_training_with_its_defaults_is_stable(tmp_path: Path) -> N
     assert abs(losses[0] - math.log(2)) < 0.15, losses[:3]
     assert max(losses) < 2 * math.log(2), max(losses)
     assert losses[-1] < losses[0] - 0.03, (losses[0], losses[-1])
+
+
+def test_each_grouping_says_what_it_used(tmp_path: Path) -> None:
+    """`summary.json` reports the grouping: each way of finding the patient says so in
+    its own words, and a file name an explicit pattern misses is refused, naming both."""
+    from histoalign_wsi.errors import ConfigError
+    from histoalign_wsi.learn.groups import patch_groups
+
+    root = tmp_path / "p"
+    (root / "B").mkdir(parents=True)
+    bh = [root / "B" / f"SOB_B_A-14-22549AB-40-00{i}.png" for i in (1, 2)]
+    plain = [root / "B" / "P1_a.png", root / "B" / "P2_b.png"]
+    sheet = tmp_path / "groups.csv"
+    sheet.write_text("path,patient_id\nB/P1_a.png,x\nB/P2_b.png,y\n", encoding="utf-8")
+    cases = [
+        (patch_groups(plain, root, sheet=sheet), "patient (sheet groups.csv)", 2),
+        (patch_groups(plain, root, pattern="none"), "patch (no grouping)", None),
+        (patch_groups(bh, root), "patient (BreakHis file names)", 1),
+        (patch_groups(plain, root), "patch (no patient key found: each patch is its own group)", None),
+        (patch_groups([], root), "patch (no patient key found: each patch is its own group)", None),
+        (patch_groups(bh, root, pattern="breakhis"), "patient (BreakHis file names)", 1),
+        (patch_groups(plain, root, pattern=r"^(P\d)_"), "patient (file-name pattern '^(P\\\\d)_')", 2),
+    ]
+    for g, by, n in cases:
+        assert g.summary() == {"by": by, "n_groups": n}
+    with pytest.raises(ConfigError, match=r"^patch 'P1_a\.png' does not match the group pattern 'breakhis'$"):
+        patch_groups(plain, root, pattern="breakhis")
+    sheet.write_text("path,patient_id\n", encoding="utf-8")
+    five = [root / "B" / f"{i}.png" for i in range(5)]
+    with pytest.raises(ConfigError) as e:
+        patch_groups(five, root, sheet=sheet)
+    assert str(e.value).endswith("for 5 patch(es): B/0.png, B/1.png, B/2.png, B/3.png, B/4.png")
