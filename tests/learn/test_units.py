@@ -186,3 +186,25 @@ def test_each_grouping_says_what_it_used(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         patch_groups(five, root, sheet=sheet)
     assert str(e.value).endswith("for 5 patch(es): B/0.png, B/1.png, B/2.png, B/3.png, B/4.png")
+
+
+def test_the_report_model_starts_at_its_temperature_and_clamps_the_scale(tmp_path: Path) -> None:
+    """CLIP's learnable temperature: the logit scale starts at 1 / temperature, is capped
+    at 100, and the saved config records the scale reached."""
+    import math
+
+    import torch
+
+    from histoalign_wsi.learn.abmil import ABMILConfig
+    from histoalign_wsi.learn.contrastive import SlideReportModel
+
+    cfg = ABMILConfig(in_dim=8, n_classes=4, n_scales=2)
+    assert float(SlideReportModel(cfg, temperature=0.07).scale()) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert float(SlideReportModel(cfg, temperature=0.5).scale()) == pytest.approx(2.0, rel=1e-5)
+    model = SlideReportModel(cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    assert float(model.scale()) == pytest.approx(100.0)
+    model.save(tmp_path / "m", {})
+    _, meta = SlideReportModel.load(tmp_path / "m")
+    assert meta["logit_scale"] == pytest.approx(100.0) and meta["abmil"]["in_dim"] == 8
