@@ -65,7 +65,8 @@ def run_few_shot(
     from ..zeroshot.text import load_text, text_for
 
     # every check on the arguments and the folder first: a refusal is quick and leaves nothing
-    classes = list(load_text(text_path).classes if text_path else load_bag(cfg.prompt_bag).class_names)
+    given = load_text(text_path) if text_path else None  # read once: no model, no torch
+    classes = list(given.classes if given else load_bag(cfg.prompt_bag).class_names)
     items = find_patches(patch_dir)
     names = dict(read_mapping(mapping)) if mapping else {}
     labels = [names.get(f, f) for _, f in items]
@@ -85,7 +86,7 @@ def run_few_shot(
     from ..zeroshot.alignment import AlignmentSpec, fused_logits
     from ..zeroshot.patches import encode_patches
 
-    text = text_for(cfg, text_path, out / "cache")
+    text = given or text_for(cfg, None, out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
     feats = encode_patches([p for p, _ in items], encs)
     zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
