@@ -31,8 +31,9 @@ from _common import report
 
 from histoalign_wsi.config import load_config
 from histoalign_wsi.features.encode import EncodeSettings
+from histoalign_wsi.features.pyramids import CpuPyramid as _CpuPyramid
 from histoalign_wsi.features.store import open_store
-from histoalign_wsi.features.tile_source import _CpuPyramid, plan_blocks, plan_reads, read_plans, scale_tiles
+from histoalign_wsi.features.tile_source import plan_blocks, plan_reads, read_plans, scale_tiles
 from histoalign_wsi.slides.reader import open_slide
 from histoalign_wsi.slides.synthetic import demo_cohort, write_slide
 from histoalign_wsi.stages import run_tile

@@ -173,34 +173,90 @@ class _Appender:
             f.result()
 
 
-class _Producer:
-    """Runs the tile source (reads, decodes, cuts and area reduces) on a thread of its
-    own, up to ``capacity`` tiles ahead of the forward passes, so that the next batch is
-    prepared while this one runs forward (bounded in tiles, not blocks: a batch spans
-    several blocks). On CUDA both threads use the same (default) stream, so the device
-    sees the work in order; the host work of the two overlaps."""
+@dataclass(frozen=True)
+class _Batch:
+    """One forward batch: ``tiles`` (N, 3, t, t), and which rows of it belong to which
+    scale, in store order: ``segments`` = ((scale, first row in the batch, rows), ...)."""
 
-    def __init__(self, items: Iterator[tuple[int, Any]], capacity: int) -> None:
-        self.items: deque[Any] = deque()
-        self.queued = 0  # tiles waiting
+    tiles: torch.Tensor
+    segments: tuple[tuple[int, int, int], ...]
+    #: on CUDA, recorded on the tile thread's stream when the batch's device work is queued
+    ready: Any = None
+
+
+def _batches(items: Iterator[tuple[int, Any]], size: int) -> Iterator[_Batch]:
+    """Whole batches of ``size`` tiles from (scale, tiles) pieces in arrival order (a batch
+    may mix scales: every tile is the same size), only the last one partial: a device runs
+    every batch at the same cost, so a partial batch per scale or per block would waste
+    it. Each scale's tiles keep their order."""
+    pending: list[tuple[int, torch.Tensor]] = []
+    have = 0
+
+    def take(n: int) -> _Batch:
+        nonlocal have
+        parts, segments, off = [], [], 0
+        while off < n:
+            sc, t = pending[0]
+            k = min(len(t), n - off)
+            parts.append(t[:k])
+            segments.append((sc, off, k))
+            if k < len(t):
+                pending[0] = (sc, t[k:])
+            else:
+                pending.pop(0)
+            off += k
+        have -= n
+        return _Batch(torch.cat(parts) if len(parts) > 1 else parts[0], tuple(segments))
+
+    for sc, tiles in items:
+        t = torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles
+        if len(t):
+            pending.append((sc, t))
+            have += len(t)
+        while have >= size:
+            yield take(size)
+    if have:
+        yield take(have)
+
+
+class _Producer:
+    """Runs the tile source (reads, decodes, cuts and area reduces) and the batch assembly
+    on a thread of its own, up to ``capacity`` batches ahead of the forward passes, so that
+    the next batch is ready while this one runs forward, and the forward loop does nothing
+    but run the encoders and hand their output to the writer.
+
+    On CUDA the tile thread queues its device work (host-to-device copies from pinned
+    memory, nvJPEG decodes, area reduces, the batch concatenation) on a stream of its own,
+    so the device runs it beside the forward passes rather than between them; each batch
+    carries an event the forward stream waits on (on the device, not the host), and its
+    memory is marked as used by the forward stream so the allocator cannot hand it back to
+    the tile stream while a forward pass still reads it."""
+
+    def __init__(self, items: Iterator[_Batch], capacity: int, device: torch.device | None = None) -> None:
+        self.items: deque[_Batch | BaseException] = deque()
         self.capacity = max(1, capacity)
         self.done = False
         self.cond = threading.Condition()
         self.stop = False
+        cuda = device is not None and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
         self.thread = threading.Thread(target=self._run, args=(items,), name="tiles", daemon=True)
         self.thread.start()
 
-    def _run(self, items: Iterator[tuple[int, Any]]) -> None:
+    def _run(self, items: Iterator[_Batch]) -> None:
         try:
-            for s, tiles in items:
-                n = int(tiles.shape[0])
-                with self.cond:
-                    self.cond.wait_for(lambda n=n: self._room(n))  # type: ignore[misc]
-                    if self.stop:
-                        return
-                    self.items.append((s, tiles))
-                    self.queued += n
-                    self.cond.notify_all()
+            with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+                for batch in items:
+                    if self.stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self.stream)
+                        batch = _Batch(batch.tiles, batch.segments, ready)
+                    with self.cond:
+                        self.cond.wait_for(lambda: self.stop or len(self.items) < self.capacity)
+                        if self.stop:
+                            return
+                        self.items.append(batch)
+                        self.cond.notify_all()
         except BaseException as exc:  # handed to the consumer, raised there
             with self.cond:
                 self.items.append(exc)
@@ -210,21 +266,20 @@ class _Producer:
                 self.done = True
                 self.cond.notify_all()
 
-    def _room(self, n: int) -> bool:
-        return self.stop or self.queued == 0 or self.queued + n <= self.capacity
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
+    def __iter__(self) -> Iterator[_Batch]:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: bool(self.items) or self.done)
                 if not self.items:
                     return
                 item = self.items.popleft()
-                if not isinstance(item, BaseException):
-                    self.queued -= int(item[1].shape[0])
                 self.cond.notify_all()
             if isinstance(item, BaseException):
                 raise item
+            if item.ready is not None:
+                forward = torch.cuda.current_stream(item.tiles.device)
+                forward.wait_event(item.ready)
+                item.tiles.record_stream(forward)
             yield item
 
     def close(self) -> None:
@@ -255,44 +310,19 @@ def run_pipeline(
     """
     total = sum(len(sv.coords) for sv in scales)
     forwards = [_Forward(e, settings.batch_size) for e in encoders]
-    # tiles wait until a forward batch is full (on a CPU, one chunk); a batch may mix
-    # scales (every tile is tile_px square), so only the last batch of a slide is partial
-    flush_at = min((fw.batch_size for fw in forwards), default=settings.batch_size)
+    # on a CPU a batch is one chunk
+    size = min((fw.batch_size for fw in forwards), default=settings.batch_size)
     appender = _Appender(arrays)
-    pending: list[tuple[int, torch.Tensor]] = []  # (scale, tiles) in arrival order
-
-    def flush(*, final: bool = False) -> None:
-        """Run whole batches of ``flush_at`` tiles (fixed shapes: a device runs every batch
-        at the same cost), keeping the remainder for the next block; everything when final.
-        Each scale's rows go to its own array, in order."""
-        have = sum(len(t) for _, t in pending)
-        n = have if final else have // flush_at * flush_at
-        if not n:
-            return
-        batch = torch.cat([t for _, t in pending]) if len(pending) > 1 else pending[0][1]
-        segments, left, off = [], [], 0
-        for sc, t in pending:
-            take = max(0, min(len(t), n - off))
-            if take:
-                segments.append((sc, off, take))
-            if take < len(t):
-                left.append((sc, t[take:]))
-            off += len(t)
-        pending[:] = left
-        for fw in forwards:
-            emb = fw(batch[:n])
-            for sc, start, k in segments:  # to the host on the writer thread
-                appender.add((sc, fw.enc.name), emb[start : start + k])
-
     bar = Progress(total, desc=f"encode {slide.path.name}")
-    producer = _Producer(scale_tiles(slide, scales, settings), capacity=3 * flush_at)
+    device = torch.device(settings.device)
+    producer = _Producer(_batches(scale_tiles(slide, scales, settings), size), capacity=3, device=device)
     try:
-        for sc, tiles in producer:
-            pending.append((sc, torch.from_numpy(tiles) if isinstance(tiles, np.ndarray) else tiles))
-            if sum(len(t) for _, t in pending) >= flush_at:
-                flush()
-            bar.update(tiles.shape[0])
-        flush(final=True)
+        for batch in producer:
+            for fw in forwards:
+                emb = fw(batch.tiles)
+                for sc, start, k in batch.segments:  # to the host on the writer thread
+                    appender.add((sc, fw.enc.name), emb[start : start + k])
+            bar.update(len(batch.tiles))
     finally:
         producer.close()
         bar.close()

@@ -1,6 +1,6 @@
 """Every scale's tiles from the slide, each block of the coarsest grid read once: the
 read plan (which pyramid level and JPEG DCT scaling serve the scales present in a block),
-the reader threads, and the per-block pyramids that cut every scale's tiles from one read.
+the reader threads, and the cut of every scale's tiles from each read (:mod:`.pyramids`).
 
 A block is read from the level nearest at or below the resolution of the finest scale it
 holds, decoded at the largest DCT scaling all its scales allow: a block holding only
@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
 
 from ..slides import device_jpeg
 from ..slides.device_jpeg import EncodedRegion, encoded_region
 from ..slides.reader import Slide
+from .pyramids import BlockPyramid, CpuPyramid, decoded_on_device, device_pyramid, pinned
 from .store import ScaleView
 
 if TYPE_CHECKING:  # the CPU path runs without torch; the device path imports it
@@ -88,92 +88,6 @@ def plan_blocks(scales: Sequence[ScaleView], *, block_size0: int) -> list[Block]
         rows = tuple((int(lo[i]), int(hi[i])) for lo, hi in bounds)
         blocks.append(Block(col * block_size0, row * block_size0, block_size0, rows))
     return blocks
-
-
-class _BlockPyramid:
-    """Every scale's tiles from one block read: the block is area-downsampled once per
-    scale (cascading when the factors nest), then tiles are plain crops of that image."""
-
-    def __init__(self, img: torch.Tensor, tile_px: int) -> None:
-        self.img = img
-        self.tile_px = tile_px
-        self.cache: dict[int, torch.Tensor] = {1: img}
-
-    def _down(self, r: int) -> torch.Tensor:
-        if r not in self.cache:
-            base = max((k for k in self.cache if r % k == 0), default=1)
-            import torch.nn.functional as F
-
-            self.cache[r] = F.avg_pool2d(self.cache[base], r // base)
-        return self.cache[r]
-
-    def tiles(self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float) -> torch.Tensor:
-        """Tiles of ``size_px`` block pixels at level-0 ``coords``, resized to ``tile_px``."""
-        import torch
-        import torch.nn.functional as F
-
-        t = self.tile_px
-        ratio = size_px / t
-        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
-            r = round(ratio)
-            img = self._down(r)
-            crops = []
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
-                crops.append(img[..., oy : oy + t, ox : ox + t])
-            return torch.cat(crops)
-        # non-integer factor (slides whose MPP does not divide the scale): crop, then resize
-        sz = max(1, round(size_px))
-        crops = []
-        for x, y in coords:
-            ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
-            crops.append(self.img[..., oy : oy + sz, ox : ox + sz])
-        return F.interpolate(torch.cat(crops), size=(t, t), mode="area")
-
-
-class _CpuPyramid:
-    """The CPU form of :class:`_BlockPyramid`: the block stays uint8 (H, W, 3) and each
-    scale's image is a uint8 area reduce (Pillow's box ``reduce``, cascading when the
-    factors nest); tiles are uint8 crops, made float only per batch by the encoder's
-    preprocessing. About ten times cheaper than float ``avg_pool2d`` on a CPU, in a
-    quarter of the memory."""
-
-    def __init__(self, img: NDArray[np.uint8], tile_px: int) -> None:
-        self.tile_px = tile_px
-        self.cache: dict[int, NDArray[np.uint8]] = {1: np.ascontiguousarray(img)}
-
-    def _down(self, r: int) -> NDArray[np.uint8]:
-        if r not in self.cache:
-            base = max((k for k in self.cache if r % k == 0), default=1)
-            self.cache[r] = np.asarray(Image.fromarray(self.cache[base]).reduce(r // base))
-        return self.cache[r]
-
-    def tiles(
-        self, coords: NDArray[np.int32], x0: int, y0: int, size_px: float, per0: float
-    ) -> NDArray[np.uint8]:
-        """uint8 NCHW tiles of ``size_px`` block pixels at level-0 ``coords``, at ``tile_px``."""
-        t = self.tile_px
-        ratio = size_px / t
-        crops = []
-        if abs(ratio - round(ratio)) < 1e-6 and round(ratio) >= 1:
-            r = round(ratio)
-            img = self._down(r)
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0 / r), round((int(y) - y0) * per0 / r)
-                crops.append(img[oy : oy + t, ox : ox + t])
-        else:  # non-integer factor (rare): crop, then the device path's area resize, rounded
-            sz = max(1, round(size_px))
-            for x, y in coords:
-                ox, oy = round((int(x) - x0) * per0), round((int(y) - y0) * per0)
-                crops.append(self.cache[1][oy : oy + sz, ox : ox + sz])
-            import torch
-            import torch.nn.functional as F
-
-            x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float()
-            return F.interpolate(x, size=(t, t), mode="area").round_().to(torch.uint8).numpy()
-        # contiguous NCHW here, in the reader thread: a strided uint8 gather later, in the
-        # forward thread's batch concatenation, cost it 6 ms a batch
-        return np.ascontiguousarray(np.stack(crops).transpose(0, 3, 1, 2))
 
 
 def dct_factor(scales: Sequence[ScaleView], lds: float, tile_px: int) -> int:
@@ -348,20 +262,6 @@ def _log_reads(slide: Slide, scales: Sequence[ScaleView], reads: Sequence[Read],
     log.info("%s: %d blocks of %d scales in %d reads", slide.path.name, blocks, len(scales), len(reads))
 
 
-def _device_pyramid(pixels: NDArray[np.uint8] | EncodedRegion, device: str, tile_px: int) -> _BlockPyramid:
-    """The block on the device as float 0-255 (1, 3, H, W), decoded there when it came
-    compressed; pinned host memory and a non-blocking copy on CUDA."""
-    import torch
-
-    dev = torch.device(device)
-    if isinstance(pixels, EncodedRegion):
-        return _BlockPyramid(device_jpeg.decode_on_device(pixels, dev).unsqueeze(0).float(), tile_px)
-    src = torch.from_numpy(pixels)
-    if dev.type == "cuda":
-        src = src.pin_memory()
-    return _BlockPyramid(src.to(dev, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float(), tile_px)
-
-
 def scale_tiles(
     slide: Slide, scales: Sequence[ScaleView], settings: ReadSettings
 ) -> Iterator[tuple[int, NDArray[np.uint8] | torch.Tensor]]:
@@ -376,13 +276,16 @@ def scale_tiles(
     _log_reads(slide, scales, [r for _, r in pairs], len(blocks))
     owner = {id(r): b for b, r in pairs}
 
-    def cut(r: Read, pixels: NDArray[np.uint8] | EncodedRegion, f: int) -> list[tuple[int, Any]]:
+    def cut(
+        r: Read, pixels: NDArray[np.uint8] | torch.Tensor | EncodedRegion, f: int
+    ) -> list[tuple[int, Any]]:
+        assert not isinstance(pixels, EncodedRegion)  # decoded_on_device decodes them first
         b = owner[id(r)]
-        pyramid: _BlockPyramid | _CpuPyramid
-        if settings.device == "cpu" and not isinstance(pixels, EncodedRegion):
-            pyramid = _CpuPyramid(pixels, settings.tile_px)
+        pyramid: BlockPyramid | CpuPyramid
+        if settings.device == "cpu" and isinstance(pixels, np.ndarray):
+            pyramid = CpuPyramid(pixels, settings.tile_px)
         else:
-            pyramid = _device_pyramid(pixels, settings.device, settings.tile_px)
+            pyramid = device_pyramid(pixels, settings.device, settings.tile_px)
         lds, out = r.plan.downsample, []
         for s in r.scales:
             lo, hi = b.rows[s]
@@ -391,7 +294,14 @@ def scale_tiles(
                 out.append((s, pyramid.tiles(scales[s].coords[lo:hi], r.x0, r.y0, size, 1.0 / (lds * f))))
         return out
 
-    # on the CPU the cut runs in the reader threads; device tensors are made in this one
-    in_readers = settings.device == "cpu" and not any(r.plan.on_device for _, r in pairs)
-    for r, got, f in read_blocks(slide, [r for _, r in pairs], settings, cut if in_readers else None):
-        yield from got if in_readers else cut(r, got, f)
+    reads = [r for _, r in pairs]
+    if settings.device == "cpu" and not any(r.plan.on_device for r in reads):
+        # the whole cut runs in the reader threads: every stage of a block scales with them
+        for _, got, _ in read_blocks(slide, reads, settings, cut):
+            yield from got
+        return
+    # device tensors are made in this thread (on its stream); the readers read, decode on
+    # the CPU what the device does not, and pin host pixels for the copy
+    pin = pinned if settings.device.startswith("cuda") else None
+    for r, px, f in decoded_on_device(read_blocks(slide, reads, settings, pin), settings.device):
+        yield from cut(r, px, f)

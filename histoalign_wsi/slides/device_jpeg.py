@@ -1,7 +1,7 @@
 """Decoding native JPEG tiles on the accelerator: the compressed tiles of a region are
-read on the CPU (bytes only, in the reader threads) and decoded in one batch by
-``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), then placed into the
-region's image there. The pixels never exist on the host.
+read on the CPU (bytes only, in the reader threads) and decoded in batches spanning
+several regions by ``torchvision.io.decode_jpeg`` on the device (nvJPEG on CUDA), then
+placed into each region's image there. The pixels never exist on the host.
 
 The same code runs with ``device="cpu"`` (torchvision's libjpeg), which is how machines
 without a GPU test the assembly. Before a slide is decoded this way, :func:`device_agrees`
@@ -14,6 +14,7 @@ tiles) sends that slide back to the CPU path instead of changing its pixels.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from .native_jpeg import JpegLevel, NativeJpeg, Piece
 if TYPE_CHECKING:  # torch is imported where a decode runs: reading compressed bytes needs none
     import torch
 
-__all__ = ["EncodedRegion", "decode_on_device", "device_agrees", "encoded_region"]
+__all__ = ["EncodedRegion", "decode_on_device", "decode_regions", "device_agrees", "encoded_region"]
 
 #: largest mean absolute difference (grey levels) accepted between the device's decode of
 #: the sampled tiles and libjpeg-turbo's, over the pixels inside the image. Measured on an
@@ -66,20 +67,30 @@ def _decode(streams: tuple[bytes, ...], device: torch.device) -> list[torch.Tens
     return list(out) if isinstance(out, list | tuple) else [out]
 
 
-def decode_on_device(region: EncodedRegion, device: torch.device | str) -> torch.Tensor:
-    """The region's pixels as a (3, h, w) uint8 tensor on ``device``; white outside the
-    image, as the CPU path."""
+def decode_regions(regions: Sequence[EncodedRegion], device: torch.device | str) -> list[torch.Tensor]:
+    """Each region's pixels as a (3, h, w) uint8 tensor on ``device`` (white outside the
+    image, as the CPU path), every region's tiles decoded in one batched call: nvJPEG's
+    batched decode is several times faster per tile at 64-256 tiles than one block's few."""
     import torch
 
     dev = torch.device(device)
-    out = torch.full((3, region.height, region.width), 255, dtype=torch.uint8, device=dev)
-    if not region.pieces:
-        return out
-    for p, img in zip(region.pieces, _decode(region.streams, dev), strict=True):
-        sx0, sy0, sx1, sy1 = p.src
-        dx0, dy0 = p.dst
-        out[:, dy0 : dy0 + sy1 - sy0, dx0 : dx0 + sx1 - sx0] = img[:, sy0:sy1, sx0:sx1]
-    return out
+    streams = tuple(s for r in regions for s in r.streams)
+    images = iter(_decode(streams, dev) if streams else [])
+    outs = []
+    for region in regions:
+        out = torch.full((3, region.height, region.width), 255, dtype=torch.uint8, device=dev)
+        for p in region.pieces:
+            img = next(images)
+            sx0, sy0, sx1, sy1 = p.src
+            dx0, dy0 = p.dst
+            out[:, dy0 : dy0 + sy1 - sy0, dx0 : dx0 + sx1 - sx0] = img[:, sy0:sy1, sx0:sx1]
+        outs.append(out)
+    return outs
+
+
+def decode_on_device(region: EncodedRegion, device: torch.device | str) -> torch.Tensor:
+    """One region's pixels as a (3, h, w) uint8 tensor on ``device`` (:func:`decode_regions`)."""
+    return decode_regions([region], device)[0]
 
 
 def _sample(lv: JpegLevel, n: int) -> list[int]:

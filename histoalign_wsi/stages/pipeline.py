@@ -172,7 +172,7 @@ def run_encode(
                         fg, enc.name, len(sv.coords), enc.entry.embed_dim, enc.attrs()
                     )
             n = run_pipeline(slide, scales, encoders, arrays, settings)
-            root.attrs.update(
+            root.update_attributes(  # one metadata write (attrs.update writes once per key)
                 {
                     "encoders": {e.name: e.attrs() for e in encoders},
                     "untrained": any(e.entry.untrained for e in encoders),

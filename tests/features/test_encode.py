@@ -246,7 +246,8 @@ def test_cpu_uint8_pyramid_matches_the_float_area_resize() -> None:
     (avg_pool2d / area). Same tiles within rounding, at integer and non-integer factors."""
     import torch
 
-    from histoalign_wsi.features.tile_source import _BlockPyramid, _CpuPyramid
+    from histoalign_wsi.features.pyramids import BlockPyramid as _BlockPyramid
+    from histoalign_wsi.features.pyramids import CpuPyramid as _CpuPyramid
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(896, 896, 3), dtype=np.uint8)
@@ -307,3 +308,56 @@ def test_encode_runs_torch_on_its_share_of_the_thread_budget(
     readers, torch_threads = thread_budget(3, 2)
     assert seen == [(torch_threads, readers)] and readers + torch_threads == 3
     assert thread_budget(1, 2) == (1, 1) and thread_budget(8, 2) == (2, 6)
+
+
+def test_batches_are_whole_mixed_scale_and_keep_each_scales_order() -> None:
+    """Pieces of several scales become batches of exactly ``size`` tiles (only the last
+    partial), each row labelled with its scale and kept in arrival order."""
+    from histoalign_wsi.features.encode import _batches
+
+    # tile k of scale s is a constant image of value 10 * s + k: its identity survives the cut
+    def piece(s: int, ks: range) -> tuple[int, np.ndarray]:
+        return s, np.stack([np.full((3, 2, 2), 10 * s + k, np.uint8) for k in ks])
+
+    pieces = [piece(0, range(0, 5)), piece(1, range(0, 3)), (2, np.zeros((0, 3, 2, 2), np.uint8))]
+    pieces += [piece(0, range(5, 9)), piece(2, range(0, 2))]
+    out = list(_batches(iter(pieces), 4))
+    assert [len(b.tiles) for b in out] == [4, 4, 4, 2]
+    rows: dict[int, list[int]] = {}
+    for b in out:
+        covered = 0
+        for sc, start, k in b.segments:
+            assert start == covered  # segments tile the batch, in order
+            covered += k
+            rows.setdefault(sc, []).extend(int(v) - 10 * sc for v in b.tiles[start : start + k, 0, 0, 0])
+        assert covered == len(b.tiles)
+    assert rows == {0: list(range(9)), 1: [0, 1, 2], 2: [0, 1]}
+    assert out[1].segments == ((0, 0, 1), (1, 1, 3))  # a batch that mixes scales
+
+
+def test_geometry_copy_keeps_the_geometry_and_leaves_features_and_source_alone(
+    features: Path, tmp_path: Path
+) -> None:
+    """The new store copies the source's attributes, coordinates, tissue fractions and
+    parent links, but no features the source holds; the source is untouched; and a
+    failure inside leaves no store behind."""
+    from histoalign_wsi.features.store import copy_geometry
+
+    src = open_store(features)  # a store that holds features: they must not come along
+    files = {p: p.read_bytes() for p in features.rglob("*") if p.is_file()}
+    with copy_geometry(src, tmp_path / "new.zarr") as root:
+        assert root["scales/0.50mpp/features"] is not None
+    new = open_store(tmp_path / "new.zarr")
+    assert new.attrs == src.attrs and new.scale_names == src.scale_names
+    for name in src.scale_names:
+        a, b = src.scale(name), new.scale(name)
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.tissue_fraction, b.tissue_fraction)
+        assert a.parents.keys() == b.parents.keys() and a.attrs == b.attrs
+        for k in a.parents:
+            np.testing.assert_array_equal(a.parents[k], b.parents[k])
+        assert src.encoders(name) == ["demo"] and new.encoders(name) == []
+    assert {p: p.read_bytes() for p in features.rglob("*") if p.is_file()} == files
+    with pytest.raises(RuntimeError), copy_geometry(src, tmp_path / "failed.zarr"):
+        raise RuntimeError("encoder crashed")
+    assert not (tmp_path / "failed.zarr").exists() and sorted(tmp_path.iterdir()) == [tmp_path / "new.zarr"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from histoalign_wsi.cli import main
+from histoalign_wsi.features import pyramids
 from histoalign_wsi.features.store import open_store
 from histoalign_wsi.slides import device_jpeg
 from histoalign_wsi.slides.device_jpeg import decode_on_device, device_agrees, encoded_region
@@ -36,6 +37,26 @@ def _compare(
         got = decode_on_device(encoded_region(nj, level, *box), device)
     assert got.device.type == torch.device(device).type and got.dtype == torch.uint8
     return got.permute(1, 2, 0).cpu().numpy(), ref
+
+
+def test_regions_decoded_together_equal_each_decoded_alone(planted: tuple[Path, Path]) -> None:
+    """One batched call over several regions (different sizes, a region of no tiles in
+    the middle) gives each region exactly what decoding it alone gives."""
+    from histoalign_wsi.slides.device_jpeg import EncodedRegion, decode_regions
+
+    with open_slide(planted[0]) as s:
+        nj = s.native_jpeg()
+        assert nj is not None
+        regions = [
+            encoded_region(nj, 0, 1000, 900, 1300, 700),
+            EncodedRegion(5, 4, (), ()),
+            encoded_region(nj, 1, 0, 0, 600, 500),
+        ]
+    together = decode_regions(regions, "cpu")
+    alone = [decode_on_device(r, "cpu") for r in regions]
+    assert [tuple(t.shape) for t in together] == [(3, 700, 1300), (3, 4, 5), (3, 500, 600)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+    assert bool((together[1] == 255).all()) and not torch.equal(together[0][:, :500, :600], together[2])
 
 
 @pytest.mark.parametrize(("which", "level", "box"), BOXES)
@@ -136,17 +157,22 @@ def test_encode_decodes_on_the_device_when_asked(
     slide = planted[0]
     tiles = tmp_path / "tiles.zarr"
     assert main(["tile", str(slide), "--out", str(tiles)]) == 0
-    calls = []
-    real = device_jpeg.decode_on_device
+    calls: list[list[int]] = []  # per batched call, the tiles of each region
+    real = device_jpeg.decode_regions
 
-    def spy(region: device_jpeg.EncodedRegion, device: torch.device | str) -> torch.Tensor:
-        calls.append(len(region.pieces))
-        return real(region, device)
+    def spy(regions: list[device_jpeg.EncodedRegion], device: torch.device | str) -> list[torch.Tensor]:
+        calls.append([len(r.pieces) for r in regions])
+        return real(regions, device)
 
-    monkeypatch.setattr(device_jpeg, "decode_on_device", spy)
+    monkeypatch.setattr(device_jpeg, "decode_regions", spy)
+    monkeypatch.setattr(pyramids, "JPEG_BATCH", 12)
     with caplog.at_level(logging.INFO):
         dev = open_store(_encode(tiles, slide, tmp_path / "dev.zarr", "always"))
-    assert calls and all(n > 0 for n in calls)
+    assert calls and all(n > 0 for c in calls for n in c)
+    # one call decodes the tiles of several blocks, about JPEG_BATCH at a time (the last
+    # call takes what is left)
+    assert max(len(c) for c in calls) > 1
+    assert all(sum(c) >= 12 and sum(c) - c[-1] < 12 for c in calls[:-1])
     assert "JPEG tiles decoded on cpu" in caplog.text
     n_calls = len(calls)
     cpu = open_store(_encode(tiles, slide, tmp_path / "cpu.zarr", "never"))
