@@ -4,10 +4,14 @@
    read, decode, cut, area reduce, stack) with 1, 2, ... reader threads, interleaved
    rounds, best of each; the ratio to one reader.
 2. Per stage of a block (read the compressed tiles, decode them, cut and reduce every
-   scale's tiles, stack them), the time per tile in one thread and the share of that time
-   the stage holds the GIL: a probe thread counts pure-Python loop turns while the stage
-   runs on another thread; on an idle core it slows only while the stage holds the GIL,
-   so GIL share = 1 - probe rate during the stage / probe rate alone.
+   scale's tiles, stack them), the time per tile in one thread, and what of it runs one
+   thread at a time (the GIL, or any other lock): two threads each run the whole stage at
+   once; with a serial share g, Amdahl gives a speed-up of 2 / (1 + g) on two idle
+   cores, so g = 2 / speed-up - 1 (``serial_share``; times it by the stage's time for
+   ``serial_ms_per_tile``). ``probe_slowdown`` is a second, cruder view: how much a
+   pure-Python loop on another thread slows while the stage runs (1 - its rate then / its
+   rate alone). It over-counts stages that take and drop the GIL often, since every
+   hand-over also costs the probe a thread wake-up.
 
     python benchmarks/decode_scaling.py                 # generated 24,000 x 24,000 slide
     python benchmarks/decode_scaling.py --readers 1 2 4 8 --size 40000
@@ -61,6 +65,17 @@ def _gil_share(work: Callable[[], None], alone: float) -> tuple[float, float]:
     return took, max(0.0, 1.0 - rate[0] / alone)
 
 
+def _timed(fn: Callable[[], Any], threads: int) -> float:
+    """Seconds for ``threads`` threads each running ``fn`` whole, at once."""
+    pool = [threading.Thread(target=fn) for _ in range(threads)]
+    t = time.perf_counter()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=24_000)
@@ -108,27 +123,27 @@ def main() -> None:
                 box = (int(r.x0 / d), int(r.y0 / d), int(np.ceil(r.w0 / d)), int(np.ceil(r.h0 / d)))
                 boxes.append((r, b, *box))
             alone = _probe_rate(1.0)
-            streams: list[list[bytes]] = []
-            pixels: list[np.ndarray] = []
+            n_tiles = sum(hi - lo for _, b, *_ in boxes for lo, hi in b.rows)
 
-            def read() -> None:
-                streams.clear()
-                for r, _, x, y, w, h in boxes:
-                    streams.append(
-                        [nj.stream(r.plan.level, p.index) for p in nj.plan(r.plan.level, x, y, w, h)]
-                    )
+            def read() -> list[Any]:
+                return [
+                    [nj.stream(r.plan.level, p.index) for p in nj.plan(r.plan.level, x, y, w, h)]
+                    for r, _, x, y, w, h in boxes
+                ]
 
-            def decode() -> None:
-                pixels.clear()
+            def decode() -> list[Any]:
+                out = []
                 for r, _, _, _, w, h in boxes:
                     px = slide.read_scaled((r.x0, r.y0), r.plan.level, (w, h), r.plan.factor)
-                    pixels.append(
+                    out.append(
                         px if px is not None else slide.read_region((r.x0, r.y0), r.plan.level, (w, h))
                     )
+                return out
 
-            cuts: list[np.ndarray] = []
+            pixels = decode()
 
-            def cut() -> None:
+            def cut() -> list[Any]:
+                cuts = []
                 for (r, b, *_), px in zip(boxes, pixels, strict=True):
                     pyr = _CpuPyramid(px, 224)
                     lds, f = r.plan.downsample, r.plan.factor
@@ -137,6 +152,7 @@ def main() -> None:
                         if hi > lo:
                             size = scales[s].size0 / lds / f
                             cuts.append(pyr.tiles(scales[s].coords[lo:hi], r.x0, r.y0, size, 1 / (lds * f)))
+                return cuts
 
             stage_rows: list[dict[str, Any]] = []
             for name, fn in (
@@ -144,17 +160,29 @@ def main() -> None:
                 ("decode (DCT-scaled)", decode),
                 ("cut + reduce + stack", cut),
             ):
-                t = time.perf_counter()
-                fn()  # alone: the stage's own time
-                alone_s = time.perf_counter() - t
-                took, share = _gil_share(fn, alone)  # beside the probe: the GIL it holds
-                stage_rows.append({"stage": name, "seconds": alone_s, "gil_seconds": took * share})
-            n_tiles = sum(len(c) for c in cuts) // 2  # cut ran twice
-            for row in stage_rows:
-                row["ms_per_tile"] = 1000 * row["seconds"] / max(n_tiles, 1)
-                row["gil_ms_per_tile"] = 1000 * row["gil_seconds"] / max(n_tiles, 1)
-                row["gil_share"] = row["gil_ms_per_tile"] / max(row["ms_per_tile"], 1e-9)
-        cols = ["stage", "ms_per_tile", "gil_ms_per_tile", "gil_share"]
+                one = min(_timed(fn, 1) for _ in range(args.rounds))
+                two = min(_timed(fn, 2) for _ in range(args.rounds))
+                _, probe_share = _gil_share(fn, alone)
+                x2 = 2 * one / two  # two threads each doing the whole stage
+                gil = min(1.0, max(0.0, 2 / x2 - 1))  # Amdahl: the share that ran one at a time
+                stage_rows.append(
+                    {
+                        "stage": name,
+                        "ms_per_tile": 1000 * one / n_tiles,
+                        "x_two_threads": x2,
+                        "serial_share": gil,
+                        "serial_ms_per_tile": 1000 * one * gil / n_tiles,
+                        "probe_slowdown": probe_share,
+                    }
+                )
+        cols = [
+            "stage",
+            "ms_per_tile",
+            "x_two_threads",
+            "serial_share",
+            "serial_ms_per_tile",
+            "probe_slowdown",
+        ]
         report("decode_stages", stage_rows, cols, {"blocks": len(boxes), "tiles": n_tiles})
 
 

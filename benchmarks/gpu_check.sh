@@ -2,7 +2,8 @@
 # One command for a lent GPU (no package registry there): install the project and the
 # wheels brought along, then run the CUDA tests, the encode throughput benchmark (two
 # random-weight open_clip encoders, three scales) with a GPU utilisation sample, and the
-# overlap proxy; everything lands in one folder. About 5 minutes on an H100/H200.
+# CPU decode with 1-14 readers and the overlap proxy; everything lands in one folder. About
+# 5.5 minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh [WHEELS_DIR] [OUT_DIR]
 #
@@ -14,7 +15,8 @@
 #       shapely dask jsonschema jsonschema-specifications referencing rpds-py \
 #       ftfy regex huggingface_hub safetensors
 # OUT_DIR (default: $OUT when the device tool runs this, else gpu_check_out) receives
-# env.txt, pytest.txt, throughput.txt (+ .json), nvidia_smi.csv, overlap.txt, summary.txt.
+# env.txt, pytest.txt, throughput.txt (+ .json), nvidia_smi.csv, decode_scaling.txt (+ .json),
+# overlap.txt, summary.txt.
 set -u
 WHEELS="${1:-shared/wheels}"
 OUT_DIR="${2:-${OUT:-gpu_check_out}}"
@@ -35,18 +37,18 @@ python -c "import histoalign_wsi, open_clip, zarr, openslide, simplejpeg" >> "$O
 log "installed"
 
 # 1. the CUDA tests (nvJPEG agreement, device assembly, encode on the device) and the
-#    encode tests, 150 s at most
-timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" \
+#    encode tests, 120 s at most
+timeout 120 python -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/slides/test_device_jpeg.py tests/features/test_encode.py tests/features/test_overlap.py \
     > "$OUT_DIR/pytest.txt" 2>&1
 log "pytest: $(tail -n 1 "$OUT_DIR/pytest.txt")"
 
 # 2. throughput (native JPEG and OpenSlide paths, 2 encoders, 3 scales) with the GPU's
-#    utilisation sampled every 200 ms meanwhile, 150 s at most
+#    utilisation sampled every 200 ms meanwhile, 110 s at most
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 200 \
     > "$OUT_DIR/nvidia_smi.csv" 2>/dev/null &
 SMI=$!
-timeout 150 python benchmarks/encode_throughput.py --arch ViT-B-16 ViT-B-32 --device cuda \
+timeout 110 python benchmarks/encode_throughput.py --arch ViT-B-16 ViT-B-32 --device cuda \
     --size 24000 --workers 12 --batch 256 > "$OUT_DIR/throughput.txt" 2>&1
 kill "$SMI" 2>/dev/null
 cp benchmarks/out/encode_throughput.json "$OUT_DIR/" 2>/dev/null
@@ -61,8 +63,15 @@ if util:
 EOF
 log "throughput: $(grep -E 'native-jpeg|openslide' "$OUT_DIR/throughput.txt" | tr -s ' ' | cut -c1-200)"
 
-# 3. the overlap proxy on this machine's CPUs (no GPU involved), for comparison
-timeout 90 python benchmarks/encode_throughput.py --fake-forward-ms 0 --device cpu --size 24000 \
+# 3. CPU decode with 1 to 14 reader threads on this machine's 16 cores (does it keep
+#    scaling?), 60 s at most
+timeout 60 python benchmarks/decode_scaling.py --readers 1 2 4 8 14 --rounds 2 --size 24000 \
+    > "$OUT_DIR/decode_scaling.txt" 2>&1
+cp benchmarks/out/decode_scaling.json "$OUT_DIR/" 2>/dev/null
+log "decode scaling: $(grep -E '^ *[0-9]+ ' "$OUT_DIR/decode_scaling.txt" | tr -s ' ' | head -5 | tr '\n' ';')"
+
+# 4. the overlap proxy on this machine's CPUs (no GPU involved), for comparison
+timeout 60 python benchmarks/encode_throughput.py --fake-forward-ms 0 --device cpu --size 24000 \
     --workers 2 --batch 32 > "$OUT_DIR/overlap.txt" 2>&1
 log "overlap proxy: $(grep native-jpeg "$OUT_DIR/overlap.txt" | tr -s ' ' | cut -c1-200)"
 log "done: $OUT_DIR"
