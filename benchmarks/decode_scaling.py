@@ -51,7 +51,7 @@ def _probe_rate(seconds: float, stop: threading.Event | None = None) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _gil_share(work: Callable[[], None], alone: float) -> tuple[float, float]:
+def _gil_share(work: Callable[[], Any], alone: float) -> tuple[float, float]:
     """(seconds of ``work``, the share of them it held the GIL)."""
     stop = threading.Event()
     rate: list[float] = []
