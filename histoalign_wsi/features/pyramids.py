@@ -164,7 +164,9 @@ def pinned(r: object, pixels: NDArray[np.uint8] | EncodedRegion, f: int) -> Any:
         return pixels
     import torch
 
-    return torch.from_numpy(pixels).pin_memory()
+    out = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    out.numpy()[...] = pixels  # one copy, and no warning for read-only decoder output
+    return out
 
 
 def device_pyramid(
