@@ -208,3 +208,117 @@ def test_the_report_model_starts_at_its_temperature_and_clamps_the_scale(tmp_pat
     model.save(tmp_path / "m", {})
     _, meta = SlideReportModel.load(tmp_path / "m")
     assert meta["logit_scale"] == pytest.approx(100.0) and meta["abmil"]["in_dim"] == 8
+
+
+class _MemorySource:
+    """A BagSource in memory: slide ``s{i}``'s tiles at two scales."""
+
+    def __init__(self, bags: dict[str, np.ndarray], dim: int) -> None:
+        from histoalign_wsi.learn.bags import Bag
+
+        self.dim, self.scale_names = dim, ("0.50mpp", "1.00mpp")
+        self.bags = {
+            s: Bag(s, f, np.arange(len(f)) % 2, np.zeros((len(f), 2), np.int32), self.scale_names)
+            for s, f in bags.items()
+        }
+
+    def bag(self, slide_id: str):  # type: ignore[no-untyped-def]
+        return self.bags[slide_id]
+
+
+def _report_task(n: int, dim: int = 12, text_dim: int = 6) -> tuple[_MemorySource, dict[str, np.ndarray]]:
+    """Slides whose report embedding is a fixed projection of their mean tile: learnable."""
+    rng = np.random.default_rng(3)
+    proj = rng.normal(size=(dim, text_dim))
+    bags = {f"s{i}": rng.normal(size=(10, dim)).astype(np.float32) for i in range(n)}
+    text = {}
+    for s, f in bags.items():
+        t = f.mean(axis=0) @ proj
+        text[s] = (t / np.linalg.norm(t)).astype(np.float32)
+    return _MemorySource(bags, dim), text
+
+
+def test_contrastive_training_batches_records_and_keeps_its_best_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches of ``batch_size`` slides (a lone last slide skipped: InfoNCE needs a
+    negative), the history's train loss the mean of the epoch's batch losses, the model
+    built with the settings' width and scale embedding, early stopping after
+    ``patience`` epochs without improvement, and the best epoch's weights returned."""
+    import math
+
+    import torch
+
+    from histoalign_wsi.learn import contrastive
+    from histoalign_wsi.learn.contrastive import ContrastiveSettings, train_contrastive
+
+    source, text = _report_task(8)
+    calls: list[tuple[int, float]] = []
+    real = contrastive.info_nce
+
+    def spy(z: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        loss = real(z, t, scale)
+        calls.append((len(z), float(loss.detach())))
+        return loss
+
+    monkeypatch.setattr(contrastive, "info_nce", spy)
+    settings = ContrastiveSettings(
+        epochs=60, batch_size=2, lr=3e-2, weight_decay=0.0, patience=2, hidden=16, temperature=0.1, seed=0
+    )
+    train, val = [f"s{i}" for i in range(5)], ["s5", "s6", "s7"]
+    model, hist = train_contrastive(source, train, val, text, settings)  # type: ignore[arg-type]
+    epochs = hist["epochs"]
+    assert [n for n, _ in calls] == [2, 2, 3] * epochs  # two batches of two, then validation
+    for e in range(epochs):
+        assert hist["train_loss"][e] == pytest.approx(np.mean([calls[3 * e][1], calls[3 * e + 1][1]]))
+        assert hist["val_loss"][e] == pytest.approx(calls[3 * e + 2][1])
+    assert model.mil.cfg.hidden == 16 and model.mil.cfg.scale_embedding is True
+    # it learned, stopped early, and kept the best epoch
+    assert min(hist["val_loss"]) < hist["val_loss"][0] - 0.05 and epochs < settings.epochs
+    assert hist["best_val_loss"] == min(hist["val_loss"])
+    assert min(hist["val_loss"][-settings.patience :]) >= hist["best_val_loss"] - 1e-4
+    calls.clear()
+    assert contrastive._val_loss(model, source, val, torch.from_numpy(np.stack([text[s] for s in val]))) == (
+        pytest.approx(hist["best_val_loss"], abs=1e-6)
+    )
+    ablation, _ = train_contrastive(source, train, val, text, settings, scale_embedding=False)  # type: ignore[arg-type]
+    assert ablation.mil.cfg.scale_embedding is False and ablation.mil.cfg.hidden == 16
+    # one training slide: every batch is a lone slide, so no step is taken and the train
+    # loss is recorded as missing (NaN), not as an error
+    _, lone = train_contrastive(source, ["s0"], val, text, settings)  # type: ignore[arg-type]
+    assert all(math.isnan(v) for v in lone["train_loss"])
+
+
+def test_a_slide_report_model_whose_config_is_broken_is_refused_naming_it(tmp_path: Path) -> None:
+    """No 'abmil' in config.json, or weights of another width: one line naming the
+    folder, with torch's explanation (whitespace folded, first 300 characters)."""
+    import json
+
+    import torch
+
+    from histoalign_wsi.errors import ConfigError
+    from histoalign_wsi.learn.abmil import ABMILConfig
+    from histoalign_wsi.learn.contrastive import SlideReportModel
+
+    folder = SlideReportModel(ABMILConfig(in_dim=8, n_classes=4, n_scales=2, hidden=8)).save(
+        tmp_path / "m", {}
+    )
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "abmil"}))
+    with pytest.raises(ConfigError) as e:
+        SlideReportModel.load(folder)
+    assert str(e.value) == f"slide-report model {str(folder)!r}: config.json has no valid 'abmil' ('abmil')"
+    wide = dict(cfg["abmil"], hidden=16)
+    (folder / "config.json").write_text(json.dumps(cfg | {"abmil": wide}))
+    with pytest.raises(RuntimeError) as torch_says:
+        state = SlideReportModel(ABMILConfig(**cfg["abmil"])).state_dict()
+        SlideReportModel(ABMILConfig(**wide)).load_state_dict(
+            {k: torch.as_tensor(v) for k, v in state.items()}
+        )
+    detail = " ".join(str(torch_says.value).split())
+    assert len(detail) > 300 and "size mismatch" in detail
+    with pytest.raises(ConfigError) as e:
+        SlideReportModel.load(folder)
+    assert str(e.value) == (
+        f"slide-report model {str(folder)!r}: weights do not fit config.json ({detail[:300]})"
+    )
