@@ -322,3 +322,100 @@ def test_a_slide_report_model_whose_config_is_broken_is_refused_naming_it(tmp_pa
     assert str(e.value) == (
         f"slide-report model {str(folder)!r}: weights do not fit config.json ({detail[:300]})"
     )
+
+
+def _labelled_source(n_patients: int = 6) -> tuple[_MemorySource, list[str], dict[str, str], dict[str, str]]:
+    """Two slides per patient, classes A and B by patient, a class signal in the tiles."""
+    rng = np.random.default_rng(4)
+    bags, labels, patients = {}, {}, {}
+    for p in range(n_patients):
+        for k in range(2):
+            s = f"p{p}s{k}"
+            bags[s] = (rng.normal(size=(8, 12)) + (1.5 if p % 2 else -1.5)).astype(np.float32)
+            labels[s], patients[s] = ("B" if p % 2 else "A"), f"P{p}"
+    source = _MemorySource(bags, 12)
+    source.encoders = {"demo": {}}  # type: ignore[attr-defined]
+    return source, list(bags), labels, patients
+
+
+def test_cross_validation_folds_seeds_groups_and_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folds are scikit-learn's StratifiedGroupKFold at the given seed; each fold's
+    head is fitted with seed + fold, the given epochs and its training slides' patients
+    (its inner early-stopping split groups by them too); the spread is the standard
+    deviation over folds, each metric's mean and spread skip folds where it is undefined."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from histoalign_wsi.learn import heads
+
+    source, ids, labels, patients = _labelled_source(10)  # uneven folds: the seed decides
+    fits: list[dict[str, object]] = []
+    real = heads.fit_head
+
+    def spy(kind, src, train, y, classes, **kw):  # type: ignore[no-untyped-def]
+        fits.append({"train": list(train), **kw})
+        return real(kind, src, train, y, classes, **kw)
+
+    monkeypatch.setattr(heads, "fit_head", spy)
+
+    from histoalign_wsi.stages.learning import scorer
+
+    args = (source, ids, labels, ["A", "B"])
+    kw = {"heads": ["linear"], "folds": 3, "seed": 5, "epochs": 7, "score": scorer(["A", "B"])}
+    out = heads.cross_validate(*args, **kw, groups=patients)  # type: ignore[arg-type]
+    y = [0 if labels[s] == "A" else 1 for s in ids]
+    expected = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=5).split(
+        np.zeros(len(ids)), y, [patients[s] for s in ids]
+    )
+    for f, ((tr, te), fit, fold) in enumerate(zip(expected, fits, out["linear"]["folds"], strict=True)):
+        assert fold["slides"] == [ids[i] for i in te] and fit["train"] == [ids[i] for i in tr]
+        assert fit["seed"] == 5 + f and fit["epochs"] == 7
+        assert fit["groups"] == [patients[ids[i]] for i in tr]
+    for k in ("accuracy", "balanced_accuracy", "macro_f1"):
+        values = [m[k] for m in out["linear"]["folds"]]
+        assert out["linear"]["mean"][k] == pytest.approx(np.mean(values))
+        assert out["linear"]["sd"][k] == pytest.approx(np.std(values))
+    assert heads._mean([None, None]) is None and heads._sd([None]) is None
+    assert heads._mean([1.0, None, 3.0]) == 2.0 and heads._sd([1.0, None, 3.0]) == 1.0
+    fits.clear()
+    heads.cross_validate(*args, **kw)  # type: ignore[arg-type]
+    assert all(fit["groups"] is None for fit in fits)  # no patients given: slides are the groups
+
+
+def test_cross_validation_refuses_too_many_folds_in_its_own_units() -> None:
+    """As many folds as the rarest class has patients (or slides) is allowed; one more,
+    or fewer than two, is refused in one line that counts in the unit that was grouped."""
+    from histoalign_wsi.errors import ConfigError
+    from histoalign_wsi.learn.heads import cross_validate
+    from histoalign_wsi.stages.learning import scorer
+
+    source, ids, labels, patients = _labelled_source()
+
+    def run(folds: int, groups: dict[str, str] | None) -> None:
+        cross_validate(
+            source,
+            ids,
+            labels,
+            ["A", "B"],
+            heads=["linear"],
+            folds=folds,
+            seed=0,
+            epochs=3,
+            score=scorer(["A", "B"]),
+            groups=groups,
+        )
+
+    run(3, patients)  # three patients of each class: three folds fit
+    with pytest.raises(ConfigError) as e:
+        run(4, patients)
+    assert str(e.value) == (
+        "4-fold cross-validation needs at least 4 patients of every class (and folds >= 2); "
+        "class 'A' has 3 (lower 'folds' or add patients)"
+    )
+    with pytest.raises(ConfigError) as e:
+        run(7, None)
+    assert str(e.value) == (
+        "7-fold cross-validation needs at least 7 slides of every class (and folds >= 2); "
+        "class 'A' has 6 (lower 'folds' or add slides)"
+    )
+    with pytest.raises(ConfigError, match=r"^1-fold cross-validation needs at least 2 slides of every class"):
+        run(1, None)
