@@ -419,3 +419,28 @@ def test_cross_validation_refuses_too_many_folds_in_its_own_units() -> None:
     )
     with pytest.raises(ConfigError, match=r"^1-fold cross-validation needs at least 2 slides of every class"):
         run(1, None)
+
+
+def test_a_broken_head_folder_is_refused_naming_the_head(tmp_path: Path) -> None:
+    """Every refusal of a saved head names it as a head, with its folder."""
+    import json
+
+    from histoalign_wsi.errors import ConfigError
+    from histoalign_wsi.learn.heads import Head, fit_head
+
+    source, ids, labels, _ = _labelled_source()
+    y = np.array([0 if labels[s] == "A" else 1 for s in ids])
+    folder = fit_head("linear", source, ids, y, ["A", "B"], seed=0, epochs=3).save(tmp_path / "h")  # type: ignore[arg-type]
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(ConfigError) as e:
+        Head.load(folder)
+    assert str(e.value) == f"head {str(folder)!r}: config.json is not a JSON object"
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "classes"}))
+    with pytest.raises(ConfigError) as e:
+        Head.load(folder)
+    assert str(e.value) == f"head {str(folder)!r}: config.json is not a head's (KeyError: 'classes')"
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError) as e:
+        Head.load(folder)
+    assert str(e.value) == f"{str(folder)!r} is not a saved head (no config.json)"
