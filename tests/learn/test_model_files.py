@@ -206,3 +206,50 @@ def test_model_files_have_the_same_mode_as_the_other_outputs(tmp_path: Path) -> 
     _, _, folder = _head(tmp_path)
     modes = {f.name: os.stat(f).st_mode & 0o777 for f in folder.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "abmil"])
+def test_every_kind_of_head_comes_back_as_it_was_saved(tmp_path: Path, kind: str) -> None:
+    """Name, kind, classes, scales, encoders and fitted parameters survive the round trip,
+    and the loaded head predicts exactly what the fitted one did."""
+    if kind == "mlp":  # a distilled student: an MLP on the pooled features
+        from histoalign_wsi.learn.distill import DistillSettings, train_mlp
+
+        source = BagSource(_stores(tmp_path / "stores"))
+        ids = sorted(source.ids)
+        x = np.stack([source.bag(s).pooled() for s in ids])
+        y = np.array([i % 2 for i in range(len(ids))], np.int64)
+        model = train_mlp(
+            x, y, 2, DistillSettings(epochs=3, lr=1e-2, weight_decay=0.0, hidden=8, weight=0.0, seed=0)
+        )
+        params = {"seed": 0, "distill_weight": 0.5}
+        head = Head(
+            "mlp", "mlp", tuple(CLASSES), source.scale_names, dict(source.encoders), params, model=model
+        )
+        folder = head.save(tmp_path / "mlp")
+    else:
+        head, source, folder = _head(tmp_path, kind)
+    back = Head.load(folder)
+    fields = ("name", "kind", "classes", "scale_names", "encoders", "params")
+    assert {f: getattr(back, f) for f in fields} == {f: getattr(head, f) for f in fields}
+    assert back.name == kind and back.classes == tuple(CLASSES) and back.params
+    for s in sorted(source.ids)[:3]:
+        np.testing.assert_array_equal(back.predict(source.bag(s))[0], head.predict(source.bag(s))[0])
+
+
+def test_linear_coefficients_of_the_wrong_shape_are_refused(tmp_path: Path) -> None:
+    """One row too many, or an intercept of the wrong length, each alone is refused."""
+    head, _, folder = _head(tmp_path)
+    assert head.coef is not None and head.intercept is not None
+    k = len(CLASSES)
+    for coef, intercept in (
+        (np.vstack([head.coef, head.coef[:1]]), head.intercept),
+        (head.coef, np.append(head.intercept, 0.0)),
+    ):
+        _rewrite(folder, {"coef": coef, "intercept": intercept})
+        with pytest.raises(ConfigError) as e:
+            Head.load(folder)
+        assert str(e.value) == (
+            f"head {str(folder)!r}: its weights do not fit its config.json "
+            f"(coefficients {coef.shape} do not fit {k} classes)"
+        )
