@@ -283,6 +283,12 @@ def test_contrastive_training_batches_records_and_keeps_its_best_epoch(
     )
     ablation, _ = train_contrastive(source, train, val, text, settings, scale_embedding=False)  # type: ignore[arg-type]
     assert ablation.mil.cfg.scale_embedding is False and ablation.mil.cfg.hidden == 16
+    # nothing to learn (learning rate 0): no improvement after the first epoch, so it
+    # stops after exactly 1 + patience epochs
+    import dataclasses
+
+    _, flat = train_contrastive(source, train, val, text, dataclasses.replace(settings, lr=0.0))  # type: ignore[arg-type]
+    assert flat["epochs"] == 1 + settings.patience
     # one training slide: every batch is a lone slide, so no step is taken and the train
     # loss is recorded as missing (NaN), not as an error
     _, lone = train_contrastive(source, ["s0"], val, text, settings)  # type: ignore[arg-type]
@@ -444,3 +450,27 @@ def test_a_broken_head_folder_is_refused_naming_the_head(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as e:
         Head.load(folder)
     assert str(e.value) == f"{str(folder)!r} is not a saved head (no config.json)"
+
+
+def test_attention_mil_stops_after_patience_epochs_without_improvement() -> None:
+    """With nothing to learn (learning rate 0) the inner loss never improves after the
+    first epoch, so training stops after exactly 1 + ``patience`` epochs."""
+    from histoalign_wsi.learn.abmil import ABMILConfig, train_abmil
+
+    source, ids, labels, patients = _labelled_source()
+    y = [0 if labels[s] == "A" else 1 for s in ids]
+    cfg = ABMILConfig(in_dim=12, n_classes=2, n_scales=2, hidden=8)
+    for patience in (1, 3):
+        _, hist = train_abmil(
+            source,  # type: ignore[arg-type]
+            ids,
+            y,
+            cfg,
+            epochs=20,
+            lr=0.0,
+            weight_decay=0.0,
+            patience=patience,
+            groups=[patients[s] for s in ids],
+        )
+        assert hist["epochs"] == 1 + patience
+        assert len(set(hist["val_losses"])) == 1  # type: ignore[arg-type]
