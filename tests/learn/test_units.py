@@ -474,3 +474,36 @@ def test_attention_mil_stops_after_patience_epochs_without_improvement() -> None
         )
         assert hist["epochs"] == 1 + patience
         assert len(set(hist["val_losses"])) == 1  # type: ignore[arg-type]
+
+
+def test_fit_head_passes_its_seed_patients_and_ablation_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``abmil`` has the scale embedding and ``abmil_noscale`` not; the attention MIL gets
+    the seed and the patients (its early-stopping split keeps them together); the linear
+    head's cross-validation gets the seed, and the chosen C is recorded."""
+    from histoalign_wsi.learn import heads
+
+    source, ids, labels, patients = _labelled_source()
+    y = np.array([0 if labels[s] == "A" else 1 for s in ids])
+    seen: list[dict[str, object]] = []
+    real_abmil, real_linear = heads.train_abmil, heads.fit_linear_full
+
+    def abmil_spy(src, slide_ids, yy, cfg, **kw):  # type: ignore[no-untyped-def]
+        seen.append({"cfg": cfg, **kw})
+        return real_abmil(src, slide_ids, yy, cfg, **kw)
+
+    def linear_spy(x, yy, k, **kw):  # type: ignore[no-untyped-def]
+        seen.append(kw)
+        return real_linear(x, yy, k, **kw)
+
+    monkeypatch.setattr(heads, "train_abmil", abmil_spy)
+    monkeypatch.setattr(heads, "fit_linear_full", linear_spy)
+    groups = [patients[s] for s in ids]
+    for name, embedding in (("abmil", True), ("abmil_noscale", False)):
+        seen.clear()
+        head = heads.fit_head(name, source, ids, y, ["A", "B"], seed=11, epochs=2, groups=groups)  # type: ignore[arg-type]
+        assert head.model is not None and head.model.cfg.scale_embedding is embedding
+        assert seen[0]["seed"] == 11 and seen[0]["groups"] == groups and seen[0]["epochs"] == 2
+    seen.clear()
+    linear = heads.fit_head("linear", source, ids, y, ["A", "B"], seed=11, epochs=2)  # type: ignore[arg-type]
+    assert seen == [{"seed": 11}]
+    assert set(linear.params) == {"C"} and linear.params["C"] in heads._CS
