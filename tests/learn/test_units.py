@@ -503,7 +503,68 @@ def test_fit_head_passes_its_seed_patients_and_ablation_through(monkeypatch: pyt
         head = heads.fit_head(name, source, ids, y, ["A", "B"], seed=11, epochs=2, groups=groups)  # type: ignore[arg-type]
         assert head.model is not None and head.model.cfg.scale_embedding is embedding
         assert seen[0]["seed"] == 11 and seen[0]["groups"] == groups and seen[0]["epochs"] == 2
+        assert (head.name, head.kind, head.classes) == (name, "abmil", ("A", "B"))
+        assert head.scale_names == source.scale_names and head.encoders == source.encoders
+        assert set(head.params) == {"seed", "epochs", "best_val_loss", "n_val"} and head.params["seed"] == 11
     seen.clear()
     linear = heads.fit_head("linear", source, ids, y, ["A", "B"], seed=11, epochs=2)  # type: ignore[arg-type]
     assert seen == [{"seed": 11}]
     assert set(linear.params) == {"C"} and linear.params["C"] in heads._CS
+
+
+def test_linear_probabilities_are_a_stable_row_softmax() -> None:
+    """Each row's softmax of x coef^T + intercept, in float32, exact to float precision
+    even for logits in the hundreds (shifted by each row's own maximum); sklearn's
+    one-row binary form gives [1 - p, p]."""
+    from histoalign_wsi.learn.heads import linear_probs
+
+    x = np.array([[3.0, 1.0], [-2.0, -1.5]], np.float32)
+    coef = np.array([[300.0, 0.0], [299.0, 1.0], [0.0, 0.0]])
+    intercept = np.array([0.0, 0.5, -1.0])
+    got = linear_probs(coef, intercept, x, 3)
+    z = x.astype(np.float64) @ coef.T + intercept  # row 0 near +900, row 1 near -600
+    want = np.exp(z - z.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
+    binary = linear_probs(np.array([[1.0, -2.0]]), np.array([0.5]), x, 2)
+    p = 1 / (1 + np.exp(-(x.astype(np.float64) @ np.array([1.0, -2.0]) + 0.5)))
+    np.testing.assert_allclose(binary, np.stack([1 - p, p], axis=1), rtol=1e-6)
+
+
+def test_linear_regularisation_is_chosen_by_log_loss_cross_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """C comes from a grid search scored by log loss over stratified folds (at most five,
+    at most the rarest class's count); with a single example of some class there is no
+    search and C is 1, the coefficients those of a plain C = 1 fit."""
+    import sklearn.model_selection as ms
+    from sklearn.linear_model import LogisticRegression
+
+    from histoalign_wsi.learn.heads import fit_linear
+
+    searches: list[dict[str, object]] = []
+    real = ms.GridSearchCV
+
+    def spy(est, grid, **kw):  # type: ignore[no-untyped-def]
+        searches.append({"folds": kw["cv"].get_n_splits(), "scoring": kw["scoring"], "C": grid["C"]})
+        return real(est, grid, **kw)
+
+    monkeypatch.setattr(ms, "GridSearchCV", spy)
+    rng = np.random.default_rng(0)
+    for per_class, folds in ((2, 2), (7, 5)):
+        y = np.repeat([0, 1], per_class)
+        x = (rng.normal(size=(len(y), 4)) + y[:, None]).astype(np.float32)
+        searches.clear()
+        _, _, c = fit_linear(x, y, seed=0)
+        assert searches == [{"folds": folds, "scoring": "neg_log_loss", "C": [0.01, 0.1, 1.0, 10.0, 100.0]}]
+        assert c in searches[0]["C"]  # type: ignore[operator]
+    y = np.array([0, 0, 0, 1, 1, 1, 2])
+    x = (rng.normal(size=(7, 4)) + y[:, None]).astype(np.float32)
+    searches.clear()
+    coef, intercept, c = fit_linear(x, y, seed=0)
+    plain = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    assert searches == [] and c == 1.0
+    np.testing.assert_allclose(coef, plain.coef_)
+    np.testing.assert_allclose(intercept, plain.intercept_)
