@@ -91,9 +91,12 @@ def test_damaged_weights_are_refused_by_their_checksum(tmp_path: Path, kind: str
     again = Head.load(folder)
     np.testing.assert_array_equal(again.predict(source.bag("s1"))[0], head.predict(source.bag("s1"))[0])
     _flip(folder / "model.safetensors")
-    with pytest.raises(ConfigError, match=r"model\.safetensors does not match its checksum") as e:
+    with pytest.raises(ConfigError) as e:
         Head.load(folder)
-    assert str(folder) in str(e.value) and "\n" not in str(e.value)
+    assert (
+        str(e.value)
+        == f"head {str(folder)!r}: model.safetensors does not match its checksum (damaged or altered)"
+    )
 
 
 def test_a_checksum_missing_is_refused(tmp_path: Path) -> None:

@@ -446,6 +446,9 @@ def test_a_broken_head_folder_is_refused_naming_the_head(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as e:
         Head.load(folder)
     assert str(e.value) == f"head {str(folder)!r}: config.json is not a head's (KeyError: 'classes')"
+    # a config without parameters (written by hand, or by an older version) loads, with none
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "params"}))
+    assert Head.load(folder).params == {}
     (folder / "config.json").unlink()
     with pytest.raises(ConfigError) as e:
         Head.load(folder)
