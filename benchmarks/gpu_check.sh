@@ -16,7 +16,7 @@
 #       ftfy regex huggingface_hub safetensors
 # OUT_DIR (default: $OUT when the device tool runs this, else gpu_check_out) receives
 # env.txt, pytest.txt, throughput.txt (+ .json), nvidia_smi.csv, decode_scaling.txt (+ .json),
-# overlap.txt, summary.txt.
+# overlap.txt (+ .json), summary.txt.
 set -u
 WHEELS="${1:-shared/wheels}"
 OUT_DIR="${2:-${OUT:-gpu_check_out}}"
@@ -45,11 +45,13 @@ log "pytest: $(tail -n 1 "$OUT_DIR/pytest.txt")"
 
 # 2. throughput (native JPEG and OpenSlide paths, 2 encoders, 3 scales) with the GPU's
 #    utilisation sampled every 200 ms meanwhile, 110 s at most
+rm -f benchmarks/out/encode_throughput.json benchmarks/out/decode_scaling.json  # no stale figures
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 200 \
     > "$OUT_DIR/nvidia_smi.csv" 2>/dev/null &
 SMI=$!
 timeout 110 python benchmarks/encode_throughput.py --arch ViT-B-16 ViT-B-32 --device cuda \
-    --size 24000 --workers 12 --batch 256 > "$OUT_DIR/throughput.txt" 2>&1
+    --size 24000 --workers 12 --batch 256 > "$OUT_DIR/throughput.txt" 2>&1 \
+    || log "throughput failed or timed out: $(tail -n 1 "$OUT_DIR/throughput.txt" | cut -c1-200)"
 kill "$SMI" 2>/dev/null
 cp benchmarks/out/encode_throughput.json "$OUT_DIR/" 2>/dev/null
 python - "$OUT_DIR/nvidia_smi.csv" >> "$OUT_DIR/summary.txt" <<'EOF'
@@ -72,6 +74,7 @@ log "decode scaling: $(grep -E '^ *[0-9]+ ' "$OUT_DIR/decode_scaling.txt" | tr -
 
 # 4. the overlap proxy on this machine's CPUs (no GPU involved), for comparison
 timeout 60 python benchmarks/encode_throughput.py --fake-forward-ms 0 --device cpu --size 24000 \
-    --workers 2 --batch 32 > "$OUT_DIR/overlap.txt" 2>&1
+    --workers 2 --batch 32 > "$OUT_DIR/overlap.txt" 2>&1 \
+    && cp benchmarks/out/encode_throughput.json "$OUT_DIR/overlap.json"
 log "overlap proxy: $(grep native-jpeg "$OUT_DIR/overlap.txt" | tr -s ' ' | cut -c1-200)"
 log "done: $OUT_DIR"
