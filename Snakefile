@@ -33,16 +33,18 @@ rule all:
 
 onstart:
     # one run per results folder, from any checkout (refused naming the other run)
+    # --forceall / --forcerun RULE: the batch jobs of those stages redo every slide
     try:
-        start_run(R)
+        start_run(R, recompute=forced_stages_of(workflow.dag_settings))
     except ConfigError as exc:
         sys.exit(f"histoalign-wsi: {exc}")
+    WF.save_hashes()
 
 
 onsuccess:
     # failed_slides.tsv lists the slides a batch recorded as failed (the others went on);
     # the run then exits non-zero, and the next run tries those slides again
-    failed = finish_run(R, WF.slides, ok=True, per_job=WF.config.slides_per_job)
+    failed = finish_run(R, WF.slides, ok=True, per_job=WF.config.slides_per_job, workflow=WF)
     if failed:
         sys.exit(
             f"histoalign-wsi: {len(failed)} of {len(WF.slides)} slides failed "
@@ -51,6 +53,6 @@ onsuccess:
 
 
 onerror:
-    # with --keep-going: the cohort table of the slides that were scored, and
-    # failed_slides.tsv naming the others with the error line of each failed stage
-    finish_run(R, WF.slides, ok=False, per_job=WF.config.slides_per_job)
+    # with --keep-going: the cohort table of the slides whose predictions are current (made
+    # from this run's inputs), and failed_slides.tsv naming the others with their error
+    finish_run(R, WF.slides, ok=False, per_job=WF.config.slides_per_job, workflow=WF)

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file", "pid_alive", "remove_stale", "replace_path"]
+__all__ = ["atomic_dir", "atomic_file", "pid_alive", "remove_stale", "remove_stale_in", "replace_path"]
 
 
 def _tmp_name(target: Path) -> Path:
@@ -28,19 +28,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove_if_dead(p: Path) -> None:
+    """Delete the temporary ``p`` when the process that wrote it is gone."""
+    try:
+        pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return
+    if pid != os.getpid() and not pid_alive(pid):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def remove_stale(target: Path) -> None:
     """Delete temporaries of ``target`` left by killed writers (their process is gone)."""
     for p in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        _remove_if_dead(p)
+
+
+def remove_stale_in(folder: Path) -> None:
+    """Delete every temporary in ``folder`` left by a killed writer (one listing)."""
+    if not folder.is_dir():
+        return
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.name.startswith(".") and ".tmp-" in e.name]
+    for name in names:
+        _remove_if_dead(folder / name)
 
 
 def replace_path(src: Path, dst: Path) -> None:

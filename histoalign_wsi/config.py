@@ -271,6 +271,7 @@ class Config:
     geojson: GeoJSONParams
     report: ReportParams
     slides_per_job: int
+    prune: bool
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -321,6 +322,7 @@ class Config:
             geojson=GeoJSONParams(**cfg["geojson"]),
             report=ReportParams(**cfg["report"]),
             slides_per_job=int(cfg["slides_per_job"]),
+            prune=bool(cfg["prune"]),
             raw=cfg,
         )
 

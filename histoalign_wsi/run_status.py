@@ -5,9 +5,14 @@ cohort table. Called by the Snakefile's ``onstart``/``onsuccess``/``onerror``.""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .batches import cut_batches, read_manifest
+
+if TYPE_CHECKING:
+    from .workflow import Workflow
 
 __all__ = ["finish_run", "start_run", "write_failure_report", "write_partial_summary"]
 
@@ -75,51 +80,109 @@ def write_failure_report(
     return failed
 
 
-def start_run(results: str | Path) -> None:
-    """Take the results-folder lock (see :mod:`histoalign_wsi.runlock`)."""
+def start_run(results: str | Path, *, recompute: Iterable[str] = ()) -> None:
+    """Take the results-folder lock (see :mod:`histoalign_wsi.runlock`), recording the
+    stages this run forces (``recompute``)."""
     from .runlock import acquire
 
-    acquire(results)
+    acquire(results, recompute=recompute)
 
 
-def finish_run(results: str | Path, slide_ids: list[str], *, ok: bool, per_job: int = 20) -> list[str]:
+def finish_run(
+    results: str | Path,
+    slide_ids: list[str],
+    *,
+    ok: bool,
+    per_job: int = 20,
+    workflow: Workflow | None = None,
+) -> list[str]:
     """After a run: bring ``failed_slides.tsv`` up to date (rewritten or removed); after a
-    failed one also the partial ``predictions.csv`` of the slides that completed; then
+    failed one also the partial ``predictions.csv`` of the slides whose predictions are
+    current (with ``workflow``: made from this run's inputs, the whole chain checked);
+    name the files of slides no longer in the cohort (removed with ``prune: true``); then
     release the lock. Returns the slides that failed."""
     from .runlock import release
 
     try:
         failed = write_failure_report(results, slide_ids, recorded_only=ok, per_job=per_job)
+        if workflow is not None:
+            _orphans(results, workflow)
         if not ok:
-            write_partial_summary(results, slide_ids)
+            write_partial_summary(results, slide_ids, n_failed=len(failed), workflow=workflow)
     finally:
         release(results)
     return failed
 
 
-def write_partial_summary(results: str | Path, slide_ids: list[str]) -> Path | None:
-    """After a failed run: ``predictions.csv`` of the slides that were scored."""
+def _orphans(results: str | Path, wf: Workflow) -> None:
+    from .current import orphans, prune
+
+    left = orphans(results, set(wf.slides))
+    if not left:
+        return
+    names = ", ".join(str(p) for p in left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    if wf.config.prune:
+        prune(left)
+        log.warning(
+            "removed %d file(s) of slides no longer in the cohort (prune: true): %s", len(left), names
+        )
+    else:
+        log.warning(
+            "%d file(s) of slides no longer in the cohort remain (%s); the cohort table leaves them out; "
+            "remove them with --config prune=true",
+            len(left),
+            names,
+        )
+
+
+def write_partial_summary(
+    results: str | Path, slide_ids: list[str], *, n_failed: int = 0, workflow: Workflow | None = None
+) -> Path | None:
+    """After a failed run: ``predictions.csv`` of the slides whose predictions are current
+    (every prediction file there is, without ``workflow``)."""
     from .outputs.predictions import summarize
     from .zeroshot.prediction import load_predictions
 
     res = Path(results)
-    done = [p for s in slide_ids if (p := res / "predictions" / f"{s}.json").is_file()]
+    stale: dict[str, str] = {}
+    if workflow is not None:
+        from .current import current_predictions
+
+        done, stale = current_predictions(
+            res, workflow.cohort, workflow.expected, calibration=workflow.config.calibration
+        )
+    else:
+        done = [p for s in slide_ids if (p := res / "predictions" / f"{s}.json").is_file()]
+    if stale:
+        log.error(
+            "%d prediction file(s) were made from other inputs than this run's and are left out: %s",
+            len(stale),
+            "; ".join(f"{s} ({why})" for s, why in list(stale.items())[:5]),
+        )
     if not done:
+        (res / "predictions.csv").unlink(missing_ok=True)
+        log.error(
+            "the run FAILED: none of the %d slides is scored with the current inputs; %d failed "
+            "(failed_slides.tsv names them)",
+            len(slide_ids),
+            n_failed,
+        )
         return None
     summarize(load_predictions(done), res / "predictions.csv")
     if len(done) == len(slide_ids):
         log.error(
-            "the run FAILED in a step after scoring (see the error above); every slide was scored "
-            "and %s lists all %d, but the failed step's outputs are missing",
-            res / "predictions.csv",
+            "the run FAILED in a step after scoring (see the error above); all %d slides are scored "
+            "with the current inputs and %s lists them, but the failed step's outputs are missing",
             len(done),
+            res / "predictions.csv",
         )
     else:
         log.error(
-            "the run FAILED: %d of %d slides were scored (%s lists those; failed_slides.tsv names "
-            "the others when a slide failed)",
+            "the run FAILED: %d of %d slides are scored with the current inputs (%s lists those); "
+            "%d failed (failed_slides.tsv names them)",
             len(done),
             len(slide_ids),
             res / "predictions.csv",
+            n_failed,
         )
     return res / "predictions.csv"

@@ -12,13 +12,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ._atomic import pid_alive as _alive
 from .errors import ConfigError
 
-__all__ = ["LOCK_NAME", "acquire", "holder", "release", "unlock"]
+__all__ = ["LOCK_NAME", "acquire", "forced_stages", "holder", "release", "unlock"]
 
 LOCK_NAME = ".histoalign-run.lock"
 
@@ -43,8 +44,9 @@ def _describe(info: dict[str, Any]) -> str:
     )
 
 
-def acquire(results: str | Path) -> Path:
-    """Take the lock for this process.
+def acquire(results: str | Path, *, recompute: Iterable[str] = ()) -> Path:
+    """Take the lock for this process; ``recompute`` names the stages this run forces
+    (the batch jobs read them from the lock, see :func:`forced_stages`).
 
     Raises
     ------
@@ -60,6 +62,7 @@ def acquire(results: str | Path) -> Path:
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cwd": os.getcwd(),
+        "recompute": sorted(recompute),
     }
     try:
         fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -71,7 +74,7 @@ def acquire(results: str | Path) -> Path:
         if same_host and not _alive(int(info.get("pid", -1))):
             log.warning("cleared a stale lock on %s left by a killed run (%s)", res, _describe(info))
             p.unlink(missing_ok=True)
-            return acquire(res)
+            return acquire(res, recompute=recompute)
         where = "another run is using it" if same_host else "a run on another host holds it"
         raise ConfigError(
             f"results folder {str(res)!r} is locked: {where} ({_describe(info)}); "
@@ -80,6 +83,14 @@ def acquire(results: str | Path) -> Path:
     with os.fdopen(fd, "w") as fh:
         json.dump(me, fh)
     return p
+
+
+def forced_stages(results: str | Path) -> frozenset[str]:
+    """The stages the run holding the lock was asked to recompute (``--forceall``,
+    ``--forcerun RULE``): their jobs redo every slide, current or not."""
+    info = holder(results) or {}
+    stages = info.get("recompute")
+    return frozenset(str(s) for s in stages) if isinstance(stages, list) else frozenset()
 
 
 def release(results: str | Path) -> None:

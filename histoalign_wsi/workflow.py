@@ -21,12 +21,14 @@ from .config import STAGE_KEYS, Config, validate_config
 from .errors import ConfigError, HistoAlignError
 from .features import get_entry, load_registry
 from .slides.cohort import SlideEntry, discover_slides, read_labels
+from .workflow_keys import MadeFrom, forced_stages_of, run_only_keys
 from .zeroshot.prompts import load_bag
 
 __all__ = [
     "Workflow",
     "bag_file",
     "folder_of",
+    "forced_stages_of",
     "load_workflow",
     "results_of",
 ]
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Workflow:
+class Workflow(MadeFrom):
     """The validated configuration and the cohort, as the rules need them."""
 
     config: Config
@@ -113,11 +115,18 @@ class Workflow:
     def settings(self, stage: str) -> str:
         """``--set`` options carrying only the config keys ``stage`` reads (see
         :data:`histoalign_wsi.config.STAGE_KEYS`), so that a change of, say, the prompt
-        bag reruns only the stages that read it."""
+        bag reruns only the stages that read it. Keys that change how a stage runs but not
+        what it writes (``encode.batch_size``) are left out: :meth:`run_settings` hands
+        them over as a resource, which Snakemake does not rerun a job for."""
         raw = self.config.raw
-        return " ".join(
-            shlex.quote(f"--set={k}={json.dumps(raw[k], sort_keys=True)}") for k in STAGE_KEYS[stage]
-        )
+        run_only = run_only_keys(stage)
+        out = []
+        for k in STAGE_KEYS[stage]:
+            v = raw[k]
+            if k in run_only and isinstance(v, Mapping):
+                v = {a: b for a, b in v.items() if a not in run_only[k]}
+            out.append(shlex.quote(f"--set={k}={json.dumps(v, sort_keys=True)}"))
+        return " ".join(out)
 
     def slide_path(self, slide_id: str) -> str:
         return str(self.cohort[slide_id].path)
@@ -127,13 +136,12 @@ class Workflow:
         return f"--mpp {mpp}" if mpp else ""
 
     def labels_flags(self) -> str:
-        if not self.labels_sheet:
-            return ""
+        """The summarize flags: the metrics' paths always (without labels, files an earlier
+        labelled run left there are removed), the label sheet when there is one."""
         r = self.results
-        return (
-            f"--labels {shlex.quote(self.labels_sheet)} --metrics {shlex.quote(r + '/metrics.json')} "
-            f"--confusion {shlex.quote(r + '/confusion_matrix.png')}"
-        )
+        metrics, confusion = shlex.quote(f"{r}/metrics.json"), shlex.quote(f"{r}/confusion_matrix.png")
+        paths = f"--metrics {metrics} --confusion {confusion}"
+        return f"--labels {shlex.quote(self.labels_sheet)} {paths}" if self.labels_sheet else paths
 
     def calibration_flag(self, inputs: Any) -> str:
         if "calibration" not in _names(inputs):

@@ -25,7 +25,6 @@ from histoalign_wsi.cli import main
 from histoalign_wsi.config import load_config
 from histoalign_wsi.errors import ConfigError, HistoAlignError, SlideError
 from histoalign_wsi.features.store import open_store
-from histoalign_wsi.stages import batch as batch_stage
 from histoalign_wsi.stages import pick_slides, run_batch
 
 from .conftest import CMU
@@ -102,27 +101,86 @@ def test_a_bad_slide_in_a_batch_loses_no_good_one(
 def test_a_rerun_keeps_current_stores_and_redoes_changed_ones(
     cohort: tuple[list[BatchSlide], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import zarr
+
     slides, d = cohort
     res, m = d / "results", d / "results" / "batches"
     if not (m / "prepare.tsv").is_file():
         pytest.skip("needs the batch of the test above")
     cfg = load_config()
-    store = res / "features" / "good2.zarr" / "zarr.json"
+    store, other_store = (res / "features" / f"{s}.zarr" / "zarr.json" for s in ("good2", "gut_1_ü"))
     before = store.stat().st_mtime_ns
     loads = _count_loads(monkeypatch)
     rows = run_batch("encode", slides, res, m / "encode2.tsv", cfg, upstream=m / "prepare.tsv")
     assert [r.status for r in rows] == ["ok", "upstream", "ok"]
     assert loads == [] and store.stat().st_mtime_ns == before  # nothing to encode: no model loaded
-    # other encode settings: the stores are not current any more, and are redone
-    other = load_config(overrides={"encode": {"batch_size": 16}})
+    # a setting that changes how the stage runs, not what it writes: still current
+    faster = load_config(overrides={"encode": {"batch_size": 16, "readers": 1}})
+    run_batch("encode", slides, res, m / "encode3.tsv", faster, upstream=m / "prepare.tsv")
+    assert loads == [] and store.stat().st_mtime_ns == before
+    # one that changes what it writes: the stores are not current any more, and are redone
+    other = load_config(overrides={"encode": {"native_jpeg": False}})
     run_batch("encode", slides, res, m / "encode3.tsv", other, upstream=m / "prepare.tsv")
     assert loads == [1] and store.stat().st_mtime_ns > before
-    # tiles newer than their features (a slide re-tiled): that slide's features are redone
-    tiles = res / "tiles" / "gut_1_ü.zarr" / "zarr.json"
-    feats = res / "features" / "gut_1_ü.zarr" / "zarr.json"
-    os.utime(tiles, ns=(feats.stat().st_mtime_ns + 10**9,) * 2)
-    assert not batch_stage._encoded(batch_stage.paths_for(res, "gut_1_ü"), other)
-    assert batch_stage._encoded(batch_stage.paths_for(res, "good2"), other)
+    # a slide re-tiled (its tile store records other inputs): only its features are redone
+    tiles = zarr.open_group(res / "tiles" / "gut_1_ü.zarr", mode="r+")
+    rec = dict(tiles.attrs["provenance"])
+    tiles.update_attributes({"provenance": rec | {"inputs": rec["inputs"] | {"sheet_mpp": 0.25}}})
+    kept, redone = store.stat().st_mtime_ns, other_store.stat().st_mtime_ns
+    run_batch("encode", slides, res, m / "encode3.tsv", other, upstream=m / "prepare.tsv")
+    assert store.stat().st_mtime_ns == kept and other_store.stat().st_mtime_ns > redone
+    tiles.update_attributes({"provenance": rec})
+
+
+def test_a_new_computation_version_redoes_its_stage_and_those_after(
+    cohort: tuple[list[BatchSlide], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bumping a stage's computation version redoes that stage and the later ones, for
+    every slide, and keeps the earlier stages; a new package version redoes everything."""
+    from histoalign_wsi import provenance
+
+    slides, d = cohort
+    res, m = d / "results", d / "results" / "batches"
+    if not (m / "finish.tsv").is_file():
+        pytest.skip("needs the batch of the first test")
+    cfg = load_config()
+    state = {"text": res / "text.npz", "threads": 1}
+
+    def stamps() -> dict[str, int]:
+        files = {
+            "tiles": res / "tiles" / "good2.zarr" / "zarr.json",
+            "features": res / "features" / "good2.zarr" / "zarr.json",
+            "scores": res / "tile_scores" / "good2.parquet",
+            "geojson": res / "geojson" / "good2.geojson",
+        }
+        return {k: p.stat().st_mtime_ns for k, p in files.items()}
+
+    def run_all() -> None:
+        run_batch("prepare", slides, res, m / "p.tsv", cfg)
+        run_batch("encode", slides, res, m / "e.tsv", cfg, upstream=m / "p.tsv")
+        run_batch("finish", slides, res, m / "f.tsv", cfg, upstream=m / "e.tsv", **state)
+
+    run_all()  # brings every output up to this configuration
+    first = stamps()
+    run_all()
+    assert stamps() == first  # all current: nothing redone
+    monkeypatch.setitem(provenance.STAGE_VERSIONS, "encode", provenance.STAGE_VERSIONS["encode"] + 1)
+    run_all()
+    second = stamps()
+    assert second["tiles"] == first["tiles"]
+    assert all(second[k] > first[k] for k in ("features", "scores", "geojson"))
+    monkeypatch.setitem(provenance.STAGE_VERSIONS, "geojson", provenance.STAGE_VERSIONS["geojson"] + 1)
+    run_all()
+    third = stamps()
+    assert {k: third[k] == second[k] for k in third} == {
+        "tiles": True,
+        "features": True,
+        "scores": True,
+        "geojson": False,
+    }
+    monkeypatch.setattr(provenance, "__version__", "99.0")
+    run_all()
+    assert all(v > third[k] for k, v in stamps().items())
 
 
 def test_an_encoder_that_cannot_load_fails_the_batch_as_a_whole(

@@ -46,7 +46,8 @@ def _unlock(a: argparse.Namespace, cfg: Config) -> int:
 
 
 def _report(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_report(a.predictions, a.out, cfg, results=a.results, embed=a.embed)
+    show = None if a.show is None else [s for s in a.show.split(",") if s]
+    stages.run_report(a.predictions, a.out, cfg, results=a.results, embed=a.embed, show=show)
     return 0
 
 
@@ -107,6 +108,11 @@ def output_commands(sub: Subparsers) -> None:
     p.add_argument("predictions", type=Path, help="predictions.csv")
     p.add_argument("--results", type=Path, help="results folder (default: the CSV's folder)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--show",
+        help="comma-separated sections this run made (metrics,heads,reports,distill; empty: none); "
+        "default: every one whose file exists",
+    )
     p.add_argument(
         "--embed",
         action="store_true",

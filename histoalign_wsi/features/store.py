@@ -56,6 +56,7 @@ def write_tiling(
     slide_attrs: Mapping[str, Any],
     tissue_attrs: Mapping[str, Any],
     config_hash: str,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the tile geometry in the feature-store layout, atomically."""
     path = Path(path)
@@ -78,6 +79,7 @@ def write_tiling(
                 },
                 "package_version": __version__,
                 "config_hash": config_hash,
+                "provenance": dict(provenance) if provenance is not None else None,
             },
         )
         scales = root.create_group("scales")

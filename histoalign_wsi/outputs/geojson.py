@@ -96,9 +96,12 @@ def export_geojson(
     simplify_px: float = 1.0,
     gzip_output: bool | None = None,
     attention: Mapping[tuple[int, int], float] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Stream the FeatureCollection to ``out`` (gzip when it ends in ``.gz``); region
-    areas are also given in µm² when the level-0 ``mpp`` is known."""
+    areas are also given in µm² when the level-0 ``mpp`` is known. ``provenance`` (what it
+    was made from) goes in a foreign member ``histoalign`` (RFC 7946, 6.1), which QuPath
+    ignores."""
     out = Path(out)
     gz = out.name.endswith(".gz") if gzip_output is None else gzip_output
     with (
@@ -114,6 +117,7 @@ def export_geojson(
             _RegionSpec(
                 regions, threshold, simplify_px, mpp, dict(attention) if attention is not None else None
             ),
+            members={"histoalign": {"provenance": dict(provenance)}} if provenance is not None else None,
         )
     return out
 
@@ -134,6 +138,7 @@ def _write(
     dims: tuple[int, int],
     tissue: Mapping[str, Any] | None,
     spec: _RegionSpec,
+    members: Mapping[str, Any] | None = None,
 ) -> None:
     fh.write('{"type":"FeatureCollection","features":[')
     first = True
@@ -193,4 +198,7 @@ def _write(
                 "isLocked": True,
             }
             emit(_feature(_id(slide_id, "tissue"), mapping(geom), props))
-    fh.write("]}\n")
+    more = "".join(
+        f",{json.dumps(k)}:{json.dumps(v, ensure_ascii=False)}" for k, v in (members or {}).items()
+    )
+    fh.write(f"]{more}}}\n")

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import __version__
 from .._atomic import atomic_file
 from ..errors import ConfigError
+from ..provenance import STAGE_VERSIONS, digest
 from ..zeroshot.prediction import Prediction
 from ..zeroshot.tile_scores import class_columns
 from .metrics import classification_metrics, write_json
@@ -42,9 +44,12 @@ def cohort_table(preds: Iterable[Prediction]) -> pd.DataFrame:
         for c, col in zip(classes, cols, strict=True):
             row[col] = (p.probabilities or {}).get(c, np.nan)
         row["n_tiles"] = p.n_tiles
+        row["provenance"] = digest(dict(p.provenance)) if p.provenance else ""
         rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=["slide_id", "predicted_class", "status", "untrained", *cols, "n_tiles"])
+        return pd.DataFrame(
+            columns=["slide_id", "predicted_class", "status", "untrained", *cols, "n_tiles", "provenance"]
+        )
     return pd.DataFrame(rows).sort_values("slide_id").reset_index(drop=True)
 
 
@@ -68,6 +73,7 @@ def summarize(
     labels: Mapping[str, str] | None = None,
     metrics_json: str | Path | None = None,
     confusion_png: str | Path | None = None,
+    labels_hash: str | None = None,
 ) -> pd.DataFrame:
     """Write ``predictions.csv`` (and, with labels, ``metrics.json`` + confusion PNG).
 
@@ -108,6 +114,12 @@ def summarize(
         failed = labelled[labelled["status"] != "ok"]
         m["n_without_tiles"] = len(failed)
         m["slides_without_tiles"] = sorted(failed["slide_id"].tolist())
+        m["provenance"] = {
+            "stage": "summarize",
+            "version": STAGE_VERSIONS["summarize"],
+            "package_version": __version__,
+            "inputs": {"labels": labels_hash, "predictions": digest(table["provenance"].tolist())},
+        }
         write_json(m, metrics_json)
         if confusion_png is not None:
             plot_confusion(m["confusion_matrix"], confusion_png)

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -136,13 +136,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v if v is not None else "–"))
 
 
-def _learned_from_reports(res: Path) -> str:
+def _learned_from_reports(res: Path, show: Callable[[str], bool]) -> str:
     """Short tables of ``reports/metrics.json`` (slide-report models: held-out retrieval
     beside chance, zero-shot diagnosis, linear probe) and ``distill/metrics.json``
     (distilled classifier against no pairing), when those runs exist."""
     out = []
     rp = res / "reports" / "metrics.json"
-    if rp.is_file():
+    if show("reports") and rp.is_file():
         m = json.loads(rp.read_text(encoding="utf-8"))
         out.append(
             "<h2>Learned from reports</h2><div class='scroll'><table id='report-models'><tr><th>model</th>"
@@ -165,7 +165,7 @@ def _learned_from_reports(res: Path) -> str:
             f"{m['reports']['n_texts']} reports truncated by the text tower.</p>"
         )
     dp = res / "distill" / "metrics.json"
-    if dp.is_file():
+    if show("distill") and dp.is_file():
         m = json.loads(dp.read_text(encoding="utf-8"))
         out.append(
             "<h2>Distilled from paired reports</h2><div class='scroll'><table id='distill'><tr>"
@@ -211,10 +211,18 @@ def write_report(
     results: str | Path | None = None,
     embed: bool = False,
     page_size: int = PAGE_SIZE,
+    show: Collection[str] | None = None,
 ) -> Path:
     """Write the HTML report. ``results`` (default: the folder holding
     ``predictions.csv``) holds ``predictions/``, ``heatmaps/`` and the metrics; images are
-    linked relative to ``out``'s folder, or inlined with ``embed``."""
+    linked relative to ``out``'s folder, or inlined with ``embed``. ``show`` names the
+    sections beyond the slides that this run made (``metrics``, ``heads``, ``reports``,
+    ``distill``): a file an earlier run left is not shown as this run's. ``None`` shows
+    every one that exists (the command run by hand)."""
+
+    def shown(section: str) -> bool:
+        return show is None or section in show
+
     res = Path(results) if results else Path(predictions_csv).parent
     base = Path(out).resolve().parent
     res_abs = res.resolve()
@@ -222,7 +230,7 @@ def write_report(
     preds = _prediction_files(res / "predictions", table["slide_id"].astype(str).tolist())
     rows: list[list[Any]] = []
     first: Prediction | None = None
-    head_names, by_head = head_predictions(res)
+    head_names, by_head = head_predictions(res) if shown("heads") else ([], {})
     for row, p in _rows(table, preds, res_abs, base, embed=embed, heads=by_head):
         rows.append(row)
         if first is None and p is not None:
@@ -281,9 +289,9 @@ def write_report(
         "head looked: its attention per tile (a slide-level head trained on the labels)</figcaption>"
         "</figure></div></div>"
     )
-    parts.append(_metrics(res, base, embed=embed))
-    parts.append(heads_section(res))
-    parts.append(_learned_from_reports(res))
+    parts.append(_metrics(res, base, embed=embed) if shown("metrics") else "")
+    parts.append(heads_section(res) if shown("heads") else "")
+    parts.append(_learned_from_reports(res, shown))
     data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size, "heads": head_names}
     parts.append(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -189,8 +190,12 @@ def remove_small_components(mask: NDArray[np.bool_], max_size: int) -> NDArray[n
     return np.asarray(keep[labels], dtype=bool)
 
 
-def save_tissue(result: TissueResult, slide: Slide, out_png: str | Path) -> Path:
-    """Write the mask PNG and, beside it, ``<name>.json`` with scale, polygons and params."""
+def save_tissue(
+    result: TissueResult, slide: Slide, out_png: str | Path, *, provenance: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the mask PNG and, beside it, ``<name>.json`` with scale, polygons, params and
+    what it was made from (``provenance``; the JSON is written last, so a JSON with a
+    record means a complete pair)."""
     out_png = Path(out_png)
     meta: dict[str, Any] = {
         "slide": str(slide.path),
@@ -202,12 +207,14 @@ def save_tissue(result: TissueResult, slide: Slide, out_png: str | Path) -> Path
         "tissue_fraction": result.area_fraction,
         "params": asdict(result.params),
         "polygons": shapely.geometry.mapping(result.polygons),
+        "provenance": dict(provenance) if provenance is not None else None,
     }
     json_path = out_png.with_suffix(".json")
-    with atomic_file(json_path) as tmp:
-        tmp.write_text(json.dumps(meta))
+    json_path.unlink(missing_ok=True)
     with atomic_file(out_png) as tmp:
         Image.fromarray(result.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(meta))
     return out_png
 
 

@@ -9,14 +9,19 @@ batch manifest (:mod:`histoalign_wsi.batches`) appears when the batch is done.""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._atomic import atomic_file
 from ..batches import FAILED, OK, BatchSlide, ManifestRow, read_manifest, write_manifest
-from ..config import Config, config_hash
-from ..errors import ConfigError, HistoAlignError, SlideError
+from ..config import Config
+from ..errors import ConfigError, HistoAlignError, SlideError, StoreError
+from ..provenance import Expected, HashCache, differs, digest
+from ..runlock import forced_stages
 
 __all__ = ["UPSTREAM", "paths_for", "pick_slides", "run_batch"]
 
@@ -41,88 +46,113 @@ def paths_for(results: Path, sid: str) -> dict[str, Path]:
     }
 
 
-def _mtime(p: Path) -> float:
-    """A store's time is its root metadata's (the folder's own changes on every listing)."""
-    f = p / "zarr.json" if p.is_dir() else p
-    return f.stat().st_mtime if f.exists() else -1.0
-
-
-def _store_hash(path: Path, key: str) -> str | None:
-    """The config hash a complete store records under ``key`` (None: absent or broken)."""
-    from ..features.store import open_store
-
+def _stored(p: Path) -> Any:
+    """The provenance record an output holds (None: absent, half-written or not ours):
+    a tissue JSON's, a store's root attribute."""
     try:
-        st = open_store(path)
-        return None if st.validate(check_norms=False) else st.attrs.get(key)
-    except Exception:  # a half-written or foreign folder: not complete
+        if p.suffix == ".json":
+            return json.loads(p.read_text(encoding="utf-8")).get("provenance")
+        from ..features.store import open_store
+
+        st = open_store(p)
+        return None if st.validate(check_norms=False) else st.attrs.get("provenance")
+    except Exception:  # a half-written or foreign file: not current
         return None
 
 
-def _prepared(s: BatchSlide, p: dict[str, Path], cfg: Config) -> bool:
-    """Tiles complete, made with these settings, newer than the slide file."""
-    return (
-        p["tissue"].is_file()
-        and p["tissue_meta"].is_file()
-        and _store_hash(p["tiles"], "config_hash") == config_hash(cfg, "tile")
-        and _mtime(p["tiles"]) >= Path(s.path).stat().st_mtime
-    )
+def _keep(what: str, s: BatchSlide, stored: Any, expected: dict[str, Any], ctx: _Context) -> bool:
+    """Whether an output is current (and the stage not forced); logs why it is redone."""
+    why = "recompute asked (--forcerun/--forceall)" if ctx.forced else differs(stored, expected)
+    if why is None:
+        log.info("%s: %s are current, kept", s.slide_id, what)
+        return True
+    if stored is not None:
+        log.info("%s: %s redone: %s", s.slide_id, what, why)
+    return False
 
 
-def _encoded(p: dict[str, Path], cfg: Config) -> bool:
-    """Features complete, made with these settings, newer than their tiles."""
-    return _store_hash(p["features"], "encode_config_hash") == config_hash(cfg, "encode") and _mtime(
-        p["features"]
-    ) >= _mtime(p["tiles"])
+def _relocate(p: Path, slide_path: str) -> None:
+    """A kept output of a slide that moved (another folder, another mount) names where
+    the slide is now, as a run from scratch would: its bytes are the same."""
+    new = str(Path(slide_path))
+    if p.suffix == ".json":
+        meta = json.loads(p.read_text(encoding="utf-8"))
+        if meta.get("slide") != new:
+            with atomic_file(p) as tmp:
+                tmp.write_text(json.dumps(meta | {"slide": new}), encoding="utf-8")
+        return
+    import zarr
+
+    root = zarr.open_group(p, mode="r")
+    raw = root.attrs.get("slide")
+    slide = dict(raw) if isinstance(raw, Mapping) else {}
+    if slide.get("path") != new:
+        zarr.open_group(p, mode="r+").update_attributes({"slide": slide | {"path": new}})
+        log.info("%s: recorded the slide's new place %s", p.name, new)
 
 
-def _prepare(s: BatchSlide, p: dict[str, Path], cfg: Config, state: dict[str, Any]) -> Path:
+@dataclass
+class _Context:
+    """What a batch job shares across its slides."""
+
+    expected: Expected
+    forced: bool
+    state: dict[str, Any]
+
+
+def _prepare(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Path:
     from .pipeline import run_tile, run_tissue
 
-    if _prepared(s, p, cfg):
-        log.info("%s: tiles are current, kept", s.slide_id)
+    try:
+        rec = ctx.expected.prepare(s.path, s.mpp)
+    except OSError:  # let the reader say what is wrong with the file, in one line
+        from .pipeline import open_for
+
+        with open_for(s.path, cfg, mpp=s.mpp):
+            pass
+        raise
+    if not (p["tissue"].is_file() and _keep("tissue", s, _stored(p["tissue_meta"]), rec, ctx)):
+        run_tissue(s.path, p["tissue"], cfg, mpp=s.mpp, provenance=rec)
+    elif _keep("tiles", s, _stored(p["tiles"]), rec, ctx):
+        _relocate(p["tissue_meta"], s.path)
+        _relocate(p["tiles"], s.path)
         return p["tiles"]
-    run_tissue(s.path, p["tissue"], cfg, mpp=s.mpp)
-    return run_tile(s.path, p["tiles"], cfg, tissue_png=p["tissue"], slide_id=s.slide_id, mpp=s.mpp)
+    return run_tile(
+        s.path, p["tiles"], cfg, tissue_png=p["tissue"], slide_id=s.slide_id, mpp=s.mpp, provenance=rec
+    )
 
 
-def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, state: dict[str, Any]) -> Path:
+def _encode_record(p: dict[str, Path], ctx: _Context) -> dict[str, Any]:
+    return ctx.expected.encode(digest(_stored(p["tiles"])), offline=False)
+
+
+def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Path:
     from .pipeline import run_encode
 
-    if _encoded(p, cfg):
-        log.info("%s: features are current, kept", s.slide_id)
+    if _stored(p["tiles"]) is None:
+        raise StoreError(f"tile store {str(p['tiles'])!r} is missing or incomplete: rerun prepare")
+    rec = _encode_record(p, ctx)
+    if _keep("features", s, _stored(p["features"]), rec, ctx):
+        _relocate(p["features"], s.path)
         return p["features"]
     return run_encode(
-        p["tiles"], s.path, p["features"], cfg, threads=state.get("threads"), encoders=state["encoders"]
-    )
-
-
-def _finish(s: BatchSlide, p: dict[str, Path], cfg: Config, state: dict[str, Any]) -> Path:
-    from .outputs import run_export_geojson, run_heatmap
-    from .pipeline import run_score
-
-    attention = p["attention"] if state.get("attention") and p["attention"].is_file() else None
-    run_score(
-        [p["features"]],
+        p["tiles"],
+        s.path,
+        p["features"],
         cfg,
-        text_path=state["text"],
-        prediction=p["prediction"],
-        tile_scores=p["tile_scores"],
-        calibration=state.get("calibration"),
+        threads=ctx.state.get("threads"),
+        encoders=ctx.state["encoders"],
+        provenance=rec,
     )
-    run_heatmap(p["tile_scores"], p["prediction"], Path(s.path), p["heatmaps"], cfg, attention=attention)
-    run_export_geojson(
-        p["tile_scores"],
-        p["prediction"],
-        p["geojson"],
-        cfg,
-        store=p["tiles"],
-        tissue=p["tissue_meta"],
-        attention=attention,
-    )
-    return p["prediction"]
 
 
-_STAGES: dict[str, Callable[[BatchSlide, dict[str, Path], Config, dict[str, Any]], Path]] = {
+def _finish(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Path:
+    from .finish import finish_slide
+
+    return finish_slide(s, p, cfg, ctx.expected, ctx.state, forced=ctx.forced)
+
+
+_STAGES: dict[str, Callable[[BatchSlide, dict[str, Path], Config, _Context], Path]] = {
     "prepare": _prepare,
     "encode": _encode,
     "finish": _finish,
@@ -151,7 +181,12 @@ def run_batch(
     step = _STAGES[stage]
     before = {r.slide_id: r for r in read_manifest(upstream)[0]} if upstream is not None else {}
     todo = [s for s in slides if before.get(s.slide_id) is None or before[s.slide_id].ok]
-    if stage == "encode" and any(not _encoded(paths_for(results, s.slide_id), cfg) for s in todo):
+    ctx = _Context(Expected(cfg, HashCache.for_results(results)), stage in forced_stages(results), state)
+    if stage == "finish":
+        from .finish import sweep_temporaries
+
+        sweep_temporaries(paths_for(results, "-"))
+    if stage == "encode" and any(_needs_encoding(paths_for(results, s.slide_id), ctx) for s in todo):
         # once per batch, and only when a slide needs it; an encoder that cannot load
         # fails the job as a whole (every slide would fail alike)
         from ..features.adapters import load_encoders, resolve_device
@@ -166,7 +201,7 @@ def run_batch(
             continue
         p = paths_for(results, s.slide_id)
         try:
-            output = step(s, p, cfg, state)
+            output = step(s, p, cfg, ctx)
         except HistoAlignError as exc:
             log.error("%s %s: %s", stage, s.slide_id, exc)
             rows.append(ManifestRow(s.slide_id, FAILED, "", f"{stage}: {exc}"))
@@ -178,6 +213,7 @@ def run_batch(
             )
             continue
         rows.append(ManifestRow(s.slide_id, OK, str(output)))
+    ctx.expected.cache.save()
     write_manifest(out, rows, token=token)
     failed = [r for r in rows if r.status == FAILED]
     log.info(
@@ -188,6 +224,10 @@ def run_batch(
         f"; failed: {', '.join(r.slide_id for r in failed)}" if failed else "",
     )
     return rows
+
+
+def _needs_encoding(p: dict[str, Path], ctx: _Context) -> bool:
+    return ctx.forced or differs(_stored(p["features"]), _encode_record(p, ctx)) is not None
 
 
 def pick_slides(slides: Sequence[BatchSlide], manifest: Path, out: Path) -> list[ManifestRow]:

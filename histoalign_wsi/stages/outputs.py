@@ -4,6 +4,7 @@ segmentation evaluation and the report. None of them imports torch (tested)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from .pipeline import open_for
 
 __all__ = ["run_evaluate_segmentation", "run_export_geojson", "run_heatmap", "run_report", "run_summarize"]
 
+log = logging.getLogger(__name__)
+
 
 def run_summarize(
     predictions: Sequence[Path],
@@ -24,12 +27,29 @@ def run_summarize(
     metrics: Path | None = None,
     confusion: Path | None = None,
 ) -> Path:
+    """``predictions.csv`` (and, with labels, the metrics and confusion matrix, which
+    record the label sheet's content hash). Without labels, a ``metrics`` or ``confusion``
+    file left by an earlier labelled run is removed: no rule of this run made it."""
     from ..outputs.predictions import summarize
+    from ..provenance import HashCache
     from ..zeroshot.prediction import Prediction
 
     sheet = read_labels(labels) if labels else None
+    if sheet is None:
+        for stale in (metrics, confusion):
+            if stale is not None and stale.is_file():
+                stale.unlink()
+                log.info("removed %s: no label sheet in this run", stale)
     streamed = (Prediction.read(p) for p in predictions)  # one at a time: flat memory
-    summarize(streamed, out, labels=sheet, metrics_json=metrics, confusion_png=confusion)
+    labels_hash = HashCache().sha256(labels) if labels else None
+    summarize(
+        streamed,
+        out,
+        labels=sheet,
+        metrics_json=metrics if sheet is not None else None,
+        confusion_png=confusion if sheet is not None else None,
+        labels_hash=labels_hash,
+    )
     return out
 
 
@@ -79,6 +99,7 @@ def run_export_geojson(
     tissue: Path | None = None,
     gzip: bool = False,
     attention: Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     from ..features.store import open_store
     from ..outputs.geojson import export_geojson
@@ -103,6 +124,7 @@ def run_export_geojson(
         simplify_px=cfg.geojson.simplify_px,
         gzip_output=True if gzip or cfg.geojson.gzip else None,
         attention=_attention_map(attention),
+        provenance=provenance,
     )
 
 
@@ -145,6 +167,7 @@ def run_report(
     *,
     results: Path | None = None,
     embed: bool | None = None,
+    show: Sequence[str] | None = None,
 ) -> Path:
     from ..outputs.report import PAGE_SIZE, write_report
 
@@ -152,6 +175,7 @@ def run_report(
         predictions_csv,
         out,
         results=results,
+        show=show,
         embed=cfg.report.embed if embed is None and cfg is not None else bool(embed),
         page_size=cfg.report.page_size if cfg is not None else PAGE_SIZE,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +66,32 @@ def run_make_demo_slides(outdir: Path, *, truth: Path | None = None, **spec: Any
     return make_demo_cohort(outdir, masks_dir=truth, **spec)
 
 
-def run_tissue(slide_path: str | Path, out_png: str | Path, cfg: Config, *, mpp: float | None = None) -> Path:
-    """Detect tissue and write ``out_png`` (+ ``.json`` with scale and polygons)."""
+def _prepare_record(
+    slide_path: str | Path, cfg: Config, mpp: float | None, given: Mapping[str, Any] | None
+) -> Mapping[str, Any]:
+    """The record of tissue and tiles: the batch stage's, or one made now."""
+    from ..provenance import Expected, HashCache
+
+    return given if given is not None else Expected(cfg, HashCache()).prepare(slide_path, mpp)
+
+
+def run_tissue(
+    slide_path: str | Path,
+    out_png: str | Path,
+    cfg: Config,
+    *,
+    mpp: float | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Detect tissue and write ``out_png`` (+ ``.json`` with scale, polygons and what it was
+    made from)."""
     from ..slides.tissue import detect_tissue, save_tissue
 
     with open_for(slide_path, cfg, mpp=mpp) as slide:
+        record = _prepare_record(slide_path, cfg, mpp, provenance)  # once the file is known good
         result = detect_tissue(slide, cfg.tissue, max_megapixels=cfg.max_read_megapixels)
         log.info("%s: tissue covers %.1f%% of the slide", slide.path.name, 100 * result.area_fraction)
-        return save_tissue(result, slide, out_png)
+        return save_tissue(result, slide, out_png, provenance=record)
 
 
 def run_tile(
@@ -84,6 +102,7 @@ def run_tile(
     tissue_png: str | Path | None = None,
     slide_id: str | None = None,
     mpp: float | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Lay the nested grids and write the tile store (the feature-store layout)."""
     from ..features.store import write_tiling
@@ -92,6 +111,7 @@ def run_tile(
 
     sid = slide_id or slide_id_for(slide_path)
     with open_for(slide_path, cfg, mpp=mpp) as slide:
+        record = _prepare_record(slide_path, cfg, mpp, provenance)
         if tissue_png is not None:
             mask, meta = load_tissue(tissue_png)
             scale = float(meta["level0_px_per_mask_px"])
@@ -113,6 +133,7 @@ def run_tile(
             slide_attrs=slide.attrs(sid) | {"package_version": __version__},
             tissue_attrs=tissue_attrs,
             config_hash=config_hash(cfg, "tile"),
+            provenance=record,
         )
 
 
@@ -127,18 +148,25 @@ def run_encode(
     *,
     threads: int | None = None,
     encoders: Sequence[Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Copy the tile geometry into a new feature store and add every encoder's features,
     within a budget of ``threads`` CPU threads (readers + torch). ``encoders`` already
-    loaded (a batch of slides loads them once) are used as they are."""
+    loaded (a batch of slides loads them once) are used as they are. The store records
+    ``provenance`` (made now when not given: the tile store's digest and the encoders'
+    identities)."""
     import torch
     import zarr
 
     from ..features.adapters import load_encoders, resolve_device
     from ..features.encode import EncodeSettings, run_pipeline, thread_budget
     from ..features.store import copy_geometry, create_features, open_store
+    from ..provenance import Expected, HashCache, digest
 
     src = open_store(tile_store)
+    record = provenance
+    if record is None:
+        record = Expected(cfg, HashCache()).encode(digest(src.attrs.get("provenance")), offline=False)
     device = resolve_device(cfg.device)
     encoders = list(encoders) if encoders is not None else load_encoders(cfg, device=device)
     meta = src.attrs["slide"]
@@ -178,6 +206,7 @@ def run_encode(
                     "untrained": any(e.entry.untrained for e in encoders),
                     "encode_device": device,
                     "encode_config_hash": config_hash(cfg, "encode"),
+                    "provenance": dict(record),
                 }
             )
             names = ", ".join(e.name for e in encoders)
@@ -212,16 +241,37 @@ def run_inspect(store: Path) -> dict[str, Any]:
 
 
 def run_embed_prompts(out: Path, cfg: Config, *, cache: Path | None = None) -> Path:
-    from ..zeroshot.text import save_text, text_for
+    """Embed the bag with every configured encoder; the file records what it was made
+    from. A run forced with ``--forcerun embed_prompts`` (or ``--forceall``) recomputes
+    the cached entries too."""
+    from ..features.adapters import load_encoders, resolve_device
+    from ..provenance import Expected, HashCache
+    from ..runlock import forced_stages
+    from ..zeroshot.prompts import load_bag
+    from ..zeroshot.text import embed_bag, save_text
 
-    return save_text(text_for(cfg, None, cache or Path(cfg.results) / "cache" / "text"), out)
+    cache = cache or Path(cfg.results) / "cache" / "text"
+    hashes = HashCache(cache.parent / "hashes.json")
+    recompute = "embed_prompts" in forced_stages(cache.parent.parent)
+    encs = load_encoders(cfg, device=resolve_device(cfg.device))
+    te = embed_bag(
+        load_bag(cfg.prompt_bag), encs, protocol=cfg.protocol, cache_dir=cache, recompute=recompute
+    )
+    te = dataclasses.replace(te, provenance=Expected(cfg, hashes).text(offline=False))
+    hashes.save()
+    return save_text(te, out)
 
 
 def run_calibrate(stores: Sequence[Path], text_path: Path, out: Path, cfg: Config) -> Path:
+    from ..features.store import open_store
+    from ..provenance import digest, make_record
     from ..zeroshot.calibration import cohort_offsets
     from ..zeroshot.text import load_text
 
-    return cohort_offsets(stores, load_text(text_path), cfg).write(out)
+    text = load_text(text_path)
+    made_from = sorted(digest(open_store(s).attrs.get("provenance")) for s in stores)
+    record = make_record("calibrate", cfg, {"features": digest(made_from), "text": digest(text.provenance)})
+    return cohort_offsets(stores, text, cfg).write(out, provenance=record)
 
 
 def run_score(

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -72,7 +73,7 @@ class CalibrationOffsets:
             )
         return np.asarray(self.offsets[scale], np.float32)
 
-    def write(self, path: str | Path) -> Path:
+    def write(self, path: str | Path, *, provenance: Mapping[str, Any] | None = None) -> Path:
         bad = [s for s, v in self.offsets.items() if not np.isfinite(np.asarray(v, np.float64)).all()]
         if bad:
             raise StoreError(
@@ -89,6 +90,7 @@ class CalibrationOffsets:
             "weighting": self.weighting,
             "n_slides": self.n_slides,
             "offsets": {s: list(v) for s, v in self.offsets.items()},
+            "provenance": dict(provenance) if provenance is not None else None,
         }
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")

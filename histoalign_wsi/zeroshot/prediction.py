@@ -44,6 +44,9 @@ class Prediction:
     top_tiles: Sequence[Mapping[str, Any]] = ()
     method: str = "zero-shot"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: what it was made from, per output of the finish stage: ``score`` (this file and the
+    #: tile scores), ``heatmap``, ``geojson`` (see :mod:`histoalign_wsi.provenance`)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -71,7 +74,10 @@ class Prediction:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "prediction") -> Prediction:
         names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - {"extra"}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - {
+            "extra",
+            "provenance",
+        }
         missing = sorted(required - set(d))
         if missing:
             raise StoreError(f"{source}: not a prediction file (missing {', '.join(missing)})")

@@ -6,8 +6,9 @@ import sys
 
 from histoalign_wsi.errors import ConfigError
 from histoalign_wsi.slides.cohort import SLIDE_ID_PATTERN
+from histoalign_wsi.provenance import STAGE_VERSIONS
 from histoalign_wsi.run_status import finish_run, start_run
-from histoalign_wsi.workflow import bag_file, folder_of, load_workflow, results_of
+from histoalign_wsi.workflow import bag_file, folder_of, forced_stages_of, load_workflow, results_of
 
 try:
     WF = load_workflow(config)

@@ -11,6 +11,7 @@ rule encode:
         retry=lambda w: WF.retry("encode", w.batch),
         results=results_of("manifest", 3),
         settings=WF.settings("encode"),
+        made_from=WF.encode_key,
     log:
         f"{R}/logs/encode/{{batch}}.log",
     benchmark:
@@ -19,9 +20,10 @@ rule encode:
     resources:
         mem_mb=8000,
         gpu=1,
+        run_settings=WF.run_settings("encode"),
     conda:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi batch encode --threads {threads} --spec {params.spec:q} --results {params.results:q} "
-        "--upstream {input.upstream:q} --out {output.manifest:q} --token={params.retry:q} {params.settings} "
+        "--upstream {input.upstream:q} --out {output.manifest:q} --token={params.retry:q} {params.settings} {resources.run_settings} "
         "2>&1 | tee {log:q} >&2"

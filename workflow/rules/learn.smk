@@ -11,6 +11,7 @@ rule fit:
     params:
         labels=WF.fit_labels_flag(),
         settings=WF.settings("fit"),
+        made_from=WF.file_key(WF.labels_sheet),
     log:
         f"{R}/logs/fit.log",
     benchmark:

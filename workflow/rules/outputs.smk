@@ -34,6 +34,7 @@ rule report:
     params:
         results=folder_of("csv"),
         settings=WF.settings("report"),
+        show=WF.report_show(),
     log:
         f"{R}/logs/report.log",
     benchmark:
@@ -45,4 +46,4 @@ rule report:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi report --threads {threads} {input.csv:q} --results {params.results:q} --out {output.html:q} "
-        "{params.settings} 2>&1 | tee {log:q} >&2"
+        "{params.show} {params.settings} 2>&1 | tee {log:q} >&2"

@@ -12,6 +12,7 @@ rule prepare:
         retry=lambda w: WF.retry("prepare", w.batch),
         results=results_of("manifest", 3),
         settings=WF.settings("prepare"),
+        made_from=lambda w: WF.prepare_key(w.batch),
     log:
         f"{R}/logs/prepare/{{batch}}.log",
     benchmark:

@@ -15,6 +15,7 @@ rule train_reports:
         reports=WF.reports_flag(),
         labels=WF.fit_labels_flag(),
         settings=WF.settings("train_reports"),
+        made_from=lambda w: [WF.file_key(WF.config.reports), WF.file_key(WF.labels_sheet)],
     log:
         f"{R}/logs/train_reports.log",
     benchmark:
@@ -40,6 +41,7 @@ rule pair_reports:
         out=lambda w, output: os.path.dirname(output.pairs),
         corpus=WF.corpus_flag(),
         settings=WF.settings("pair_reports"),
+        made_from=lambda w: WF.file_key(WF.config.report_corpus),
     log:
         f"{R}/logs/pair_reports.log",
     benchmark:
@@ -65,6 +67,7 @@ rule distill:
         out=lambda w, output: os.path.dirname(output.metrics),
         labels=WF.fit_labels_flag(),
         settings=WF.settings("distill"),
+        made_from=WF.file_key(WF.labels_sheet),
     log:
         f"{R}/logs/distill.log",
     benchmark:

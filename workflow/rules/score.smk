@@ -6,6 +6,7 @@ rule embed_prompts:
     params:
         cache=f"{R}/cache/text",
         settings=WF.settings("embed_prompts"),
+        made_from=WF.text_key,
     log:
         f"{R}/logs/embed_prompts.log",
     benchmark:
@@ -28,6 +29,7 @@ rule calibrate:
         calibration=f"{R}/calibration.json",
     params:
         settings=WF.settings("calibrate"),
+        made_from=STAGE_VERSIONS["calibrate"],
     log:
         f"{R}/logs/calibrate.log",
     benchmark:
@@ -55,6 +57,7 @@ rule finish:
         results=results_of("manifest", 3),
         flags=lambda w, input: WF.finish_flags(input),
         settings=WF.settings("finish"),
+        made_from=WF.finish_key,
     log:
         f"{R}/logs/finish/{{batch}}.log",
     benchmark:
@@ -79,6 +82,7 @@ rule summarize:
         confusion=f"{R}/confusion_matrix.png" if WF.labels_sheet else [],
     params:
         labels=WF.labels_flags(),
+        made_from=WF.summarize_key,
     log:
         f"{R}/logs/summarize.log",
     benchmark:
