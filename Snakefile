@@ -38,7 +38,6 @@ onstart:
         start_run(R, recompute=forced_stages_of(workflow.dag_settings))
     except ConfigError as exc:
         sys.exit(f"histoalign-wsi: {exc}")
-    WF.save_hashes()
 
 
 onsuccess:

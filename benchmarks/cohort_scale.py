@@ -15,6 +15,8 @@ Parts (each a fresh process, peak RSS read by ``os.wait4``):
 - ``report``: ``report.html`` of N slides (synthetic predictions, heatmaps linked from one
   small image): bytes, bytes per slide, time to write, and time for headless Chromium to
   load it and draw the table.
+- ``rerun``: a rerun with nothing changed on a finished results folder of N links to one
+  small slide (``--before REF`` beside it): what the provenance checks add.
 - ``memory``: peak RSS of ``calibrate`` over N small feature stores and of ``summarize``
   over N prediction files, at two sizes: flat means the stage does not hold the cohort.
 
@@ -97,6 +99,44 @@ def part_dag(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str, A
             row = {"part": "dag", "code": code.label, "slides": n, "jobs": jobs, "wall_s": wall}
             rows.append(row | {"peak_rss_mib": rss})
             print(rows[-1], flush=True)
+        shutil.rmtree(slides)
+    return rows
+
+
+def _complete(res: Path, n: int) -> None:
+    """A results folder as a finished run of ``n`` slides leaves it, as far as Snakemake
+    looks: every batch manifest (every slide ok) and every cohort output. Snakemake's own
+    records then come from ``--touch``."""
+    from histoalign_wsi.batches import ManifestRow, cut_batches, write_manifest
+
+    ids = [f"slide_{i:05d}" for i in range(n)]
+    for batch, slides in cut_batches(ids, 20).items():
+        for stage in ("prepare", "encode", "finish"):
+            write_manifest(res / "batches" / stage / f"{batch}.tsv", [ManifestRow(s, "ok", "x") for s in slides])
+    for name in ("text_embeddings.npz", "predictions.csv", "report.html"):
+        (res / name).write_bytes(b"")
+
+
+def part_rerun(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str, Any]]:
+    """A rerun with nothing changed (``snakemake --cores 2`` on a finished results folder
+    of N links to one small slide): what the provenance checks (slide fingerprints by stat,
+    encoder identities, prompt digests) add to it. Run twice after ``--touch``: the first
+    rerun of ``now`` may still hash files the touch did not; the second is the steady state."""
+    rows = []
+    for n in sizes:
+        slides = _links(tmp / f"rerun{n}", n)
+        for code in codes:
+            res = tmp / f"rr{n}_{code.label.replace(' ', '_')}"
+            _complete(res, n)
+            cmd = [SNAKEMAKE, "--cores", "2", "--directory", str(tmp), "--snakefile", str(code.root / "Snakefile")]
+            cmd += ["--configfile", str(REPO / "config.yaml"), "--config", f"slides={slides}", f"results={res}"]
+            subprocess.run([*cmd, "--touch"], capture_output=True, check=True, cwd=tmp, env=code.env)
+            for attempt in ("first", "steady"):
+                rss, wall = measure(cmd, env=code.env, cwd=tmp)
+                row = {"part": "rerun", "code": code.label, "slides": n, "stage": attempt, "wall_s": wall}
+                rows.append(row | {"peak_rss_mib": rss})
+                print(rows[-1], flush=True)
+            shutil.rmtree(res)
         shutil.rmtree(slides)
     return rows
 
@@ -243,7 +283,7 @@ def part_memory(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["dag", "real", "report", "memory"]
+    parts = ["dag", "real", "report", "memory", "rerun"]
     ap.add_argument("--parts", nargs="+", default=["dag", "report", "memory"], choices=parts)
     ap.add_argument("--dag", type=int, nargs="+", default=[1000, 4000, 10000])
     ap.add_argument("--real", type=int, default=200, help="slides of the real run")
@@ -252,6 +292,7 @@ def main() -> None:
     )
     ap.add_argument("--report", type=int, nargs="+", default=[200, 1000, 10000])
     ap.add_argument("--memory", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--rerun", type=int, nargs="+", default=[1000, 10000], help="no-change rerun sizes")
     ap.add_argument("--before", help="a git ref measured beside this checkout (dag, memory), e.g. 7358e00")
     a = ap.parse_args()
     rows: list[dict[str, Any]] = []
@@ -271,6 +312,8 @@ def main() -> None:
                 rows += part_report(a.report, tmp)
             if "memory" in a.parts:
                 rows += part_memory(a.memory, tmp, codes)
+            if "rerun" in a.parts:
+                rows += part_rerun(a.rerun, tmp, codes)
             if "real" in a.parts:
                 rows += part_real(a.real, a.slides_per_job, tmp)
         finally:

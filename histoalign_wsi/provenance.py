@@ -153,9 +153,11 @@ class HashCache:
         return cls(Path(results) / "cache" / "hashes.json")
 
     def _cached(self, kind: str, path: str | Path, compute: Any) -> str:
+        """By the file itself (device and inode, as ``stat`` follows links): a renamed or
+        linked file is not read again; any rewrite changes its size, mtime or ctime."""
         p = os.path.abspath(path)
         st = os.stat(p)
-        key = f"{kind}:{p}"
+        key = f"{kind}:{st.st_dev}:{st.st_ino}"
         stat = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         hit = self._entries.get(key)
         if hit is not None and hit[:5] == stat:

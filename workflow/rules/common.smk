@@ -1,6 +1,7 @@
 # Shared by the stage files: the validated configuration and cohort (checked before
 # anything runs; see histoalign_wsi/workflow.py), and the names the rules use.
 
+import atexit
 import os
 import sys
 
@@ -15,3 +16,6 @@ try:
 except ConfigError as exc:  # one line naming the key or value, before any job
     sys.exit(f"histoalign-wsi: {exc}")
 R = WF.results
+# the slide fingerprints and file hashes learned while the DAG was built (any mode: a dry
+# run too), so that the next run only stats the files
+atexit.register(WF.save_hashes)
