@@ -112,7 +112,9 @@ def _complete(res: Path, n: int) -> None:
     ids = [f"slide_{i:05d}" for i in range(n)]
     for batch, slides in cut_batches(ids, 20).items():
         for stage in ("prepare", "encode", "finish"):
-            write_manifest(res / "batches" / stage / f"{batch}.tsv", [ManifestRow(s, "ok", "x") for s in slides])
+            write_manifest(
+                res / "batches" / stage / f"{batch}.tsv", [ManifestRow(s, "ok", "x") for s in slides]
+            )
     for name in ("text_embeddings.npz", "predictions.csv", "report.html"):
         (res / name).write_bytes(b"")
 
@@ -128,8 +130,22 @@ def part_rerun(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str,
         for code in codes:
             res = tmp / f"rr{n}_{code.label.replace(' ', '_')}"
             _complete(res, n)
-            cmd = [SNAKEMAKE, "--cores", "2", "--directory", str(tmp), "--snakefile", str(code.root / "Snakefile")]
-            cmd += ["--configfile", str(REPO / "config.yaml"), "--config", f"slides={slides}", f"results={res}"]
+            cmd = [
+                SNAKEMAKE,
+                "--cores",
+                "2",
+                "--directory",
+                str(tmp),
+                "--snakefile",
+                str(code.root / "Snakefile"),
+            ]
+            cmd += [
+                "--configfile",
+                str(REPO / "config.yaml"),
+                "--config",
+                f"slides={slides}",
+                f"results={res}",
+            ]
             subprocess.run([*cmd, "--touch"], capture_output=True, check=True, cwd=tmp, env=code.env)
             for attempt in ("first", "steady"):
                 rss, wall = measure(cmd, env=code.env, cwd=tmp)

@@ -61,14 +61,23 @@ STAGE_VERSIONS: Mapping[str, int] = {
     "heatmap": 1,  # outputs/heatmaps.py, raster.py
     "geojson": 1,  # outputs/geojson.py
     "summarize": 1,  # predictions.csv, metrics.json (outputs/predictions.py, metrics.py)
+    "fit": 1,  # heads and their cross-validation (learn/heads.py, abmil.py, bags.py)
 }
 
 #: Settings that change how a stage runs, never what it writes: left out of its hash, so
 #: changing them redoes nothing (``encode.batch_size`` gives the same store). Where the
-#: weights and the bag come from is left out too: their content is among the inputs.
+#: weights and the bag come from is left out too: their content is among the inputs, as
+#: is each configured encoder's identity (so the list of names is left out as well).
 NOT_OUTPUT: Mapping[str, tuple[str, ...]] = {
-    "encode": ("encode.batch_size", "encode.readers", "encode.prefetch", "offline", "encoder_registry"),
-    "embed_prompts": ("offline", "encoder_registry", "prompt_bag"),
+    "encode": (
+        "encode.batch_size",
+        "encode.readers",
+        "encode.prefetch",
+        "offline",
+        "encoder_registry",
+        "encoders",
+    ),
+    "embed_prompts": ("offline", "encoder_registry", "prompt_bag", "encoders"),
     "train_reports": ("offline", "encoder_registry"),
     "pair_reports": ("offline", "encoder_registry"),
 }

@@ -245,3 +245,39 @@ def test_a_slide_target_and_a_bad_spec_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a batch manifest"):
         read_manifest(tmp_path / "x.tsv")
     assert expand_inputs([tmp_path / "x.tsv"]) == [tmp_path / "x.tsv"]  # not a manifest: as given
+
+
+def test_an_added_encoder_does_not_re_encode_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second encoder added to the config: the first one's features are copied from the
+    current store (not encoded again), and the store equals one made from scratch."""
+    import numpy as np
+
+    slide = tmp_path / "s.svs"
+    shutil.copy(CMU, slide)
+    reg = tmp_path / "reg.yaml"
+    from histoalign_wsi.features import registry
+
+    demo = (Path(registry.__file__).parent / "registry.yaml").read_text()
+    block = demo[demo.index("demo:") : demo.index("plip:")].replace("demo:", "demo2:", 1)
+    reg.write_text(block.replace("seed: 0", "seed: 1"))
+    one = load_config()
+    two = load_config(overrides={"encoders": ["demo", "demo2"], "encoder_registry": str(reg)})
+    slides = [BatchSlide("s", str(slide))]
+    for res in (tmp_path / "r", tmp_path / "scratch"):
+        run_batch("prepare", slides, res, res / "p.tsv", one)
+    r = tmp_path / "r"
+    run_batch("encode", slides, r, r / "e1.tsv", one, upstream=r / "p.tsv")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_batch("encode", slides, r, r / "e2.tsv", two, upstream=r / "p.tsv")
+    assert "features of demo kept from the current store" in caplog.text
+    s = tmp_path / "scratch"
+    run_batch("encode", slides, s, s / "e.tsv", two, upstream=s / "p.tsv")
+    a, b = open_store(r / "features" / "s.zarr"), open_store(s / "features" / "s.zarr")
+    assert a.validate() == [] and a.attrs["provenance"] == b.attrs["provenance"]
+    for scale in a.scale_names:
+        assert a.encoders(scale) == ["demo", "demo2"]
+        for enc in ("demo", "demo2"):
+            np.testing.assert_array_equal(a.features(scale, enc), b.features(scale, enc))

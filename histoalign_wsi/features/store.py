@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ..slides.tiling import Tiling
 __all__ = [
     "SCHEMA",
     "FeatureStore",
+    "copy_features",
     "copy_geometry",
     "open_store",
     "write_tiling",
@@ -282,6 +283,18 @@ def copy_geometry(src: FeatureStore, dst: str | Path) -> Iterator[zarr.Group]:
     with atomic_dir(dst) as tmp:
         shutil.copytree(base, tmp, ignore=features_content, dirs_exist_ok=True, copy_function=shutil.copyfile)
         yield zarr.open_group(tmp, mode="r+", zarr_format=3)
+
+
+def copy_features(src: Path, root: zarr.Group, scales: Sequence[str], encoders: Sequence[str]) -> None:
+    """Copy the ``encoders``' feature arrays of every scale from the store ``src`` into the
+    store being written at ``root`` (as files: their chunks and attributes unchanged)."""
+    dst = Path(str(root.store.root))  # type: ignore[attr-defined]
+    for s in scales:
+        for enc in encoders:
+            rel = Path("scales") / s / "features" / enc
+            if not (src / rel / "zarr.json").is_file():
+                raise StoreError(f"{str(src)!r} has no features of {enc!r} at {s} to keep")
+            shutil.copytree(src / rel, dst / rel, copy_function=shutil.copyfile)
 
 
 def create_features(

@@ -198,6 +198,18 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}"
 
 
+def _made_from(table: pd.DataFrame) -> str:
+    """What the page was made from: the package version and the digest of the slides'
+    provenance records (the cohort table's ``provenance`` column)."""
+    from .. import __version__
+    from ..provenance import digest
+
+    col = table["provenance"].fillna("").astype(str).tolist() if "provenance" in table else []
+    made = f"predictions <code>{digest(col)}</code>" if any(col) else "a cohort table without provenance"
+    version = html.escape(__version__)
+    return f"<p class='made-from' id='made-from'>Made by histoalign-wsi {version} from {made}.</p>"
+
+
 def _script_json(obj: Any) -> str:
     """JSON safe inside ``<script>``: no ``<`` can close the element or open a comment."""
     text = json.dumps(finite_json(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -292,6 +304,7 @@ def write_report(
     parts.append(_metrics(res, base, embed=embed) if shown("metrics") else "")
     parts.append(heads_section(res) if shown("heads") else "")
     parts.append(_learned_from_reports(res, shown))
+    parts.append(_made_from(table))
     data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size, "heads": head_names}
     parts.append(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"

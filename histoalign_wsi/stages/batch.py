@@ -132,7 +132,8 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
     if _stored(p["tiles"]) is None:
         raise StoreError(f"tile store {str(p['tiles'])!r} is missing or incomplete: rerun prepare")
     rec = _encode_record(p, ctx)
-    if _keep("features", s, _stored(p["features"]), rec, ctx):
+    old = _stored(p["features"])
+    if _keep("features", s, old, rec, ctx):
         _relocate(p["features"], s.path)
         return p["features"]
     return run_encode(
@@ -143,7 +144,21 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
         threads=ctx.state.get("threads"),
         encoders=ctx.state["encoders"],
         provenance=rec,
+        reuse=() if ctx.forced else _reusable(old, rec),
     )
+
+
+def _reusable(old: Any, new: Mapping[str, Any]) -> list[str]:
+    """The encoders whose features in the current store are what this run would make:
+    same tiles, settings and code, same encoder identity (an encoder added to the config
+    does not re-encode the others)."""
+    if not isinstance(old, Mapping) or differs({**old, "inputs": {}}, {**new, "inputs": {}}) is not None:
+        return []
+    before, now = old.get("inputs") or {}, new["inputs"]
+    if before.get("tiles") != now["tiles"]:
+        return []
+    was = before.get("encoders") or {}
+    return [n for n, ident in now["encoders"].items() if was.get(n) == ident]
 
 
 def _finish(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Path:

@@ -107,6 +107,11 @@ def run_fit(
             if name == "abmil" and attention_dir is not None:
                 _write_attention(head, source, attention_dir)
             bar.update()
+    from ..features.store import open_store
+    from ..provenance import HashCache, digest, make_record
+
+    made_from = sorted(digest(open_store(p).attrs.get("provenance")) for p in stores)
+    inputs = {"features": digest(made_from), "labels": HashCache().sha256(sheet)}
     report = {
         "classes": classes,
         "n_slides": len(ids),
@@ -114,6 +119,9 @@ def run_fit(
         "seed": seed,
         "grouped": groups is not None,
         "heads": cv,
+        "provenance": make_record(
+            "fit", cfg, inputs | {"heads": names, "folds": folds, "seed": seed, "epochs": epochs}
+        ),
     }
     write_json(report, out / "cv_metrics.json")
     for name in names:

@@ -149,18 +149,20 @@ def run_encode(
     threads: int | None = None,
     encoders: Sequence[Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    reuse: Sequence[str] = (),
 ) -> Path:
     """Copy the tile geometry into a new feature store and add every encoder's features,
     within a budget of ``threads`` CPU threads (readers + torch). ``encoders`` already
     loaded (a batch of slides loads them once) are used as they are. The store records
     ``provenance`` (made now when not given: the tile store's digest and the encoders'
-    identities)."""
+    identities). The encoders named in ``reuse`` are not run: their arrays are copied
+    from the store already at ``out`` (made from the same tiles with the same encoder)."""
     import torch
     import zarr
 
     from ..features.adapters import load_encoders, resolve_device
     from ..features.encode import EncodeSettings, run_pipeline, thread_budget
-    from ..features.store import copy_geometry, create_features, open_store
+    from ..features.store import copy_features, copy_geometry, create_features, open_store
     from ..provenance import Expected, HashCache, digest
 
     src = open_store(tile_store)
@@ -192,14 +194,18 @@ def run_encode(
             )
         with copy_geometry(src, out) as root:
             arrays: dict[tuple[int, str], Any] = {}
+            todo = [e for e in encoders if e.name not in reuse]
             for s, sv in enumerate(scales):
                 fg = root[f"scales/{sv.name}/features"]
                 assert isinstance(fg, zarr.Group)  # copy_geometry made it
-                for enc in encoders:
+                for enc in todo:
                     arrays[(s, enc.name)] = create_features(
                         fg, enc.name, len(sv.coords), enc.entry.embed_dim, enc.attrs()
                     )
-            n = run_pipeline(slide, scales, encoders, arrays, settings)
+            if reuse:
+                copy_features(Path(out), root, [sv.name for sv in scales], reuse)
+                log.info("%s: features of %s kept from the current store", meta["id"], ", ".join(reuse))
+            n = run_pipeline(slide, scales, todo, arrays, settings) if todo else 0
             root.update_attributes(  # one metadata write (attrs.update writes once per key)
                 {
                     "encoders": {e.name: e.attrs() for e in encoders},

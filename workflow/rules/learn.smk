@@ -11,7 +11,7 @@ rule fit:
     params:
         labels=WF.fit_labels_flag(),
         settings=WF.settings("fit"),
-        made_from=WF.file_key(WF.labels_sheet),
+        made_from=[WF.file_key(WF.labels_sheet), STAGE_VERSIONS["fit"]],
     log:
         f"{R}/logs/fit.log",
     benchmark:
