@@ -92,8 +92,35 @@ def read_rows(path: Path, what: str) -> tuple[list[str], list[Row]]:
     return fields, out
 
 
+#: how deep a user's YAML may nest (a config is a few levels; 20,000 would overflow)
+MAX_DEPTH = 64
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping key written twice."""
+    """``yaml.SafeLoader`` that refuses a mapping key written twice, aliases (``*name``:
+    a dozen lines of them expand to billions of values) and nesting deeper than
+    :data:`MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not accepted: write the value out",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nests deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:

@@ -281,3 +281,25 @@ def test_an_added_encoder_does_not_re_encode_the_others(
         assert a.encoders(scale) == ["demo", "demo2"]
         for enc in ("demo", "demo2"):
             np.testing.assert_array_equal(a.features(scale, enc), b.features(scale, enc))
+
+
+def test_a_damaged_store_is_remade_not_kept(tmp_path: Path) -> None:
+    """A feature chunk deleted from a store whose record is current: the encode stage
+    reads every feature before keeping a store, so it remakes this one (what
+    ``--forcerun encode`` does after a refusal), equal to the original."""
+    import numpy as np
+
+    slide = tmp_path / "s.svs"
+    shutil.copy(CMU, slide)
+    cfg, slides, r = load_config(), [BatchSlide("s", str(slide))], tmp_path / "r"
+    run_batch("prepare", slides, r, r / "p.tsv", cfg)
+    run_batch("encode", slides, r, r / "e.tsv", cfg, upstream=r / "p.tsv")
+    store = r / "features" / "s.zarr"
+    before = {s: open_store(store).features(s, "demo") for s in open_store(store).scale_names}
+    chunk = next((store / "scales").glob("*/features/demo/c/0/0"))
+    chunk.unlink()
+    assert open_store(store).validate() != []
+    rows = run_batch("encode", slides, r, r / "e2.tsv", cfg, upstream=r / "p.tsv")
+    assert rows[0].ok and open_store(store).validate() == []
+    for s, x in before.items():
+        np.testing.assert_array_equal(open_store(store).features(s, "demo"), x)

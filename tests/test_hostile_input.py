@@ -378,3 +378,149 @@ def test_the_report_data_and_printed_json_hold_no_nan(capsys: pytest.CaptureFixt
         "auc": None,
         "n": 3,
     }
+
+
+# --- round three (#37): memory bombs, numbers that are not, weights that sum to nothing --
+
+_BOMB = "".join(
+    f"{a}: &{a} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+    for p, a in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize("what", ["config", "registry", "bag"])
+def test_yaml_alias_bombs_and_deep_nesting_are_one_line(
+    tmp_path: Path, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dozen lines of aliases (10^9 values expanded) or 20,000 levels of nesting: one
+    line naming the file, at once, whichever YAML file holds it."""
+    deep = "a:\n" + "".join(" " * (i + 1) + "k:\n" for i in range(20000))
+    for text, message in ((_BOMB, "aliases (*a) are not accepted"), (deep, "nests deeper than 64 levels")):
+        f = tmp_path / f"{what}.yaml"
+        f.write_text(text)
+        args = {
+            "config": ["encoders", "--config", str(f)],
+            "registry": ["encoders", "--set", f"encoder_registry={f}"],
+            "bag": ["embed-prompts", "--set", f"prompt_bag={f}", "--out", str(tmp_path / "t.npz")],
+        }[what]
+        t = time.perf_counter()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert time.perf_counter() - t < 20 and len(err.splitlines()) == 1, err
+        assert str(f) in err and message in err, err
+
+
+def test_an_expanded_configuration_is_bounded_before_it_is_copied() -> None:
+    """Snakemake loads config.yaml itself (aliases kept as shared references): the check
+    counts values before anything expands them."""
+    import yaml
+
+    raw = yaml.safe_load(_BOMB) | {"slides": "."}
+    with pytest.raises(ConfigError, match=r"more than 100,000 values once expanded .*aliases"):
+        load_workflow(raw)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"pooling": {"scale_weights": [0, 0, 0]}}, r"pooling.scale_weights \[0, 0, 0\] sum to 0"),
+        (
+            {"encoder_weights": {"demo": 0}},
+            "encoder_weights {'demo': 0} give every configured encoder weight 0",
+        ),
+        ({"mpp_override": float("inf")}, "mpp_override: inf is not a finite number"),
+        ({"tissue": {"mask_mpp": float("inf")}}, "tissue.mask_mpp: inf is not a finite number"),
+        (
+            {"tiling": {"min_tissue_fraction": float("nan")}},
+            "tiling.min_tissue_fraction: nan is not a finite",
+        ),
+        ({"heatmap": {"alpha": float("nan")}}, "heatmap.alpha: nan is not a finite number"),
+        ({"scales_mpp": [0.5, float("inf")]}, r"scales_mpp\[1\]: inf is not a finite number"),
+    ],
+)
+def test_numbers_that_are_not_and_weights_that_sum_to_nothing_are_refused(
+    tmp_path: Path, override: dict[str, object], message: str
+) -> None:
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ConfigError, match=message):
+        load_workflow({"slides": str(tmp_path / "s"), "results": str(tmp_path / "r")} | override)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_sheet_mpp_that_is_not_finite_is_refused_naming_the_row(tmp_path: Path, value: str) -> None:
+    from histoalign_wsi.slides.cohort import discover_slides
+
+    (tmp_path / "a.svs").write_bytes(b"x")
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"slide_id,path,mpp\na,a.svs,{value}\n")
+    with pytest.raises(ConfigError, match=rf"sheet.csv.*line 2: mpp .*{value}.* is not a finite number"):
+        discover_slides(str(sheet))
+
+
+@pytest.fixture()
+def planted_store(tmp_path: Path) -> Path:
+    from .planting import D, build_store, unit
+
+    rng = np.random.default_rng(0)
+    feats = {0.25: unit(rng.normal(size=(40, D))), 0.5: unit(rng.normal(size=(10, D)))}
+    return build_store(tmp_path / "s.zarr", feats)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "rows are not unit vectors"),
+        ("bitflip", "is damaged (ValueError: Stored and computed checksum do not match"),
+        ("zeros", "rows are not unit vectors"),
+        ("wild", "rows are not unit vectors"),
+        ("nan", "holds NaN or infinite values"),
+        ("coords", "tiles repeat a position"),
+    ],
+)
+def test_a_damaged_store_is_never_scored(planted_store: Path, damage: str, message: str) -> None:
+    """A feature chunk deleted (zarr would read zeros), a flipped bit, zeros, a norm of
+    60,000, a NaN, a lost coordinate chunk: scoring, calibration and the heads' reader each
+    refuse the store in one line naming it, and say what remakes it."""
+    import zarr
+
+    from histoalign_wsi.config import load_config
+    from histoalign_wsi.errors import StoreError
+    from histoalign_wsi.features.store import open_store
+    from histoalign_wsi.learn.bags import BagSource
+    from histoalign_wsi.zeroshot.calibration import cohort_offsets
+    from histoalign_wsi.zeroshot.scoring import score_store
+
+    from .planting import make_text
+
+    feats = planted_store / "scales" / "0.25mpp" / "features" / "demo"
+    arr = zarr.open_array(feats, mode="r+")
+    if damage == "missing":
+        (feats / "c" / "0" / "0").unlink()
+    elif damage == "bitflip":
+        chunk = feats / "c" / "0" / "0"
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        chunk.write_bytes(bytes(raw))
+    elif damage in ("zeros", "wild", "nan"):
+        x = np.asarray(arr[...], np.float32)
+        if damage == "nan":
+            x[3, 2] = np.nan
+        arr[...] = {"zeros": 0 * x, "wild": 60000 * x, "nan": x}[damage].astype(np.float16)
+    else:
+        (planted_store / "scales" / "0.25mpp" / "coords" / "c" / "0" / "0").unlink()
+    cfg = load_config(overrides={"scales_mpp": [0.25, 0.5], "pooling": {"scale_weights": [1, 1]}})
+    text = make_text()
+    readers = {
+        "score": lambda: score_store(open_store(planted_store), text, cfg),
+        "calibrate": lambda: cohort_offsets([planted_store], text, cfg),
+        "heads": lambda: [BagSource([planted_store]).bag(s) for s in BagSource([planted_store]).ids],
+    }
+    if damage == "coords":  # calibration reads no coordinates: its features are whole
+        del readers["calibrate"]
+    for attempt in readers.values():
+        with pytest.raises(StoreError) as err:
+            attempt()
+        line = str(err.value)
+        assert str(planted_store) in line and message in line and "\n" not in line, line
+        assert "--forcerun" in line or damage not in ("missing", "coords"), line
+    assert open_store(planted_store).validate() != []

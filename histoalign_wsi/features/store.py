@@ -27,6 +27,7 @@ from ..slides.tiling import Tiling
 __all__ = [
     "SCHEMA",
     "FeatureStore",
+    "check_rows",
     "copy_features",
     "copy_geometry",
     "open_store",
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "histoalign-features/1"
 ROW_CHUNK = 8192
+#: how far a stored embedding's norm may be from 1 (float16 rounds to about 1e-3)
+NORM_TOL = 2e-2
 
 
 def _chunks(n: int, d: int | None = None) -> tuple[int, ...]:
@@ -44,8 +47,18 @@ def _chunks(n: int, d: int | None = None) -> tuple[int, ...]:
     return (rows,) if d is None else (rows, d)
 
 
+def _integrity() -> dict[str, Any]:
+    """Every chunk written (so a missing chunk means damage, never zeros) and each one
+    checksummed (crc32c: a flipped bit fails the read)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()], "config": {"write_empty_chunks": True}}
+
+
 def _put(group: zarr.Group, name: str, data: NDArray[Any]) -> None:
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=_chunks(*data.shape))
+    arr = group.create_array(
+        name, shape=data.shape, dtype=data.dtype, chunks=_chunks(*data.shape), **_integrity()
+    )
     if data.size:
         arr[...] = data
 
@@ -147,17 +160,55 @@ class FeatureStore:
                 f"{str(self.path)!r} has no scale {name!r} (it has {', '.join(self.scale_names)})"
             )
         g = self._group(f"scales/{name}")
-        parents = {k: np.asarray(v[...]) for k, v in self._group(f"scales/{name}/parent").arrays()}
+        parents = {
+            k: self._read(v, f"{name}/parent/{k}") for k, v in self._group(f"scales/{name}/parent").arrays()
+        }
         a: dict[str, Any] = dict(g.attrs)
-        return ScaleView(
+        sv = ScaleView(
             name=name,
             mpp=float(a["mpp"]),
             size0=int(a["level0_tile_size"]),
-            coords=np.asarray(self._array(f"scales/{name}/coords")[...]),
-            tissue_fraction=np.asarray(self._array(f"scales/{name}/tissue_fraction")[...]),
+            coords=self._read(self._array(f"scales/{name}/coords"), f"{name}/coords"),
+            tissue_fraction=self._read(
+                self._array(f"scales/{name}/tissue_fraction"), f"{name}/tissue_fraction"
+            ),
             parents=parents,
             attrs=a,
         )
+        self._check_coords(sv)
+        return sv
+
+    def _read(self, arr: zarr.Array, key: str) -> NDArray[Any]:
+        """A whole array; a chunk that fails its checksum or cannot be decoded is named."""
+        try:
+            return np.asarray(arr[...])
+        except Exception as exc:  # zarr, numcodecs and crc32c each raise their own
+            why = " ".join(str(exc).split())[:200]
+            raise StoreError(
+                f"{str(self.path)!r}: {key} is damaged ({type(exc).__name__}: {why}); {self.remedy}"
+            ) from exc
+
+    @property
+    def remedy(self) -> str:
+        """What remakes a damaged store (the stage's jobs keep the intact ones)."""
+        stage = "encode" if "encode_config_hash" in self.attrs else "prepare"
+        return f"snakemake --forcerun {stage} remakes it (and keeps intact stores)"
+
+    def _check_coords(self, sv: ScaleView) -> None:
+        """Tiles lie inside the slide and no two share a place (a lost coordinate chunk
+        reads as zeros: every tile at the corner)."""
+        c = sv.coords
+        if c.ndim != 2 or c.shape[1:] != (2,) or not len(c):
+            return
+        dims = (self.attrs.get("slide") or {}).get("level0_dims")
+        inside = (c >= 0).all() and (
+            dims is None or ((c[:, 0] + sv.size0 <= dims[0]) & (c[:, 1] + sv.size0 <= dims[1])).all()
+        )
+        where = f"{str(self.path)!r}: {sv.name}/coords"
+        if not inside:
+            raise StoreError(f"{where}: tiles lie outside the slide (damaged store); {self.remedy}")
+        if len(np.unique(c, axis=0)) != len(c):
+            raise StoreError(f"{where}: tiles repeat a position (damaged store); {self.remedy}")
 
     def _group(self, key: str) -> zarr.Group:
         g = self.root[key]
@@ -183,7 +234,14 @@ class FeatureStore:
             ) from exc
 
     def features(self, scale: str, encoder: str) -> NDArray[np.float32]:
-        return np.asarray(self.features_array(scale, encoder)[...], dtype=np.float32)
+        """The features, checked: finite unit vectors (a missing chunk, zeros or a wild
+        value is refused naming the store, never scored)."""
+        key = f"{scale}/features/{encoder}"
+        x = np.asarray(self._read(self.features_array(scale, encoder), key), dtype=np.float32)
+        try:
+            return check_rows(x, f"{str(self.path)!r}: {key}")
+        except StoreError as exc:
+            raise StoreError(f"{exc}; {self.remedy}") from exc
 
     def encoder_attrs(self, encoder: str) -> dict[str, Any]:
         for s in self.scale_names:
@@ -208,6 +266,9 @@ class FeatureStore:
             except KeyError as exc:
                 problems.append(f"{name}: missing array {exc}")
                 continue
+            except StoreError as exc:
+                problems.append(str(exc).replace(f"{str(self.path)!r}: ", "", 1))
+                continue
             n = sv.coords.shape[0]
             if sv.coords.ndim != 2 or sv.coords.shape[1] != 2 or sv.coords.dtype != np.int32:
                 problems.append(f"{name}: coords must be int32 [N, 2]")
@@ -227,9 +288,10 @@ class FeatureStore:
                     if key not in arr.attrs:
                         problems.append(f"{name}/{enc}: missing attribute {key!r}")
                 if check_norms and n:
-                    norms = np.linalg.norm(np.asarray(arr[: min(n, 1024)], np.float32), axis=1)
-                    if not np.allclose(norms, 1.0, atol=2e-2):
-                        problems.append(f"{name}/{enc}: embeddings are not L2-normalised")
+                    try:
+                        self.features(name, enc)
+                    except StoreError as exc:
+                        problems.append(str(exc).replace(f"{str(self.path)!r}: ", "", 1))
         return problems
 
     def summary(self) -> dict[str, Any]:
@@ -256,6 +318,25 @@ class FeatureStore:
             }
         out["problems"] = self.validate()
         return out
+
+
+def check_rows(x: NDArray[Any], where: str) -> NDArray[Any]:
+    """Refuse feature rows that are not finite unit vectors (returns ``x``)."""
+    if x.ndim != 2:
+        raise StoreError(f"{where}: features must be 2-D, got shape {x.shape}")
+    if not len(x):
+        return x
+    if not np.isfinite(x).all():
+        raise StoreError(f"{where}: holds NaN or infinite values (damaged store)")
+    norms = np.linalg.norm(x.astype(np.float32), axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOL)
+    if len(bad):
+        raise StoreError(
+            f"{where}: {len(bad)} of {len(x)} rows are not unit vectors (row {int(bad[0])} has norm "
+            f"{float(norms[bad[0]]):.3g}): a missing or damaged chunk, or features stored without their "
+            "normalisation"
+        )
+    return x
 
 
 def open_store(path: str | Path) -> FeatureStore:
@@ -302,5 +383,10 @@ def create_features(
 ) -> zarr.Array:
     """An empty float16 [n, dim] array under ``group`` (a scale's ``features`` group)."""
     return group.create_array(
-        encoder, shape=(n, dim), dtype=np.float16, chunks=_chunks(n, dim), attributes=dict(attrs)
+        encoder,
+        shape=(n, dim),
+        dtype=np.float16,
+        chunks=_chunks(n, dim),
+        attributes=dict(attrs),
+        **_integrity(),
     )

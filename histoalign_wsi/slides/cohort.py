@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -84,6 +85,8 @@ def _read_sheet(sheet: Path) -> list[SlideEntry]:
                 rec["mpp"] = float(str(rec["mpp"]))
             except ValueError as exc:
                 raise ConfigError(f"{sheet}: {i}: mpp {rec['mpp']!r} is not a number") from exc
+            if not math.isfinite(float(str(rec["mpp"]))):
+                raise ConfigError(f"{sheet}: {i}: mpp {rec['mpp']!r} is not a finite number")
         err = next(iter(validator.iter_errors(rec)), None)
         if err is not None:
             where = ".".join(str(p) for p in err.path) or "row"

@@ -46,16 +46,17 @@ def paths_for(results: Path, sid: str) -> dict[str, Path]:
     }
 
 
-def _stored(p: Path) -> Any:
-    """The provenance record an output holds (None: absent, half-written or not ours):
-    a tissue JSON's, a store's root attribute."""
+def _stored(p: Path, *, whole: bool = False) -> Any:
+    """The provenance record an output holds (None: absent, half-written, damaged or not
+    ours): a tissue JSON's, a store's root attribute. ``whole`` reads every feature (a
+    damaged chunk is never kept)."""
     try:
         if p.suffix == ".json":
             return json.loads(p.read_text(encoding="utf-8")).get("provenance")
         from ..features.store import open_store
 
         st = open_store(p)
-        return None if st.validate(check_norms=False) else st.attrs.get("provenance")
+        return None if st.validate(check_norms=whole) else st.attrs.get("provenance")
     except Exception:  # a half-written or foreign file: not current
         return None
 
@@ -132,7 +133,7 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
     if _stored(p["tiles"]) is None:
         raise StoreError(f"tile store {str(p['tiles'])!r} is missing or incomplete: rerun prepare")
     rec = _encode_record(p, ctx)
-    old = _stored(p["features"])
+    old = _stored(p["features"], whole=True)
     if _keep("features", s, old, rec, ctx):
         _relocate(p["features"], s.path)
         return p["features"]
@@ -242,7 +243,7 @@ def run_batch(
 
 
 def _needs_encoding(p: dict[str, Path], ctx: _Context) -> bool:
-    return ctx.forced or differs(_stored(p["features"]), _encode_record(p, ctx)) is not None
+    return ctx.forced or differs(_stored(p["features"], whole=True), _encode_record(p, ctx)) is not None
 
 
 def pick_slides(slides: Sequence[BatchSlide], manifest: Path, out: Path) -> list[ManifestRow]:

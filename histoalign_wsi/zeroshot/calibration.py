@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from .._atomic import atomic_file
 from ..config import Config
 from ..errors import StoreError
-from ..features.store import FeatureStore, open_store
+from ..features.store import FeatureStore, check_rows, open_store
 from ..slides.tiling import scale_name
 from .alignment import AlignmentSpec, fused_logits
 from .text import TextEmbeddings
@@ -131,10 +131,20 @@ def _slide_logit_sum(
     arrays = [a.rechunk({0: rows, 1: -1}) for a in arrays]
 
     def block(*xs: NDArray[np.floating]) -> NDArray[np.float32]:
+        for name, x in zip(names, xs, strict=True):  # a damaged store is refused, not averaged in
+            check_rows(np.asarray(x), f"{str(store.path)!r}: {scale}/features/{name}")
         return fused_logits(dict(zip(names, xs, strict=True)), text, spec)
 
     lg = da.map_blocks(block, *arrays, dtype=np.float32, chunks=(rows, (k,)))
-    return np.asarray(lg.astype(np.float64).sum(axis=0).compute()), n
+    try:
+        return np.asarray(lg.astype(np.float64).sum(axis=0).compute()), n
+    except StoreError as exc:
+        raise StoreError(f"{exc}; {store.remedy}") from exc
+    except (ValueError, RuntimeError, OSError) as exc:  # a chunk that fails its checksum or decoding
+        why = " ".join(str(exc).split())[:200]
+        raise StoreError(
+            f"{str(store.path)!r}: {scale}/features is damaged ({type(exc).__name__}: {why}); {store.remedy}"
+        ) from exc
 
 
 def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Config) -> CalibrationOffsets:
