@@ -524,3 +524,32 @@ def test_a_damaged_store_is_never_scored(planted_store: Path, damage: str, messa
         assert str(planted_store) in line and message in line and "\n" not in line, line
         assert "--forcerun" in line or damage not in ("missing", "coords"), line
     assert open_store(planted_store).validate() != []
+
+
+def test_class_names_that_are_spreadsheet_formulas_are_inert_in_every_csv(tmp_path: Path) -> None:
+    """``=HYPERLINK(...)`` and ``+cmd|...`` as class names: the cohort table writes them
+    with a leading apostrophe (a spreadsheet shows the text, runs nothing); the JSON keeps
+    them exact; numbers are untouched."""
+    import pandas as pd
+
+    from histoalign_wsi.csvcells import inert_cell
+    from histoalign_wsi.stages import run_summarize
+
+    from .planting import make_prediction
+
+    classes = ['=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)", "stroma"]
+    colors = {c: (1, 2, 3) for c in classes}
+    preds = []
+    for i, c in enumerate(classes):
+        p = make_prediction(f"s{i}", classes, colors, predicted_class=c)
+        preds.append(p.write(tmp_path / "predictions" / f"s{i}.json"))
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": [f"s{i}" for i in range(5)], "label": classes}).to_csv(labels, index=False)
+    out = tmp_path / "predictions.csv"
+    run_summarize(preds, out, labels=labels, metrics=tmp_path / "m.json")
+    table = pd.read_csv(out)
+    for col in ("predicted_class", "label"):
+        assert table[col].tolist() == ["'" + c for c in classes[:4]] + ["stroma"]
+    assert all(not str(h).startswith(("=", "+", "-", "@")) for h in table.columns)
+    assert json.loads((tmp_path / "predictions" / "s0.json").read_text())["predicted_class"] == classes[0]
+    assert inert_cell(-2.5) == -2.5 and inert_cell("\tx") == "'\tx" and inert_cell("a=b") == "a=b"

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import __version__
 from .._atomic import atomic_file
+from ..csvcells import inert_table
 from ..errors import ConfigError
 from ..provenance import STAGE_VERSIONS, digest
 from ..zeroshot.prediction import Prediction
@@ -100,7 +101,7 @@ def summarize(
         check_labels(labels, ids, classes)
         table["label"] = table["slide_id"].map(labels)
     with atomic_file(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
+        inert_table(table).to_csv(tmp, index=False)
     if labels and metrics_json is not None:
         labelled = table[table["label"].notna()]
         probs = labelled[class_columns(classes, "prob")].to_numpy(dtype=np.float64)

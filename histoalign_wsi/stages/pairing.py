@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 
 from .._atomic import atomic_file
 from ..config import Config
+from ..csvcells import inert_table
 from ..errors import ConfigError
 from .learning import scorer
 from .reports import encoder_columns, report_encoder
@@ -151,7 +152,7 @@ def run_pair_reports(
     paired = fuse_paired_text(pairs, text.emb, cfg.pairing.temperature)
     table = pairs.table(items["ids"], corpus.ids)
     with atomic_file(out / "pairs.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        inert_table(table).to_csv(tmp, index=False)
     meta = items["meta"] | {"encoder": enc.name, "weights_sha256": enc.weights_sha256, "k": k}
     with atomic_file(out / "items.npz") as tmp, tmp.open("wb") as fh:
         np.savez(

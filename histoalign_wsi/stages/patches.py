@@ -10,6 +10,7 @@ from typing import Any
 
 from .._atomic import atomic_file
 from ..config import Config
+from ..csvcells import inert_table
 from ..errors import ConfigError
 from .learning import scorer
 
@@ -33,7 +34,7 @@ def run_classify_patches(
         root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
     )
     with atomic_file(out / "predictions.csv") as tmp:
-        res.table().to_csv(tmp, index=False)
+        inert_table(res.table()).to_csv(tmp, index=False)
     m = classification_metrics(res.labels, res.predicted, res.probs.astype("float64"), res.classes)
     m["untrained"] = any(e.entry.untrained for e in encs)
     m["encoders"] = {e.name: e.weights_sha256 for e in encs}
@@ -104,7 +105,7 @@ def run_few_shot(
     with atomic_file(out / "curves.csv") as tmp:
         import pandas as pd  # lazily: the CLI's start-up stays light
 
-        pd.DataFrame(rows).to_csv(tmp, index=False)
+        inert_table(pd.DataFrame(rows)).to_csv(tmp, index=False)
     metrics = ("balanced_accuracy", "macro_f1", "auc_macro_ovr")
     curves = {m: summarize_curves(rows, m) for m in metrics}
     summary: dict[str, Any] = {
