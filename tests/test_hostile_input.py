@@ -553,3 +553,48 @@ def test_class_names_that_are_spreadsheet_formulas_are_inert_in_every_csv(tmp_pa
     assert all(not str(h).startswith(("=", "+", "-", "@")) for h in table.columns)
     assert json.loads((tmp_path / "predictions" / "s0.json").read_text())["predicted_class"] == classes[0]
     assert inert_cell(-2.5) == -2.5 and inert_cell("\tx") == "'\tx" and inert_cell("a=b") == "a=b"
+
+
+def test_heatmaps_of_500_classes_hold_one_class_image_at_a_time(
+    planted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A 500-class bag: the heatmap writer's peak memory (numpy's allocations, traced) is
+    that of a few classes, not 500 class images; the argmax map is the same as taking the
+    argmax over every class raster at once."""
+    import tracemalloc
+
+    from histoalign_wsi.outputs.heatmaps import write_heatmaps
+    from histoalign_wsi.outputs.raster import Raster, probability_raster
+    from histoalign_wsi.slides.reader import open_slide
+    from histoalign_wsi.zeroshot.tile_scores import TileScores
+
+    from .planting import planted_table
+
+    rng = np.random.default_rng(0)
+    xs, ys = np.meshgrid(np.arange(0, 8192 - 448, 448), np.arange(0, 6144 - 448, 448))
+    coords = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.int32)
+
+    def scores(k: int) -> TileScores:
+        classes = [f"class {i}" for i in range(k)]
+        p = rng.dirichlet(np.ones(k), size=len(coords))
+        return TileScores("s", tuple(classes), planted_table("0.50mpp", 0.5, coords, 448, p, classes))
+
+    peaks = {}
+    with open_slide(planted[0]) as slide:
+        for k in (4, 500):
+            sc = scores(k)
+            colors = {c: (i % 255, 100, 200) for i, c in enumerate(sc.classes)}
+            tracemalloc.start()
+            write_heatmaps(
+                slide, sc, colors, tmp_path / f"h{k}", max_size=512, alpha=0.5, max_megapixels=1000
+            )
+            peaks[k] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    one_class = 513 * 385 * 8  # a class raster's difference array (float64)
+    assert peaks[500] < peaks[4] + 20 * one_class, peaks  # not 500 class images
+    assert len(list((tmp_path / "h500").glob("*.webp"))) == 500 + 3
+    sc = scores(7)
+    r = Raster(sc, shape=(96, 128), scale=64.0)
+    probs, count = probability_raster(sc, shape=(96, 128), scale=64.0)
+    np.testing.assert_array_equal(count, r.count)
+    np.testing.assert_array_equal(probs[3], r.mean(3))

@@ -19,7 +19,7 @@ from .._atomic import atomic_dir
 from ..slides.reader import Slide
 from ..slides.tissue import read_thumbnail
 from ..zeroshot.tile_scores import TileScores, safe_names
-from .raster import probability_raster
+from .raster import Raster
 
 __all__ = ["FORMATS", "THUMB_PX", "attention_scores", "class_files", "heatmap_side", "write_heatmaps"]
 
@@ -133,8 +133,8 @@ def write_heatmaps(
         small = (max(1, round(thumb.shape[1] * f)), max(1, round(thumb.shape[0] * f)))
         scale *= thumb.shape[1] / small[0]
         thumb = np.asarray(Image.fromarray(thumb).resize(small, Image.Resampling.BOX))
-    probs, count = probability_raster(fine, shape=thumb.shape[:2], scale=scale)
-    covered = count > 0.5
+    raster = Raster(fine, shape=thumb.shape[:2], scale=scale)
+    covered = raster.covered
     cmap = matplotlib.colormaps["inferno"]
     files = class_files(classes, fmt)
     with atomic_dir(outdir) as tmp:
@@ -149,12 +149,17 @@ def write_heatmaps(
                 _save(img, tmp / Path(name).stem, fmt, side)
             _save(Image.fromarray(grey), tmp / "argmax_thumb", fmt, THUMB_PX)
             return Path(outdir)
-        for k, c in enumerate(classes):
-            rgb = (cmap(probs[k])[..., :3] * 255).astype(np.float32)
+        best = np.full(covered.shape, -np.inf, np.float32)
+        arg = np.zeros(covered.shape, np.intp)
+        for k, c in enumerate(classes):  # one class image in memory at a time
+            prob = raster.mean(k)
+            better = prob > best  # strictly: ties keep the first class, as argmax does
+            best[better], arg[better] = prob[better], k
+            rgb = (cmap(prob)[..., :3] * 255).astype(np.float32)
             img = Image.fromarray(_blend(thumb, rgb, covered, alpha))
             _colorbar(img, f"P({c})", cmap)
             _save(img, tmp / Path(files[c]).stem, fmt, side)
-        arg = probs.argmax(axis=0)
+            del prob, rgb, img
         pal = np.array([colors[c] for c in classes], np.float32)
         plain = Image.fromarray(_blend(thumb, pal[arg], covered, max(alpha, 0.7)))
         _save(plain, tmp / "argmax_thumb", fmt, THUMB_PX)  # no legend: the report shows one
@@ -162,9 +167,9 @@ def write_heatmaps(
         _save(plain, tmp / "argmax", fmt, side)
         if attention is not None:
             att = attention_scores(attention, fine)
-            a_raster, a_count = probability_raster(att, shape=thumb.shape[:2], scale=scale)
-            rgb = (cmap(a_raster[0])[..., :3] * 255).astype(np.float32)
-            img = Image.fromarray(_blend(thumb, rgb, a_count > 0.5, alpha))
+            a_raster = Raster(att, shape=thumb.shape[:2], scale=scale)
+            rgb = (cmap(a_raster.mean(0))[..., :3] * 255).astype(np.float32)
+            img = Image.fromarray(_blend(thumb, rgb, a_raster.covered, alpha))
             _colorbar(img, "attention (max = 1)", cmap)
             _save(img, tmp / "attention", fmt, side)
     return Path(outdir)
