@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,16 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default, 128 KiB, is on
 
 
 def decode_text(path: Path, *, what: str = "file") -> str:
-    """The file's text; a UTF-8 byte-order mark is dropped, any other encoding refused."""
+    """The file's text; a UTF-8 byte-order mark is dropped, any other encoding refused;
+    anything but a regular file (``/dev/zero``, a FIFO, a socket) is refused unread."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read (permission denied)") from exc
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ConfigError(f"{what} {str(path)!r} is not a regular file (a device, a FIFO or a socket)")
     try:
         raw = path.read_bytes()
     except FileNotFoundError as exc:

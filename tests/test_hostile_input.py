@@ -29,6 +29,8 @@ from histoalign_wsi.workflow import load_workflow
 from histoalign_wsi.zeroshot.names import MAX_NAME, safe_names
 from histoalign_wsi.zeroshot.prompts import load_bag
 
+from .conftest import CMU
+
 BAG = "templates: ['an image of {{}}.']\nclasses:\n{}"
 
 
@@ -362,8 +364,9 @@ def test_calibration_over_a_store_with_nan_is_refused_not_written(
         str(tmp_path / "c.json"),
     ]
     assert main([*args, "--set", "scales_mpp=[0.5, 1.0]"]) == 2
-    assert "are not finite: a feature store holds NaN" in _one_line(capsys.readouterr().err)
-    assert not (tmp_path / "c.json").exists()
+    line = _one_line(capsys.readouterr().err)
+    assert f"{str(stores[1])!r}: 0.50mpp/features/demo: holds NaN or infinite values" in line, line
+    assert "--forcerun encode" in line and not (tmp_path / "c.json").exists()
 
 
 def test_the_report_data_and_printed_json_hold_no_nan(capsys: pytest.CaptureFixture[str]) -> None:
@@ -598,3 +601,64 @@ def test_heatmaps_of_500_classes_hold_one_class_image_at_a_time(
     probs, count = probability_raster(sc, shape=(96, 128), scale=64.0)
     np.testing.assert_array_equal(count, r.count)
     np.testing.assert_array_equal(probs[3], r.mean(3))
+
+
+def test_a_class_name_with_a_line_break_is_refused_at_bag_load(tmp_path: Path) -> None:
+    bag = _bag(tmp_path, '  "tumour\\nbed": {names: [tumour]}\n  stroma: {names: [stroma]}\n')
+    with pytest.raises(PromptBagError, match=r"class name 'tumour\\nbed' holds a line break"):
+        load_bag(str(bag))
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_an_empty_results_folder_name_is_refused(tmp_path: Path, value: str) -> None:
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ConfigError, match="results"):
+        load_workflow({"slides": str(tmp_path / "s"), "results": value})
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_sheets_that_are_not_regular_files_are_refused_unread(tmp_path: Path, kind: str) -> None:
+    """``labels=/dev/zero`` would grow without bound, a FIFO would hang: refused at once."""
+    path = Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.svs").symlink_to(CMU)
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_workflow({"slides": str(tmp_path / "s"), "results": str(tmp_path / "r"), "labels": str(path)})
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        read_labels(path)
+    assert time.perf_counter() - t < 5
+
+
+def test_a_slide_replaced_while_encoding_is_not_marked_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slide file rewritten while its pixels are read: the slide fails naming it, and
+    no feature store of mixed pixels is left."""
+    import shutil
+
+    from histoalign_wsi.batches import BatchSlide
+    from histoalign_wsi.config import load_config
+    from histoalign_wsi.stages import batch as batch_stage
+    from histoalign_wsi.stages import pipeline, run_batch
+
+    slide = tmp_path / "s.svs"
+    shutil.copy(CMU, slide)
+    cfg, slides, r = load_config(), [BatchSlide("s", str(slide))], tmp_path / "r"
+    run_batch("prepare", slides, r, r / "p.tsv", cfg)
+    real = pipeline.run_encode
+
+    def rescanned_midway(*a: object, **k: object) -> Path:
+        out = real(*a, **k)  # type: ignore[arg-type]
+        with slide.open("ab") as fh:  # another scan lands while the job runs
+            fh.write(b"\0" * 10)
+        return out
+
+    monkeypatch.setattr(pipeline, "run_encode", rescanned_midway)
+    rows = run_batch("encode", slides, r, r / "e.tsv", cfg, upstream=r / "p.tsv")
+    assert rows[0].status == "failed" and "changed while it was being encoded" in rows[0].error
+    assert not (r / "features" / "s.zarr").exists()
+    assert batch_stage is not None

@@ -191,7 +191,7 @@ class FeatureStore:
     @property
     def remedy(self) -> str:
         """What remakes a damaged store (the stage's jobs keep the intact ones)."""
-        stage = "encode" if "encode_config_hash" in self.attrs else "prepare"
+        stage = "encode" if any(self.encoders(s) for s in self.scale_names) else "prepare"
         return f"snakemake --forcerun {stage} remakes it (and keeps intact stores)"
 
     def _check_coords(self, sv: ScaleView) -> None:

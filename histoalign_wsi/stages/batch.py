@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,10 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
     if _keep("features", s, old, rec, ctx):
         _relocate(p["features"], s.path)
         return p["features"]
-    return run_encode(
+    before = ctx.expected.cache.fingerprint(s.path)
+    if before != (_stored(p["tiles"]) or {}).get("inputs", {}).get("slide"):
+        raise SlideError(s.path, "changed since its tiles were made: run again (prepare redoes it)")
+    out = run_encode(
         p["tiles"],
         s.path,
         p["features"],
@@ -147,6 +151,10 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
         provenance=rec,
         reuse=() if ctx.forced else _reusable(old, rec),
     )
+    if ctx.expected.cache.fingerprint(s.path) != before:  # replaced while its pixels were read
+        shutil.rmtree(out, ignore_errors=True)
+        raise SlideError(s.path, "changed while it was being encoded (mixed pixels): run again")
+    return out
 
 
 def _reusable(old: Any, new: Mapping[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -135,6 +136,11 @@ def _check_class_names(keys: list[Any], bag: str) -> None:
             )
         if not k.strip():
             raise PromptBagError(f"prompt bag {bag!r}: a class name is empty ({k!r})")
+        if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in k):
+            raise PromptBagError(
+                f"prompt bag {bag!r}: class name {k!r} holds a line break or control character; "
+                "write it on one line"
+            )
         key = safe_base(k).casefold()
         if key in seen:
             raise PromptBagError(
