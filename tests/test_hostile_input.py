@@ -662,3 +662,14 @@ def test_a_slide_replaced_while_encoding_is_not_marked_done(
     assert rows[0].status == "failed" and "changed while it was being encoded" in rows[0].error
     assert not (r / "features" / "s.zarr").exists()
     assert batch_stage is not None
+
+
+def test_a_slide_reached_through_a_link_keeps_the_links_name(tmp_path: Path) -> None:
+    from histoalign_wsi.slides.cohort import discover_slides
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "patient 7.svs").symlink_to(CMU)
+    (tmp_path / "sheet.csv").write_text("slide_id,path\np7,s/patient 7.svs\n")
+    for src in (tmp_path / "s", tmp_path / "sheet.csv"):
+        (entry,) = discover_slides(str(src))
+        assert entry.path == tmp_path / "s" / "patient 7.svs" and entry.path.is_absolute()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -93,7 +94,7 @@ def _read_sheet(sheet: Path) -> list[SlideEntry]:
             raise ConfigError(f"{sheet}: {i}: {where}: {err.message}")
         p = Path(str(rec["path"]))
         if not p.is_absolute():
-            p = (sheet.parent / p).resolve()
+            p = Path(os.path.abspath(sheet.parent / p))  # a link keeps its own name
         if not p.exists():
             raise ConfigError(f"{sheet}: {i}: slide {rec['slide_id']!r}: path {str(p)!r} does not exist")
         entries.append(
@@ -123,7 +124,10 @@ def discover_slides(slides: str | Path, *, strict: bool = False) -> list[SlideEn
     if not src.exists():
         raise ConfigError(f"slides: {str(src)!r} does not exist")
     if src.is_dir():
-        return _check_unique(SlideEntry(slide_id_for(p), p.resolve()) for p in _folder(src, strict))
+        # absolute, links not followed: a slide reached through a link is named as written
+        return _check_unique(
+            SlideEntry(slide_id_for(p), Path(os.path.abspath(p))) for p in _folder(src, strict)
+        )
     if src.suffix.lower() in (".csv", ".tsv", ".tab"):
         return _check_unique(_read_sheet(src))
     raise ConfigError(f"slides: {str(src)!r} is neither a folder nor a .csv/.tsv sheet")

@@ -184,8 +184,9 @@ class Slide:
         if self.mpp_x is None or self.mpp_y is None:
             raise SlideError(
                 self.path,
-                "has no resolution (MPP) in its metadata; give one with --mpp on the command "
-                "line, an 'mpp' column in the slide sheet, or 'mpp_override' in config.yaml",
+                "has no resolution (MPP) in its metadata; give one as an 'mpp' column in the slide "
+                "sheet, 'mpp_override: 0.25' in config.yaml (snakemake --config mpp_override=0.25), "
+                "or --mpp when running a histoalign-wsi command by hand",
             )
         return (self.mpp_x + self.mpp_y) / 2
 
