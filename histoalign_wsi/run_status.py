@@ -101,17 +101,34 @@ def finish_run(
     current (with ``workflow``: made from this run's inputs, the whole chain checked);
     name the files of slides no longer in the cohort (removed with ``prune: true``); then
     release the lock. Returns the slides that failed."""
-    from .runlock import release
+    from .runlock import LOCK_NAME, release
 
+    lock = Path(results) / LOCK_NAME
+    started = lock.stat().st_mtime if lock.is_file() else None
     try:
         failed = write_failure_report(results, slide_ids, recorded_only=ok, per_job=per_job)
         if workflow is not None:
             _orphans(results, workflow)
         if not ok:
-            write_partial_summary(results, slide_ids, n_failed=len(failed), workflow=workflow)
+            interrupted = started is not None and not _errors_since(Path(results) / "logs", started)
+            write_partial_summary(
+                results, slide_ids, n_failed=len(failed), workflow=workflow, interrupted=interrupted
+            )
     finally:
         release(results)
     return failed
+
+
+def _errors_since(logs: Path, since: float) -> bool:
+    """Whether a job log written during this run reports an error (none: the run was
+    interrupted, by Ctrl-C or a signal, not failed)."""
+    if not logs.is_dir():
+        return False
+    return any(
+        f.stat().st_mtime >= since - 1 and _error_line(f) is not None
+        for f in logs.rglob("*.log")
+        if f.is_file()
+    )
 
 
 def _orphans(results: str | Path, wf: Workflow) -> None:
@@ -136,10 +153,18 @@ def _orphans(results: str | Path, wf: Workflow) -> None:
 
 
 def write_partial_summary(
-    results: str | Path, slide_ids: list[str], *, n_failed: int = 0, workflow: Workflow | None = None
+    results: str | Path,
+    slide_ids: list[str],
+    *,
+    n_failed: int = 0,
+    workflow: Workflow | None = None,
+    interrupted: bool = False,
 ) -> Path | None:
-    """After a failed run: ``predictions.csv`` of the slides whose predictions are current
-    (every prediction file there is, without ``workflow``)."""
+    """After a failed (or ``interrupted``) run: ``predictions.csv`` of the slides whose
+    predictions are current (every prediction file there is, without ``workflow``)."""
+    ended = (
+        "was STOPPED before it finished (interrupted; no step reported an error)" if interrupted else "FAILED"
+    )
     from .outputs.predictions import summarize
     from .zeroshot.prediction import load_predictions
 
@@ -162,14 +187,23 @@ def write_partial_summary(
     if not done:
         (res / "predictions.csv").unlink(missing_ok=True)
         log.error(
-            "the run FAILED: none of the %d slides is scored with the current inputs; %d failed "
+            "the run %s: none of the %d slides is scored with the current inputs; %d failed "
             "(failed_slides.tsv names them)",
+            ended,
             len(slide_ids),
             n_failed,
         )
         return None
     summarize(load_predictions(done), res / "predictions.csv")
-    if len(done) == len(slide_ids):
+    if len(done) == len(slide_ids) and interrupted:
+        log.error(
+            "the run %s; all %d slides are scored with the current inputs and %s lists them; "
+            "run again to finish the rest",
+            ended,
+            len(done),
+            res / "predictions.csv",
+        )
+    elif len(done) == len(slide_ids):
         log.error(
             "the run FAILED in a step after scoring (see the error above); all %d slides are scored "
             "with the current inputs and %s lists them, but the failed step's outputs are missing",
@@ -178,8 +212,9 @@ def write_partial_summary(
         )
     else:
         log.error(
-            "the run FAILED: %d of %d slides are scored with the current inputs (%s lists those); "
+            "the run %s: %d of %d slides are scored with the current inputs (%s lists those); "
             "%d failed (failed_slides.tsv names them)",
+            ended,
             len(done),
             len(slide_ids),
             res / "predictions.csv",

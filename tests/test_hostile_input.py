@@ -673,3 +673,18 @@ def test_a_slide_reached_through_a_link_keeps_the_links_name(tmp_path: Path) -> 
     for src in (tmp_path / "s", tmp_path / "sheet.csv"):
         (entry,) = discover_slides(str(src))
         assert entry.path == tmp_path / "s" / "patient 7.svs" and entry.path.is_absolute()
+
+
+def test_a_folder_named_like_a_slide_is_named_not_silently_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from histoalign_wsi.slides.cohort import discover_slides
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.svs").symlink_to(CMU)
+    (tmp_path / "s" / "folder.svs").mkdir()
+    with caplog.at_level("WARNING"):
+        assert [e.slide_id for e in discover_slides(str(tmp_path / "s"))] == ["a"]
+    assert "'folder.svs'" in caplog.text and "are not files" in caplog.text
+    with pytest.raises(ConfigError, match=r"folder\.svs"):
+        discover_slides(str(tmp_path / "s"), strict=True)

@@ -267,3 +267,27 @@ def test_a_forced_stage_is_read_from_the_lock(tmp_path: Path) -> None:
     assert forced_stages(tmp_path) == {"encode"}
     release(tmp_path)
     assert forced_stages(tmp_path) == frozenset()
+
+
+def test_the_closing_line_tells_an_interrupted_run_from_a_failed_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from histoalign_wsi.run_status import finish_run
+    from histoalign_wsi.runlock import acquire
+
+    from .planting import synthetic_cohort
+
+    res = tmp_path / "r"
+    synthetic_cohort(res, 3)
+    ids = sorted(p.stem for p in (res / "predictions").glob("*.json"))
+    (res / "logs").mkdir()
+    for line, expected in (
+        ("INFO x: writing the report\n", "was STOPPED before it finished (interrupted"),
+        ("histoalign-wsi report: error: no space left on device\n", "FAILED in a step after scoring"),
+    ):
+        acquire(res)
+        (res / "logs" / "report.log").write_text(line)
+        caplog.clear()
+        with caplog.at_level("ERROR"):
+            finish_run(res, ids, ok=False)
+        assert expected in caplog.text and "all 3 slides are scored" in caplog.text

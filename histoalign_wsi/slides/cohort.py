@@ -149,6 +149,15 @@ def _folder(src: Path, strict: bool) -> list[Path]:
         if strict:
             raise ConfigError(f"{msg} (strict_slides is on)")
         log.warning("%s; left out of the cohort (strict_slides: true refuses)", msg)
+    odd = [p for p in names if p.exists() and not p.is_file()]  # a folder or a device named x.svs
+    if odd:
+        msg = (
+            f"slides: {len(odd)} entr(ies) in {str(src)!r} with a slide's extension are not files "
+            "(a folder, a device or a FIFO): " + ", ".join(repr(p.name) for p in odd[:10])
+        )
+        if strict:
+            raise ConfigError(f"{msg} (strict_slides is on)")
+        log.warning("%s; left out of the cohort (strict_slides: true refuses)", msg)
     files = [p for p in names if p.is_file()]
     if not files:
         raise ConfigError(
