@@ -688,3 +688,27 @@ def test_a_folder_named_like_a_slide_is_named_not_silently_left_out(
     assert "'folder.svs'" in caplog.text and "are not files" in caplog.text
     with pytest.raises(ConfigError, match=r"folder\.svs"):
         discover_slides(str(tmp_path / "s"), strict=True)
+
+
+def test_a_full_disk_in_a_batch_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno as errno_mod
+    import shutil
+
+    from histoalign_wsi.batches import BatchSlide
+    from histoalign_wsi.config import load_config
+    from histoalign_wsi.stages import pipeline, run_batch
+
+    slide = tmp_path / "s.svs"
+    shutil.copy(CMU, slide)
+
+    def full(*a: object, **k: object) -> Path:
+        raise OSError(errno_mod.ENOSPC, "No space left on device", str(tmp_path / "r" / "tissue" / "s.png"))
+
+    monkeypatch.setattr(pipeline, "run_tissue", full)
+    rows = run_batch(
+        "prepare", [BatchSlide("s", str(slide))], tmp_path / "r", tmp_path / "r" / "p.tsv", load_config()
+    )
+    assert (
+        rows[0].error
+        == f"prepare: no space left on device while writing {tmp_path / 'r' / 'tissue' / 's.png'}"
+    )

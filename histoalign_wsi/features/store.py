@@ -237,7 +237,13 @@ class FeatureStore:
         """The features, checked: finite unit vectors (a missing chunk, zeros or a wild
         value is refused naming the store, never scored)."""
         key = f"{scale}/features/{encoder}"
-        x = np.asarray(self._read(self.features_array(scale, encoder), key), dtype=np.float32)
+        arr, n = self.features_array(scale, encoder), self._array(f"scales/{scale}/coords").shape[0]
+        if arr.shape[0] != n:
+            rows = arr.shape[0]
+            raise StoreError(
+                f"{str(self.path)!r}: {key} has {rows} rows for {n} tiles (damaged store); {self.remedy}"
+            )
+        x = np.asarray(self._read(arr, key), dtype=np.float32)
         try:
             return check_rows(x, f"{str(self.path)!r}: {key}")
         except StoreError as exc:

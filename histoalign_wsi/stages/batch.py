@@ -9,6 +9,7 @@ batch manifest (:mod:`histoalign_wsi.batches`) appears when the batch is done.""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -229,6 +230,12 @@ def run_batch(
         except HistoAlignError as exc:
             log.error("%s %s: %s", stage, s.slide_id, exc)
             rows.append(ManifestRow(s.slide_id, FAILED, "", f"{stage}: {exc}"))
+            continue
+        except OSError as exc:  # a full disk, a lost mount: name the file
+            where = exc.filename or f"the outputs of {s.slide_id!r} under {str(results)!r}"
+            what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            log.error("%s %s: %s while writing %s", stage, s.slide_id, what, where)
+            rows.append(ManifestRow(s.slide_id, FAILED, "", f"{stage}: {what} while writing {where}"))
             continue
         except Exception as exc:  # one slide's unexpected failure must not lose the batch
             log.exception("%s %s: unexpected %s", stage, s.slide_id, type(exc).__name__)
