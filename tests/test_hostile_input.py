@@ -712,3 +712,13 @@ def test_a_full_disk_in_a_batch_names_the_file(tmp_path: Path, monkeypatch: pyte
         rows[0].error
         == f"prepare: no space left on device while writing {tmp_path / 'r' / 'tissue' / 's.png'}"
     )
+
+
+def test_a_dicom_file_openslide_cannot_read_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import shared
+
+    dcm = shared("wsi", "dicom_wsi", "small_dicom.dcm")
+    assert main(["info", str(dcm)]) == 2
+    err = capsys.readouterr().err
+    assert "is a DICOM file that OpenSlide cannot read as a whole-slide image" in err
+    assert "convert the slide to a pyramidal TIFF" in err and len(err.strip().splitlines()) == 1

@@ -105,6 +105,11 @@ def _tiff_resolution_mpp(path: Path) -> tuple[float, float] | None:
         return None
 
 
+def _head(path: Path, n: int) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(n)
+
+
 def _open_backend(path: Path, reader: str) -> tuple[_Backend, str]:
     errors: list[str] = []
     os_slide = None
@@ -127,6 +132,17 @@ def _open_backend(path: Path, reader: str) -> tuple[_Backend, str]:
             return cast(_Backend, tiffslide.TiffSlide(path)), "tiffslide"
         except Exception as exc:
             errors.append(f"tiffslide: {exc or type(exc).__name__}")
+    if path.suffix.lower() in (".dcm", ".dicom") or _head(path, 132)[128:] == b"DICM":
+        raise SlideError(
+            path,
+            "is a DICOM file that OpenSlide cannot read as a whole-slide image: OpenSlide reads "
+            "VL Whole Slide Microscopy Image series (an ImageType of ORIGINAL or DERIVED, tiled "
+            "frames, the other files of the series in the same folder); this one is not one, or "
+            "lacks those tags. Put the whole series in one folder and name one of its files, or "
+            "convert the slide to a pyramidal TIFF (e.g. with wsidicomizer or bfconvert). ("
+            + "; ".join(errors)
+            + ")",
+        )
     raise SlideError(path, "cannot be opened as a slide (" + "; ".join(errors) + ")")
 
 
