@@ -186,6 +186,7 @@ class TilingParams:
     scales_mpp: tuple[float, ...]
     tile_px: int
     min_tissue_fraction: float
+    max_upsampling: float | None = 2.0
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ class Config:
                 scales_mpp=tuple(float(s) for s in cfg["scales_mpp"]),
                 tile_px=cfg["tile_px"],
                 min_tissue_fraction=cfg["tiling"]["min_tissue_fraction"],
+                max_upsampling=cfg["tiling"]["max_upsampling"],
             ),
             encode=EncodeParams(**cfg["encode"]),
             alignment=AlignmentParams(**cfg["alignment"]),

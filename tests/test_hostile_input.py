@@ -722,3 +722,19 @@ def test_a_dicom_file_openslide_cannot_read_says_what_to_do(capsys: pytest.Captu
     err = capsys.readouterr().err
     assert "is a DICOM file that OpenSlide cannot read as a whole-slide image" in err
     assert "convert the slide to a pyramidal TIFF" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_slide_far_coarser_than_the_finest_scale_is_refused_not_upsampled(tmp_path: Path) -> None:
+    """A 16.8 um/px slide against 0.5 um/px tiles (7x7 source pixels each): one line saying
+    so and what to do; ``tiling.max_upsampling: null`` encodes it anyway."""
+    from histoalign_wsi.config import load_config
+    from histoalign_wsi.errors import SlideError
+    from histoalign_wsi.features.store import open_store
+    from histoalign_wsi.stages import run_tile
+
+    with pytest.raises(SlideError, match=r"16.8 um/px, is 33.6x coarser .* about 7x7 of its pixels"):
+        run_tile(CMU, tmp_path / "t.zarr", load_config(), mpp=16.8)
+    assert not (tmp_path / "t.zarr").exists()
+    allowed = load_config(overrides={"tiling": {"max_upsampling": None}})
+    assert open_store(run_tile(CMU, tmp_path / "t.zarr", allowed, mpp=16.8)).validate() == []
+    run_tile(CMU, tmp_path / "u.zarr", load_config(), mpp=1.0)  # 2x: within the default

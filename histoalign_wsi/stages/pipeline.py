@@ -75,6 +75,22 @@ def _prepare_record(
     return given if given is not None else Expected(cfg, HashCache()).prepare(slide_path, mpp)
 
 
+def _check_upsampling(slide: Slide, cfg: Config) -> None:
+    """Refuse a slide far coarser than the finest scale (``tiling.max_upsampling``)."""
+    limit, finest = cfg.tiling.max_upsampling, cfg.tiling.scales_mpp[0]
+    factor = slide.mpp / finest
+    if limit is not None and factor > limit:
+        px = max(1, round(cfg.tiling.tile_px / factor))
+        raise SlideError(
+            slide.path,
+            f"its resolution, {slide.mpp:g} um/px, is {factor:.1f}x coarser than the finest scale "
+            f"{finest:g} um/px: each tile would be made from about {px}x{px} of its pixels. Set "
+            f"scales_mpp to scales at or above {slide.mpp / limit:g} um/px for such slides, check "
+            "the MPP the slide reports (an 'mpp' column in the sheet overrides it), or set "
+            "tiling.max_upsampling: null to encode upsampled tiles anyway",
+        )
+
+
 def run_tissue(
     slide_path: str | Path,
     out_png: str | Path,
@@ -122,6 +138,7 @@ def run_tile(
             tissue_attrs = {"threshold": res.threshold, "tissue_fraction": res.area_fraction}
             tissue_attrs["params"] = cfg.raw["tissue"]
         tissue_attrs["level0_px_per_mask_px"] = scale
+        _check_upsampling(slide, cfg)
         tiling = tile_slide(
             mask, mask_scale=scale, slide_mpp=slide.mpp, level0_dims=slide.dimensions, params=cfg.tiling
         )
