@@ -738,3 +738,19 @@ def test_a_slide_far_coarser_than_the_finest_scale_is_refused_not_upsampled(tmp_
     allowed = load_config(overrides={"tiling": {"max_upsampling": None}})
     assert open_store(run_tile(CMU, tmp_path / "t.zarr", allowed, mpp=16.8)).validate() == []
     run_tile(CMU, tmp_path / "u.zarr", load_config(), mpp=1.0)  # 2x: within the default
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "1e9"])
+def test_an_mpp_argument_that_is_not_a_resolution_is_refused(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["info", str(CMU), "--mpp", value])
+    assert exc.value.code == 2 and "argument --mpp" in capsys.readouterr().err
+
+
+def test_settings_far_outside_what_makes_sense_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    for override in ({"tissue": {"closing_um": 1e12}}, {"mpp_override": 1e6}, {"scales_mpp": [0.5, 5000.0]}):
+        with pytest.raises(ConfigError, match="maximum"):
+            load_workflow({"slides": str(tmp_path / "s"), "results": str(tmp_path / "r")} | override)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ __all__ = [
     "at_least",
     "existing",
     "existing_dir",
+    "mpp_value",
     "opts",
     "print_json",
     "says",
@@ -70,6 +72,17 @@ def at_least(low: int) -> Callable[[str], int]:
 
     parse.__name__ = f"whole number >= {low}"
     return parse
+
+
+def mpp_value(text: str) -> float:
+    """An argument type: a finite resolution in micrometres per pixel (0 < mpp <= 1000)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text} is not a resolution in um/px (0 < mpp <= 1000)")
+    return value
 
 
 def existing(text: str) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import stages
 from ..config import Config
-from .common import Subparsers, at_least, print_json
+from .common import Subparsers, at_least, mpp_value, print_json
 from .common import add as _add
 
 __all__ = ["slide_commands"]
@@ -54,7 +54,7 @@ def _tile(a: argparse.Namespace, cfg: Config) -> int:
 def slide_commands(sub: Subparsers) -> None:
     p = _add(sub, "info", _info, "print slide metadata as JSON")
     p.add_argument("slide", type=Path)
-    p.add_argument("--mpp", type=float, help="level-0 MPP to use instead of the metadata's")
+    p.add_argument("--mpp", type=mpp_value, help="level-0 MPP to use instead of the metadata's")
 
     p = _add(
         sub,
@@ -85,11 +85,11 @@ def slide_commands(sub: Subparsers) -> None:
     p = _add(sub, "tissue", _tissue, "detect tissue: mask PNG (+ JSON with scale, polygons)")
     p.add_argument("slide", type=Path)
     p.add_argument("--out", type=Path, required=True, help="mask PNG path")
-    p.add_argument("--mpp", type=float)
+    p.add_argument("--mpp", type=mpp_value)
 
     p = _add(sub, "tile", _tile, "lay nested multi-scale tiles and write the tile store")
     p.add_argument("slide", type=Path)
     p.add_argument("--out", type=Path, required=True, help="tile store (.zarr)")
     p.add_argument("--tissue", type=Path, help="mask PNG from 'tissue' (detected anew if absent)")
     p.add_argument("--slide-id", help="id recorded in the store (default: from the file name)")
-    p.add_argument("--mpp", type=float)
+    p.add_argument("--mpp", type=mpp_value)
