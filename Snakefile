@@ -2,9 +2,18 @@
 # Reads config.yaml, validates it (with the cohort, encoders, prompt bag and labels) before
 # any job runs, includes one rule file per stage, declares `rule all`.
 
+import sys
+
 from snakemake.utils import min_version
 
+from histoalign_wsi.workflow import check_config_file
+
 min_version("8.0")
+
+# YAML aliases or absurd nesting in config.yaml: one line naming the file, before
+# Snakemake's own reader expands it (or overflows its stack)
+if (problem := check_config_file("config.yaml")) is not None:
+    sys.exit(problem)
 
 
 configfile: "config.yaml"

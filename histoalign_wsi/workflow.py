@@ -27,6 +27,7 @@ from .zeroshot.prompts import load_bag
 __all__ = [
     "Workflow",
     "bag_file",
+    "check_config_file",
     "folder_of",
     "forced_stages_of",
     "load_workflow",
@@ -261,6 +262,21 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
     except HistoAlignError as exc:
         raise ConfigError(f"configuration check failed: {exc}") from exc
     return Workflow(cfg, cohort, sheet)
+
+
+def check_config_file(path: str | Path) -> str | None:
+    """The one line that refuses a config file before Snakemake reads it (aliases, nesting
+    deeper than a config has), or None when it is fine or absent."""
+    from .textfiles import read_yaml
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        read_yaml(p, what="configuration file")
+    except ConfigError as exc:
+        return f"histoalign-wsi: {exc}"
+    return None
 
 
 def _refuse(message: str) -> NoReturn:
