@@ -1,9 +1,11 @@
 """The configuration's JSON schema (shipped in ``data/``): loading it, a validator that
-fills in its defaults, and one-line messages for its violations."""
+fills in its defaults, one-line messages for its violations, and the checks a schema
+cannot make (a configuration's expanded size, every number finite)."""
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import re
@@ -14,7 +16,19 @@ from typing import Any
 import jsonschema
 import yaml
 
-__all__ = ["coerce_strings", "default_filling_validator", "load_schema", "schema_error_line"]
+from .errors import ConfigError
+from .textfiles import MAX_DEPTH
+
+__all__ = [
+    "MAX_VALUES",
+    "check_bounded",
+    "check_cross_fields",
+    "check_finite",
+    "coerce_strings",
+    "default_filling_validator",
+    "load_schema",
+    "schema_error_line",
+]
 
 _INT = re.compile(r"[+-]?\d+")
 _BOOL = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -93,3 +107,80 @@ def schema_error_line(err: jsonschema.ValidationError) -> str:
     if rule in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "pattern", "type"):
         return f"{where} = {value}: breaks {rule} {json.dumps(err.validator_value)}"
     return f"{where} = {value}: {err.message[:200]}"
+
+
+#: the most values a configuration may hold once YAML aliases are expanded
+MAX_VALUES = 100_000
+
+
+def check_bounded(raw: Any) -> None:
+    """Refuse a configuration that would not fit in memory once expanded (aliases shared
+    many times) or nests absurdly deep, before anything copies it."""
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    seen = 0
+    while stack:
+        node, where, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(
+                f"configuration: holds more than {MAX_VALUES:,} values once expanded "
+                f"(near {where or 'the top'}); YAML aliases (*name) repeated over and over do this"
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"configuration: {where} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, Mapping):
+            stack += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node)]
+
+
+def check_finite(cfg: Any, where: str = "") -> None:
+    """Every number of the configuration is finite (the schema's bounds let NaN and
+    infinity through)."""
+    if isinstance(cfg, Mapping):
+        for k, v in cfg.items():
+            check_finite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            check_finite(v, f"{where}[{i}]")
+    elif isinstance(cfg, float) and not math.isfinite(cfg):
+        raise ConfigError(f"invalid configuration: {where}: {cfg} is not a finite number")
+
+
+def check_cross_fields(cfg: Mapping[str, Any]) -> None:
+    """The rules between keys: nested scales, the CONCH protocol's limits, weights that
+    fit the scales and sum to more than 0."""
+    scales = cfg["scales_mpp"]
+    if any(b <= a for a, b in itertools.pairwise(scales)):
+        raise ConfigError(f"scales_mpp must be strictly ascending, got {scales}")
+    for s in scales[1:]:
+        ratio = s / scales[0]
+        if abs(ratio - round(ratio)) > 1e-6:
+            raise ConfigError(
+                f"scales_mpp: {s} is not an integer multiple of the finest scale {scales[0]}; "
+                "nested grids need integer ratios"
+            )
+    if cfg["protocol"] == "conch":
+        _check_conch(cfg)
+    sw = cfg["pooling"]["scale_weights"]
+    if sw is not None and len(sw) != len(scales):
+        raise ConfigError(f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}")
+    if sw is not None and sum(sw) <= 0:
+        raise ConfigError(f"pooling.scale_weights {sw} sum to 0: give at least one scale a positive weight")
+    ew = cfg["encoder_weights"]
+    if sum(float(ew.get(e, 1.0)) for e in cfg["encoders"]) <= 0:
+        raise ConfigError(
+            f"encoder_weights {ew} give every configured encoder weight 0: "
+            "give at least one a positive weight"
+        )
+
+
+def _check_conch(cfg: Mapping[str, Any]) -> None:
+    """The CONCH protocol is one encoder, one magnification, no calibration."""
+    if len(cfg["encoders"]) != 1:
+        raise ConfigError(f"protocol: conch scores with exactly one encoder, got encoders {cfg['encoders']}")
+    if cfg["calibration"]:
+        raise ConfigError("protocol: conch has no calibration; set calibration: false")
+    mpp = cfg["conch"]["scale_mpp"]
+    if not any(abs(mpp - s) < 1e-9 for s in cfg["scales_mpp"]):
+        raise ConfigError(f"conch.scale_mpp: {mpp} is not one of scales_mpp {cfg['scales_mpp']}")
