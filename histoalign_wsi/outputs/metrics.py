@@ -47,7 +47,10 @@ def classification_metrics(
     classes present in ``y_true`` (listed as ``classes_present``; the others as
     ``classes_absent``), so a bag class nobody has neither drags F1 down nor is skipped
     by one metric and counted by another. A prediction that is not a class (a slide
-    without tiles) counts as wrong and gets its own confusion-matrix column.
+    without tiles) counts as wrong in accuracy, balanced accuracy and F1, and gets its own
+    confusion-matrix column; a row of ``probs`` that is not finite (that slide has no
+    probabilities) is left out of the AUCs, which rank probabilities: ``n_auc`` says how
+    many slides they saw.
     """
     classes = list(classes)
     yt, yp = np.asarray(list(y_true), dtype=str), np.asarray(list(y_pred), dtype=str)
@@ -67,7 +70,11 @@ def classification_metrics(
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo")
         return base | dict.fromkeys(keys) | {"per_class": {}, "note": "no labelled slide was scored"}
     p, r, f, s = skm.precision_recall_fscore_support(yt, yp, labels=classes, zero_division=0)
-    aucs = {c: _auc(yt == c, probs[:, k]) if c in present else None for k, c in enumerate(classes)}
+    probs = np.asarray(probs, np.float64).reshape(len(yt), len(classes))
+    scored = np.isfinite(probs).all(axis=1)
+    ys, ps = yt[scored], probs[scored]
+    ranked = [c for c in present if c in set(ys.tolist())]
+    aucs = {c: _auc(ys == c, ps[:, k]) if c in ranked else None for k, c in enumerate(classes)}
     valid = [v for v in aucs.values() if v is not None]
     return base | {
         "accuracy": float(np.mean(yt == yp)),
@@ -85,7 +92,8 @@ def classification_metrics(
             for k, c in enumerate(classes)
         },
         "auc_macro_ovr": float(np.mean(valid)) if valid else None,
-        "auc_macro_ovo": _auc_ovo(yt, probs, classes, present),
+        "auc_macro_ovo": _auc_ovo(ys, ps, classes, ranked),
+        "n_auc": int(scored.sum()),
     }
 
 

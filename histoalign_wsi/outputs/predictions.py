@@ -78,8 +78,9 @@ def summarize(
 ) -> pd.DataFrame:
     """Write ``predictions.csv`` (and, with labels, ``metrics.json`` + confusion PNG).
 
-    Slides without tiles count as failures in the metrics (their prediction is not a
-    class), and are listed with their own count.
+    Slides without tiles count as wrong in accuracy, balanced accuracy and F1 (their
+    prediction is not a class), are left out of the AUCs (they have no probabilities to
+    rank; ``n_auc`` counts the slides the AUCs saw), and are listed with their own count.
 
     Raises
     ------
@@ -105,11 +106,8 @@ def summarize(
     if labels and metrics_json is not None:
         labelled = table[table["label"].notna()]
         probs = labelled[class_columns(classes, "prob")].to_numpy(dtype=np.float64)
-        m = classification_metrics(
-            labelled["label"].tolist(),
-            labelled["predicted_class"].tolist(),
-            np.nan_to_num(probs, nan=0.0),
-            classes,
+        m = classification_metrics(  # a slide without tiles: wrong, and out of the AUCs
+            labelled["label"].tolist(), labelled["predicted_class"].tolist(), probs, classes
         )
         m["untrained"] = bool(table["untrained"].any())
         failed = labelled[labelled["status"] != "ok"]

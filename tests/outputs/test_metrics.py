@@ -240,3 +240,23 @@ def test_metrics_with_no_labels_one_positive_and_one_class() -> None:
     str_row = {k: v for k, v in never["per_class"]["STR"].items() if k != "auc_ovr"}
     assert str_row == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert never["per_class"]["TUM"]["precision"] == 0.5 and never["per_class"]["TUM"]["recall"] == 1.0
+
+
+def test_a_slide_without_tiles_is_wrong_in_accuracy_and_out_of_the_auc(tmp_path: Path) -> None:
+    """The rule for a tile-less slide: counted wrong where predictions are counted, left
+    out where probabilities are ranked; an AUC that filled its row with 0 or 1 would move
+    its own class's AUC and the others' (checked against sklearn on the other rows)."""
+    from sklearn.metrics import roc_auc_score
+
+    classes = ["TUM", "STR", "NORM"]
+    y = ["TUM", "TUM", "STR", "STR", "NORM", "NORM", "STR"]
+    pred = ["TUM", "STR", "STR", "NORM", "NORM", "TUM", "no tiles (slide smaller than a tile)"]
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.ones(3), size=len(y))
+    probs[-1] = np.nan
+    m = classification_metrics(y, pred, probs, classes)
+    assert m["accuracy"] == pytest.approx(3 / 7) and m["n_auc"] == 6
+    yt = np.array(y[:-1])
+    for k, c in enumerate(classes):
+        assert m["per_class"][c]["auc_ovr"] == pytest.approx(roc_auc_score(yt == c, probs[:-1, k]))
+    assert m["per_class"]["STR"]["recall"] == pytest.approx(1 / 3)  # the tile-less STR slide: missed

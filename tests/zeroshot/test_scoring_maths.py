@@ -44,6 +44,9 @@ def test_rules_give_their_exact_values() -> None:
     assert sim("mean") == pytest.approx(1 / 3, abs=1e-6)
     assert sim("topk", topk=0.3) == pytest.approx(1.0, abs=1e-6)  # best 1 of 3
     assert sim("topk", topk=0.5) == pytest.approx(0.5, abs=1e-6)  # best 2 of 3
+    # K is the fraction rounded up, never to the nearest: 0.4 of 3 prompts is 2 (1.2 up)
+    assert sim("topk", topk=0.4) == pytest.approx(0.5, abs=1e-6)
+    assert sim("topk", topk=0.67) == pytest.approx(1 / 3, abs=1e-6)  # 2.01 up: all 3
     lse = 0.05 * np.log((np.exp(1 / 0.05) + 2) / 3)
     assert sim("lse", temperature=0.05) == pytest.approx(lse, abs=1e-6)
     assert sim("lse", temperature=100.0) == pytest.approx(1 / 3, abs=2e-3)  # large t: the mean
