@@ -503,3 +503,54 @@ def test_errors_name_the_store_and_the_scales_it_has(tmp_path: Path) -> None:
         score_store(open_store(path), text, _cfg(scales_mpp=[0.5, 1.0, 4.0]))
     msg = str(err.value)
     assert str(path) in msg and "no scale 4.00mpp" in msg and "(it has 0.50mpp, 1.00mpp, 2.00mpp)" in msg
+
+
+#: CONCH's CRC-100K class names as published (mahmoodlab/CONCH,
+#: prompts/crc100k_prompts_all_per_class.json), copied here to check the bag against
+CONCH_CRC100K = {
+    "ADI": ["adipose", "adipose tissue", "adipocytes", "fat", "fat cells"],
+    "BACK": ["background", "penmarking", "empty space", "background artifacts"],
+    "DEB": ["debris", "colorectal adenocarcinoma debris and necrosis", "necrosis", "necrotic debris"],
+    "LYM": ["lymphocytes", "lymphoid aggregate", "immune cells", "lymphoid infiltrate", "inflammatory cells"],
+    "MUC": ["mucus", "mucin", "mucus pool", "mucin pool"],
+    "MUS": ["smooth muscle", "smooth muscle tissue", "muscle", "muscularis propria", "muscularis mucosa"],
+    "NORM": ["normal colon mucosa", "uninvolved colon mucosa", "normal colonic mucosa", "benign epithelium"],
+    "STR": [
+        "cancer-associated stroma",
+        "tumor-associated stroma",
+        "stromal cells",
+        "stromal tissue",
+        "stroma",
+    ],
+    "TUM": [
+        "colorectal adenocarcinoma epithelium",
+        "colorectal adenocarcinoma",
+        "tumor",
+        "adenocarcinoma",
+        "malignant epithelium",
+    ],
+}
+
+
+def test_the_crc_bag_carries_conchs_published_class_names() -> None:
+    bag = load_bag("crc")
+    assert {c.name: list(c.conch_names) for c in bag.classes} == CONCH_CRC100K
+    texts, _, _ = bag.texts(protocol="conch")
+    assert len(texts) == 22 * sum(map(len, CONCH_CRC100K.values()))
+    assert "a photomicrograph showing penmarking." in texts
+
+
+def test_the_conch_protocol_uses_conch_names_and_nothing_else(tmp_path: Path) -> None:
+    """Names and conch_names disjoint: each protocol's prompts hold only its own list."""
+    p = tmp_path / "b.yaml"
+    p.write_text(
+        "classes:\n"
+        "  A: {names: [alpha tissue], conch_names: [conch a one, conch a two]}\n"
+        "  B: {names: [beta tissue], conch_names: [conch b]}\n"
+    )
+    bag = load_bag(str(p))
+    conch, cls, _ = bag.texts(protocol="conch")
+    assert all("conch" in t for t in conch) and not any("alpha" in t or "beta" in t for t in conch)
+    assert [int(k) for k in cls].count(0) == 2 * 22 and [int(k) for k in cls].count(1) == 22
+    ours, _, _ = bag.texts()
+    assert not any("conch" in t for t in ours) and any("alpha tissue" in t for t in ours)
