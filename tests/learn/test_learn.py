@@ -293,3 +293,32 @@ def test_folds_split_by_patient_when_given(scale_cohort: tuple[list[Path], dict[
         held = {patients[s] for s in fold["slides"]}
         others = {patients[s] for s in ids if s not in fold["slides"]}
         assert held and not held & others
+
+
+def test_tip_adapter_values_against_the_formula() -> None:
+    """Tip-Adapter's probabilities, computed by hand from its formula on three patches:
+    a flipped affinity sign, another beta or alpha, or a test patch in the cache changes
+    them."""
+    f = unit(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]]))
+    y = np.array([0, 1, 0, 1], np.int64)
+    zs = np.array([[0.1, 0.3], [0.2, 0.0], [0.5, 0.4], [0.0, 0.1]], np.float32)
+    data = FewShotData(f.astype(np.float32), y, zs, ("a", "b"))
+    tr, te = np.array([0, 1], np.int64), np.array([2, 3], np.int64)
+    got = tip_adapter(data, tr, te, alpha=2.0, beta=3.0)
+    for row, i in enumerate(te):
+        aff = [np.exp(-3.0 * (1.0 - float(f[i] @ f[j]))) for j in tr]  # to patch 0 (a), patch 1 (b)
+        z = zs[i] + 2.0 * np.array([aff[0], aff[1]])
+        np.testing.assert_allclose(got[row], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-5)
+
+
+def test_tip_adapter_learns_nothing_from_noise() -> None:
+    """Labels that are pure noise: the cache holds only the drawn shots, so held-out
+    accuracy stays near chance (a test patch leaking into the cache makes it 1.0)."""
+    rng = np.random.default_rng(3)
+    n = 300
+    x = unit(rng.normal(size=(n, D)))
+    y = rng.integers(0, 3, size=n).astype(np.int64)
+    data = FewShotData(x.astype(np.float32), y, np.zeros((n, 3), np.float32), ("a", "b", "c"))
+    tr, te = draw(data.labels, 8, 0, data.classes)
+    acc = float((tip_adapter(data, tr, te).argmax(axis=1) == y[te]).mean())
+    assert acc < 0.5, acc
