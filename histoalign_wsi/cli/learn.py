@@ -15,7 +15,7 @@ __all__ = ["group_options", "learn_commands"]
 
 
 def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
-    kw = opts(a, "shots", "repeats", "seed", "mapping", "groups", "group_pattern")
+    kw = opts(a, "shots", "repeats", "seed", "mapping", "groups", "group_pattern", "tip_search")
     s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **kw)
     curve = s["curves"]["balanced_accuracy"]
     print_json(
@@ -78,6 +78,11 @@ def learn_commands(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mapping", type=existing, help="folder -> class (YAML mapping or CSV folder,class)")
     p.add_argument("--text", type=Path)
+    p.add_argument(
+        "--tip-search",
+        action="store_true",
+        help="also Tip-Adapter with alpha and beta searched on a held-out half of the shots (k >= 2)",
+    )
     group_options(p)
 
     p = _add(sub, "fit", _fit, "train slide-level heads on stored features (cross-validated)")

@@ -55,8 +55,10 @@ def run_few_shot(
     text_path: Path | None = None,
     groups: Path | None = None,
     group_pattern: str = "auto",
+    tip_search: bool = False,
 ) -> dict[str, Any]:
-    """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches:
+    """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches
+    (``tip_search``: also Tip-Adapter with alpha and beta searched on the shots):
     ``curves.csv`` (every draw), ``summary.json`` (mean and sd, and the grouping used) and
     ``curves.png``. Draws and tests keep a patient's patches together when the patches
     carry a patient key (``groups`` sheet, or ``group_pattern`` on file names)."""
@@ -101,6 +103,7 @@ def run_few_shot(
             score=scorer(classes),
             groups=grouping.keys,
             progress=bar.update,
+            search=tip_search,
         )
     with atomic_file(out / "curves.csv") as tmp:
         import pandas as pd  # lazily: the CLI's start-up stays light
@@ -112,7 +115,12 @@ def run_few_shot(
         "shots": list(shots),
         "repeats": repeats,
         "seed": seed,
-        "tip_adapter": {"alpha": TIP_ALPHA, "beta": TIP_BETA},
+        "tip_adapter": {
+            "alpha": TIP_ALPHA,
+            "beta": TIP_BETA,
+            "defaults": "the official code's init_alpha and init_beta, used as they are",
+            "searched": "alpha and beta per draw on a held-out half of the shots" if tip_search else None,
+        },
         "n_patches": len(items),
         "grouping": grouping.summary(),
         "untrained": any(e.entry.untrained for e in encs),

@@ -322,3 +322,33 @@ def test_tip_adapter_learns_nothing_from_noise() -> None:
     tr, te = draw(data.labels, 8, 0, data.classes)
     acc = float((tip_adapter(data, tr, te).argmax(axis=1) == y[te]).mean())
     assert acc < 0.5, acc
+
+
+def test_the_tip_adapter_search_reads_only_the_shots() -> None:
+    """The search's alpha and beta come from the shots alone: changing every test patch's
+    features and labels leaves them as they are; with one shot a class, no search."""
+    from histoalign_wsi.learn.fewshot import TIP_ALPHAS, TIP_BETAS, tip_search
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 30)
+    x = unit(np.where(y[:, None] == 0, P, Q) + rng.normal(size=(60, D)) / np.sqrt(D))
+    zs = np.zeros((60, 2), np.float32)
+    data = FewShotData(x.astype(np.float32), y.astype(np.int64), zs, ("a", "b"))
+    tr, te = draw(data.labels, 4, 0, data.classes)
+    hp = tip_search(data, tr, seed=0)
+    assert hp is not None and hp[0] in TIP_ALPHAS and hp[1] in TIP_BETAS
+    other = x.copy()
+    other[te] = unit(rng.normal(size=(len(te), D)))
+    yy = y.copy()
+    yy[te] = 1 - yy[te]
+    assert (
+        tip_search(FewShotData(other.astype(np.float32), yy.astype(np.int64), zs, ("a", "b")), tr, seed=0)
+        == hp
+    )
+    one, _ = draw(data.labels, 1, 0, data.classes)
+    assert tip_search(data, one, seed=0) is None
+    rows = few_shot_curves(
+        data, shots=[1, 4], repeats=1, seed=0, score=lambda t, p: {"n": len(t)}, search=True
+    )
+    searched = [r for r in rows if r["method"] == "Tip-Adapter (searched)"]
+    assert [r["searched"] for r in searched] == [False, True]
