@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import ConfigError, StoreError
 from .learning import scorer
 
-__all__ = ["report_encoder", "run_train_reports"]
+__all__ = ["report_encoder", "run_train_reports", "shuffled_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,29 @@ def _classes(labels: Mapping[str, str], bag_classes: Sequence[str], where: str) 
     return [c for c in bag_classes if c in set(labels.values())]
 
 
+def shuffled_pairs(
+    emb: Mapping[str, NDArray[np.float32]], train: Sequence[str], *, seed: int
+) -> dict[str, NDArray[np.float32]]:
+    """The control's pairs: each training slide gets another training slide's report, by
+    a seeded derangement (a plain permutation leaves some slides with their own report, so
+    the control would still learn from them); slides outside ``train`` keep theirs.
+
+    Raises
+    ------
+    ConfigError
+        Fewer than two training slides: no slide could get another's report.
+    """
+    n = len(train)
+    if n < 2:
+        raise ConfigError(f"the shuffled-pairs control needs at least two training slides, got {n}")
+    rng = np.random.default_rng(seed)
+    while True:  # a uniform derangement by rejection: about e tries on average
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            break
+    return dict(emb) | {s: emb[train[j]] for s, j in zip(train, perm.tolist(), strict=True)}
+
+
 def run_train_reports(
     stores: Sequence[Path],
     reports: Path | None,
@@ -155,10 +178,7 @@ def run_train_reports(
     emb = dict(zip(ids, texts.emb, strict=True))
     train_text = emb
     if shuffle_pairs:
-        perm = np.random.default_rng(settings.seed).permutation(len(splits["train"]))
-        train_text = dict(emb) | {
-            s: emb[splits["train"][j]] for s, j in zip(splits["train"], perm, strict=True)
-        }
+        train_text = shuffled_pairs(emb, splits["train"], seed=settings.seed)
     labels = {s: v for s, v in _labels(sheet.labels, labels_sheet).items() if s in set(ids)}
     bag_classes = list(load_bag(cfg.prompt_bag).class_names)
     classes = _classes(labels, bag_classes, where) if labels else []

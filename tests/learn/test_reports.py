@@ -450,3 +450,22 @@ def test_patch_folders_are_paired_and_distilled_with_folder_labels(tmp_path: Pat
     assert main(["distill", str(out), "--out", str(tmp_path / "d"), "--set", "distill.epochs=5"]) == 0
     m = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert m["n_unlabelled"] == 4 and m["n_items"] == 16 and sorted(m["classes"]) == ["STR", "TUM"]
+
+
+def test_the_shuffled_pairs_control_gives_every_slide_anothers_report() -> None:
+    """A derangement, seeded: no training slide keeps its own report (a plain permutation
+    leaves some slides with their own, and an unshuffled control would learn from all)."""
+    from histoalign_wsi.stages.reports import shuffled_pairs
+
+    rng = np.random.default_rng(0)
+    emb = {f"s{i}": rng.normal(size=4).astype(np.float32) for i in range(12)}
+    train = [f"s{i}" for i in range(10)]
+    for seed in range(20):
+        out = shuffled_pairs(emb, train, seed=seed)
+        given = [next(k for k in train if out[s] is emb[k]) for s in train]
+        assert sorted(given) == sorted(train) and all(g != s for g, s in zip(given, train, strict=True))
+        assert out["s10"] is emb["s10"] and out["s11"] is emb["s11"]  # not training: kept
+    a, b = shuffled_pairs(emb, train, seed=3), shuffled_pairs(emb, train, seed=3)
+    assert all(a[s] is b[s] for s in emb)
+    with pytest.raises(ConfigError, match="at least two training slides"):
+        shuffled_pairs(emb, ["s0"], seed=0)
