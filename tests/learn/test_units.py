@@ -571,3 +571,13 @@ def test_linear_regularisation_is_chosen_by_log_loss_cross_validation(
     assert searches == [] and c == 1.0
     np.testing.assert_allclose(coef, plain.coef_)
     np.testing.assert_allclose(intercept, plain.intercept_)
+
+
+def test_a_bags_pooled_feature_is_each_scales_mean_in_scale_order() -> None:
+    """What the linear head reads, computed by hand: the mean (not the max, not the sum)
+    of each scale's rows, scales in order, zeros for a scale without tiles."""
+    from histoalign_wsi.learn.bags import Bag
+
+    f = np.array([[1.0, 0.0], [3.0, 2.0], [-1.0, 4.0], [0.5, 0.5]], np.float32)
+    bag = Bag("s", f, np.array([0, 0, 2, 0], np.int64), np.zeros((4, 2), np.int32), ("a", "b", "c"))
+    np.testing.assert_allclose(bag.pooled(), [1.5, 2.5 / 3, 0.0, 0.0, -1.0, 4.0], rtol=1e-6)
