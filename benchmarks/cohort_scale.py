@@ -146,12 +146,18 @@ def part_rerun(sizes: list[int], tmp: Path, codes: list[Code]) -> list[dict[str,
                 f"slides={slides}",
                 f"results={res}",
             ]
-            subprocess.run([*cmd, "--touch"], capture_output=True, check=True, cwd=tmp, env=code.env)
+            # every job's record (params included), as after a real run
+            subprocess.run(
+                [*cmd, "--touch", "--forceall"], capture_output=True, check=True, cwd=tmp, env=code.env
+            )
             for attempt in ("first", "steady"):
                 rss, wall = measure(cmd, env=code.env, cwd=tmp)
                 row = {"part": "rerun", "code": code.label, "slides": n, "stage": attempt, "wall_s": wall}
                 rows.append(row | {"peak_rss_mib": rss})
                 print(rows[-1], flush=True)
+            dry = subprocess.run([*cmd, "-n"], capture_output=True, text=True, cwd=tmp, env=code.env)
+            if "Nothing to be done" not in dry.stdout + dry.stderr:
+                raise RuntimeError(f"{code.label}: the rerun of {n} slides was not a no-change rerun")
             shutil.rmtree(res)
         shutil.rmtree(slides)
     return rows

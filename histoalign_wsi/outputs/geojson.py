@@ -117,7 +117,7 @@ def export_geojson(
             _RegionSpec(
                 regions, threshold, simplify_px, mpp, dict(attention) if attention is not None else None
             ),
-            members={"histoalign": {"provenance": dict(provenance)}} if provenance is not None else None,
+            members={"histoalign": {"provenance": dict(provenance) if provenance is not None else None}},
         )
     return out
 
@@ -150,6 +150,9 @@ def _write(
 
     scores = tile_scores.read(path)
     slide_id, classes, t = scores.slide_id, list(scores.classes), scores.table
+    if members is not None and "histoalign" in members:
+        # made with an untrained (demo) encoder: QuPath users see it in the file itself
+        members = {**members, "histoalign": {**members["histoalign"], "untrained": scores.untrained}}
     att = spec.attention
     cols = (t["x"].tolist(), t["y"].tolist(), t["size0"].tolist(), scores.probs().tolist())
     bar = Progress(len(t), desc=f"export-geojson {slide_id}")

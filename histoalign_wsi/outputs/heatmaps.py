@@ -82,6 +82,20 @@ def _legend(img: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -
         d.text((8 + sw + 6, y), t, fill=(0, 0, 0), font=f)
 
 
+UNTRAINED_MARK = "UNTRAINED demo encoder: meaningless"
+
+
+def _mark_untrained(img: Image.Image) -> None:
+    """A red band across the top right: this image came from an untrained encoder."""
+    d = ImageDraw.Draw(img)
+    f = _font(img)
+    w = int(d.textlength(UNTRAINED_MARK, font=f)) + 12
+    h = int((f.size if isinstance(f, ImageFont.FreeTypeFont) else 10) * 1.5)
+    x0 = max(0, img.width - w - 4)
+    d.rectangle([x0, 4, x0 + w, 4 + h], fill=(200, 0, 0))
+    d.text((x0 + 6, 5), UNTRAINED_MARK, fill=(255, 255, 255), font=f)
+
+
 def _colorbar(img: Image.Image, name: str, cmap: matplotlib.colors.Colormap) -> None:
     d = ImageDraw.Draw(img)
     f = _font(img)
@@ -158,12 +172,16 @@ def write_heatmaps(
             rgb = (cmap(prob)[..., :3] * 255).astype(np.float32)
             img = Image.fromarray(_blend(thumb, rgb, covered, alpha))
             _colorbar(img, f"P({c})", cmap)
+            if scores.untrained:
+                _mark_untrained(img)
             _save(img, tmp / Path(files[c]).stem, fmt, side)
             del prob, rgb, img
         pal = np.array([colors[c] for c in classes], np.float32)
         plain = Image.fromarray(_blend(thumb, pal[arg], covered, max(alpha, 0.7)))
         _save(plain, tmp / "argmax_thumb", fmt, THUMB_PX)  # no legend: the report shows one
         _legend(plain, [(c, tuple(colors[c])) for c in classes])  # type: ignore[misc]
+        if scores.untrained:
+            _mark_untrained(plain)
         _save(plain, tmp / "argmax", fmt, side)
         if attention is not None:
             att = attention_scores(attention, fine)

@@ -110,7 +110,8 @@ def run_fit(
     from ..features.store import open_store
     from ..provenance import HashCache, digest, make_record
 
-    made_from = sorted(digest(open_store(p).attrs.get("provenance")) for p in stores)
+    opened = [open_store(p) for p in stores]
+    made_from = sorted(digest(st.attrs.get("provenance")) for st in opened)
     inputs = {"features": digest(made_from), "labels": HashCache().sha256(sheet)}
     report = {
         "classes": classes,
@@ -119,6 +120,7 @@ def run_fit(
         "seed": seed,
         "grouped": groups is not None,
         "heads": cv,
+        "untrained": any(bool(st.attrs.get("untrained")) for st in opened),
         "provenance": make_record(
             "fit", cfg, inputs | {"heads": names, "folds": folds, "seed": seed, "epochs": epochs}
         ),

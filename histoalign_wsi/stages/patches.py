@@ -33,10 +33,11 @@ def run_classify_patches(
     res = classify_patches(
         root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
     )
+    untrained = any(e.entry.untrained for e in encs)
     with atomic_file(out / "predictions.csv") as tmp:
-        inert_table(res.table()).to_csv(tmp, index=False)
+        inert_table(res.table().assign(untrained=untrained)).to_csv(tmp, index=False)
     m = classification_metrics(res.labels, res.predicted, res.probs.astype("float64"), res.classes)
-    m["untrained"] = any(e.entry.untrained for e in encs)
+    m["untrained"] = untrained
     m["encoders"] = {e.name: e.weights_sha256 for e in encs}
     write_json(m, out / "metrics.json")
     plot_confusion(m["confusion_matrix"], out / "confusion_matrix.png")

@@ -224,7 +224,7 @@ def _result(
         top_tiles=top,
         extra=extra or {},
     )
-    return SlideScores(pred, TileScores(store.slide_id, tuple(classes), tiles))
+    return SlideScores(pred, TileScores(store.slide_id, tuple(classes), tiles, pred.untrained))
 
 
 def _scale_summary(n: int, pooled: NDArray[np.float32] | None, classes: list[str]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class TileScores:
     slide_id: str
     classes: tuple[str, ...]
     table: pd.DataFrame
+    untrained: bool = False  # made with an untrained (demo) encoder: meaningless
 
     @property
     def prob_columns(self) -> list[str]:
@@ -62,7 +63,7 @@ class TileScores:
         fine = t[t["mpp"] == t["mpp"].min()] if len(t) else t
         if fine[self.prob_columns].isna().to_numpy().any():
             raise StoreError(f"slide {self.slide_id!r}: tile probabilities contain NaN; refusing to use them")
-        return TileScores(self.slide_id, self.classes, fine.reset_index(drop=True))
+        return TileScores(self.slide_id, self.classes, fine.reset_index(drop=True), self.untrained)
 
 
 def write(scores: TileScores, path: str | Path) -> Path:
@@ -73,7 +74,12 @@ def write(scores: TileScores, path: str | Path) -> Path:
     if missing:
         raise StoreError(f"slide {scores.slide_id!r}: tile-score table lacks columns {missing}")
     table = pa.Table.from_pandas(scores.table, preserve_index=False)
-    meta = {"schema": SCHEMA, "slide_id": scores.slide_id, "classes": list(scores.classes)}
+    meta = {
+        "schema": SCHEMA,
+        "slide_id": scores.slide_id,
+        "classes": list(scores.classes),
+        "untrained": scores.untrained,
+    }
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(meta)})
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
@@ -99,5 +105,10 @@ def read(path: str | Path, *, finest: bool = True) -> TileScores:
     """Read a tile-score table (only the finest scale unless ``finest=False``)."""
     p = Path(path)
     meta = _meta(p)
-    ts = TileScores(str(meta["slide_id"]), tuple(meta["classes"]), pd.read_parquet(p))  # type: ignore[arg-type]
+    ts = TileScores(
+        str(meta["slide_id"]),
+        tuple(meta["classes"]),  # type: ignore[arg-type]
+        pd.read_parquet(p),
+        bool(meta.get("untrained", False)),
+    )
     return ts.finest() if finest else ts

@@ -179,7 +179,7 @@ def test_gzip_and_streaming(planted_scores: tuple[Path, Path, Path]) -> None:
     gmod._write(fh, planted_scores[0], COLORS, (8192, 6144), None, gmod._RegionSpec("argmax", 0.5, 1.0, 0.25))
     text = fh.getvalue()
     assert json.loads(text) == {
-        **plain,
+        **{k: v for k, v in plain.items() if k != "histoalign"},  # the bare writer adds no member
         "features": [f for f in plain["features"] if f["properties"]["name"] != "tissue"],
     }
     assert len(fh.sizes) >= len(plain["features"]) and max(fh.sizes) < len(text) / 10
@@ -257,7 +257,11 @@ def test_zero_tiles_empty_collection_and_grey_heatmap(planted: tuple[Path, Path]
         tmp_path / "empty.parquet", tmp_path / "e.geojson", colors=COLORS, level0_dims=(8192, 6144)
     )
     gj = json.loads((tmp_path / "e.geojson").read_text())
-    assert gj == {"type": "FeatureCollection", "features": []}
+    assert gj == {
+        "type": "FeatureCollection",
+        "features": [],
+        "histoalign": {"provenance": None, "untrained": False},
+    }
     with open_slide(planted[0]) as s:
         write_heatmaps(s, tile_scores.read(tmp_path / "empty.parquet"), COLORS, tmp_path / "hm", **HM)
     img = np.asarray(Image.open(tmp_path / "hm" / "argmax.webp").convert("RGB")).astype(int)
@@ -521,3 +525,31 @@ def test_regions_exist_when_no_class_reaches_the_threshold(
     assert not [
         f for f in json.loads(out.read_text())["features"] if f["properties"]["objectType"] == "annotation"
     ]
+
+
+def test_every_output_of_an_untrained_encoder_says_so(planted: tuple[Path, Path], tmp_path: Path) -> None:
+    """Tile scores, the GeoJSON QuPath opens and the heatmap images of an untrained
+    encoder's scores each carry the mark; a trained one's carry none."""
+    from histoalign_wsi.outputs import heatmaps
+
+    coords = np.array([[448 * i, 448 * 2] for i in range(4)], np.int32)
+    probs = np.tile([0.2, 0.5, 0.3], (4, 1))
+    table = planted_table("0.50mpp", 0.5, coords, 448, probs, CLASSES)
+    drawn = {}
+    for untrained in (True, False):
+        p = tmp_path / f"u{untrained}.parquet"
+        tile_scores.write(TileScores("s", tuple(CLASSES), table, untrained), p)
+        assert tile_scores.read(p).untrained is untrained
+        export_geojson(p, tmp_path / f"u{untrained}.geojson", colors=COLORS, level0_dims=(8192, 6144))
+        gj = json.loads((tmp_path / f"u{untrained}.geojson").read_text())
+        assert gj["histoalign"]["untrained"] is untrained
+        with open_slide(planted[0]) as s:
+            out = write_heatmaps(
+                s, tile_scores.read(p), COLORS, tmp_path / f"hm{untrained}", **HM | {"fmt": "png"}
+            )
+        drawn[untrained] = np.asarray(Image.open(out / "argmax.png").convert("RGB"))
+    red = (drawn[True][..., 0] > 180) & (drawn[True][..., 1] < 30) & (drawn[True][..., 2] < 30)
+    assert red.sum() > 200 and heatmaps.UNTRAINED_MARK
+    assert not (
+        (drawn[False][..., 0] > 180) & (drawn[False][..., 1] < 30) & (drawn[False][..., 2] < 30)
+    ).any()
