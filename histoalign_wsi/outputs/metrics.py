@@ -37,11 +37,20 @@ def _auc_ovo(
     return float(np.mean(pairs)) if pairs else None
 
 
+def _kappa(yt: NDArray[np.str_], yp: NDArray[np.str_], labels: list[str]) -> float | None:
+    """Cohen's kappa (agreement beyond chance); undefined when chance agreement is total
+    (a single class everywhere)."""
+    cm = skm.confusion_matrix(yt, yp, labels=labels).astype(np.float64)
+    n = cm.sum()
+    expected = float((cm.sum(axis=0) * cm.sum(axis=1)).sum() / n**2)
+    return None if expected >= 1.0 else float((np.trace(cm) / n - expected) / (1.0 - expected))
+
+
 def classification_metrics(
     y_true: Sequence[str], y_pred: Sequence[str], probs: NDArray[np.float64], classes: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro and weighted F1, per-class P/R/F1, one-vs-rest
-    and one-vs-one macro AUC, and the confusion matrix.
+    """Accuracy, balanced accuracy, Cohen's kappa, macro and weighted F1, per-class P/R/F1,
+    one-vs-rest and one-vs-one macro AUC, and the confusion matrix (CONCH's metric set).
 
     ``probs`` is [n, K] in the order of ``classes``. Every averaged metric runs over the
     classes present in ``y_true`` (listed as ``classes_present``; the others as
@@ -67,7 +76,15 @@ def classification_metrics(
         },
     }
     if len(yt) == 0:
-        keys = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo")
+        keys = (
+            "accuracy",
+            "balanced_accuracy",
+            "kappa",
+            "macro_f1",
+            "weighted_f1",
+            "auc_macro_ovr",
+            "auc_macro_ovo",
+        )
         return base | dict.fromkeys(keys) | {"per_class": {}, "note": "no labelled slide was scored"}
     p, r, f, s = skm.precision_recall_fscore_support(yt, yp, labels=classes, zero_division=0)
     probs = np.asarray(probs, np.float64).reshape(len(yt), len(classes))
@@ -79,6 +96,7 @@ def classification_metrics(
     return base | {
         "accuracy": float(np.mean(yt == yp)),
         "balanced_accuracy": float(np.mean([r[classes.index(c)] for c in present])),
+        "kappa": _kappa(yt, yp, classes + extra),
         "macro_f1": float(skm.f1_score(yt, yp, labels=present, average="macro", zero_division=0)),
         "weighted_f1": float(skm.f1_score(yt, yp, labels=present, average="weighted", zero_division=0)),
         "per_class": {

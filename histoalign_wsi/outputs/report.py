@@ -185,7 +185,17 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     if not path.is_file():
         return ""
     m = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "auc_macro_ovr", "auc_macro_ovo")
+    keys = (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "kappa",
+        "macro_f1",
+        "weighted_f1",
+        "auc_macro_ovr",
+        "auc_macro_ovo",
+        "n_auc",
+    )
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(m.get(k)))}</td></tr>"
         for k in (*keys, "classes_absent", "n_without_tiles")

@@ -260,3 +260,20 @@ def test_a_slide_without_tiles_is_wrong_in_accuracy_and_out_of_the_auc(tmp_path:
     for k, c in enumerate(classes):
         assert m["per_class"][c]["auc_ovr"] == pytest.approx(roc_auc_score(yt == c, probs[:-1, k]))
     assert m["per_class"]["STR"]["recall"] == pytest.approx(1 / 3)  # the tile-less STR slide: missed
+
+
+def test_kappa_is_cohens_against_sklearn_and_by_hand() -> None:
+    """Cohen's kappa (CONCH reports it): by hand on a 2x2 table and equal to sklearn's on
+    a random one, a tile-less slide counted as a disagreement."""
+    y = ["a", "a", "b", "b", "b"]
+    p = ["a", "b", "b", "b", "a"]
+    po, pe = 3 / 5, (2 / 5) * (2 / 5) + (3 / 5) * (3 / 5)
+    m = classification_metrics(y, p, np.full((5, 2), 0.5), ["a", "b"])
+    assert m["kappa"] == pytest.approx((po - pe) / (1 - pe))
+    rng = np.random.default_rng(2)
+    cls = ["TUM", "STR", "NORM"]
+    y = rng.choice(cls, 40).tolist()
+    p = rng.choice([*cls, "no tiles (slide smaller than a tile)"], 40).tolist()
+    m = classification_metrics(y, p, rng.dirichlet(np.ones(3), 40), cls)
+    assert m["kappa"] == pytest.approx(skm.cohen_kappa_score(y, p))
+    assert classification_metrics(["a", "a"], ["a", "a"], np.ones((2, 2)) / 2, ["a", "b"])["kappa"] is None
