@@ -235,6 +235,10 @@ def _patches(root: Path, classes: tuple[str, ...] = ("TUM", "STR"), n: int = 3) 
         ),
         (["distill", "{tmp}/p.npz", "--out", "{out}"], "argument pairs: '{tmp}/p.npz' does not exist"),
         (["pair-reports", "{tmp}", "--out", "{out}", "-k", "0"], "argument -k: 0 is less than 1"),
+        (
+            ["classify-patches", "{odd}", "--out", "{out}"],
+            "patch folders ['tumour'] are not classes of the bag",
+        ),
     ],
 )
 def test_refusals_by_argument_are_one_line_and_import_nothing_heavy(
@@ -244,8 +248,9 @@ def test_refusals_by_argument_are_one_line_and_import_nothing_heavy(
     comes in well under a second, not after 8 s of imports)."""
     _patches(tmp_path / "one", ("TUM",))
     _patches(tmp_path / "two")
+    _patches(tmp_path / "odd", ("tumour", "STR"))
     where = {"tmp": str(tmp_path), "out": str(tmp_path / "out"), "one": str(tmp_path / "one")}
-    where["two"] = str(tmp_path / "two")
+    where |= {"two": str(tmp_path / "two"), "odd": str(tmp_path / "odd")}
     argv = [a.format(**where) for a in args]
     code = (
         "import sys\nfrom histoalign_wsi.cli import main\n"
@@ -779,3 +784,21 @@ def test_a_config_file_nested_20000_deep_is_one_line_under_snakemake(tmp_path: P
         in proc.stderr
     )
     assert "RecursionError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_patch_mapping_can_leave_folders_out(tmp_path: Path) -> None:
+    """Kather's CRC-VAL-HE-7K has folders a bag may not cover: ``folder: null`` (or an
+    empty CSV cell) leaves them out; a folder that maps to no class is still refused."""
+    from histoalign_wsi.zeroshot.patches import labelled_patches, read_mapping
+
+    root = _patches(tmp_path / "p", ("ADI", "BACK", "tumour"))
+    (tmp_path / "m.yaml").write_text("BACK: null\ntumour: TUM\n")
+    (tmp_path / "m.csv").write_text("folder,class\nBACK,\ntumour,TUM\n")
+    for m in ("m.yaml", "m.csv"):
+        items, labels = labelled_patches(root, ["ADI", "TUM"], read_mapping(tmp_path / m))
+        assert sorted(set(labels)) == ["ADI", "TUM"] and len(items) == 6
+        assert all(f != "BACK" for _, f in items)
+    with pytest.raises(ConfigError, match=r"patch folders \['BACK'\] are not classes"):
+        labelled_patches(root, ["ADI", "TUM"], {"tumour": "TUM"})
+    with pytest.raises(ConfigError, match="leaves every folder out"):
+        labelled_patches(root, ["ADI", "TUM"], dict.fromkeys(("ADI", "BACK", "tumour"), ""))

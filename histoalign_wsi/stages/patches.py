@@ -20,19 +20,27 @@ __all__ = ["run_classify_patches", "run_few_shot"]
 def run_classify_patches(
     root: Path, out: Path, cfg: Config, *, text_path: Path | None = None, mapping: Path | None = None
 ) -> dict[str, Any]:
-    """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG."""
+    """Zero-shot on a folder of patches: predictions.csv, metrics.json and a confusion PNG.
+    The folder names are checked against the bag before any model loads."""
+    from ..zeroshot.patches import labelled_patches, read_mapping
+    from ..zeroshot.prompts import load_bag
+    from ..zeroshot.text import load_text
+
+    given = load_text(text_path) if text_path else None  # read once: no model, no torch
+    classes = list(given.classes if given else load_bag(cfg.prompt_bag).class_names)
+    names = read_mapping(mapping) if mapping else None
+    labelled_patches(root, classes, names)
+
     from ..features.adapters import load_encoders, resolve_device
     from ..outputs.metrics import classification_metrics, write_json
     from ..outputs.plots import plot_confusion
     from ..zeroshot.alignment import AlignmentSpec
-    from ..zeroshot.patches import classify_patches, read_mapping
+    from ..zeroshot.patches import classify_patches
     from ..zeroshot.text import text_for
 
-    text = text_for(cfg, text_path, out / "cache")
+    text = given or text_for(cfg, None, out / "cache")
     encs = load_encoders(cfg, device=resolve_device(cfg.device))
-    res = classify_patches(
-        root, encs, text, AlignmentSpec.from_config(cfg), mapping=read_mapping(mapping) if mapping else None
-    )
+    res = classify_patches(root, encs, text, AlignmentSpec.from_config(cfg), mapping=names)
     untrained = any(e.entry.untrained for e in encs)
     with atomic_file(out / "predictions.csv") as tmp:
         inert_table(res.table().assign(untrained=untrained)).to_csv(tmp, index=False)
@@ -64,21 +72,14 @@ def run_few_shot(
     ``curves.png``. Draws and tests keep a patient's patches together when the patches
     carry a patient key (``groups`` sheet, or ``group_pattern`` on file names)."""
     from ..learn.groups import patch_groups
-    from ..zeroshot.patches import find_patches, read_mapping
+    from ..zeroshot.patches import labelled_patches, read_mapping
     from ..zeroshot.prompts import load_bag
     from ..zeroshot.text import load_text, text_for
 
     # every check on the arguments and the folder first: a refusal is quick and leaves nothing
     given = load_text(text_path) if text_path else None  # read once: no model, no torch
     classes = list(given.classes if given else load_bag(cfg.prompt_bag).class_names)
-    items = find_patches(patch_dir)
-    names = dict(read_mapping(mapping)) if mapping else {}
-    labels = [names.get(f, f) for _, f in items]
-    bad = sorted(set(labels) - set(classes))
-    if bad:
-        raise ConfigError(
-            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); give --mapping"
-        )
+    items, labels = labelled_patches(patch_dir, classes, read_mapping(mapping) if mapping else None)
     _check_shots(patch_dir, labels, shots)
     grouping = patch_groups([p for p, _ in items], patch_dir, sheet=groups, pattern=group_pattern)
 

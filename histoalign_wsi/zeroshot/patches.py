@@ -40,14 +40,19 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MAX_PATCH_MEGAPIXELS = 25.0
 
 
+#: the class of a folder left out (a YAML ``null`` or an empty CSV cell)
+LEFT_OUT = ""
+
+
 def read_mapping(path: str | Path) -> dict[str, str]:
-    """Folder name -> class, from YAML (a mapping) or CSV (``folder,class``)."""
+    """Folder name -> class, from YAML (a mapping) or CSV (``folder,class``); a folder
+    mapped to nothing (``null``, ``~`` or an empty cell) is left out of the run."""
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml"):
         raw = read_yaml(p, what="mapping file")
         if not isinstance(raw, dict):
             raise ConfigError(f"mapping file {str(p)!r} must hold a mapping folder: class")
-        return {str(k): str(v) for k, v in raw.items()}
+        return {str(k): LEFT_OUT if v is None else str(v) for k, v in raw.items()}
     text = decode_text(p, what="mapping file")
     rows = csv.reader(text.splitlines())
     return {r[0].strip(): r[1].strip() for r in rows if len(r) >= 2 and r[0] != "folder"}
@@ -92,6 +97,25 @@ class PatchPredictions:
         return pd.concat([df, probs], axis=1)
 
 
+def labelled_patches(
+    root: str | Path, classes: Sequence[str], mapping: Mapping[str, str] | None = None
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(patches with their folder, the class of each): every folder must map to a class
+    of the bag, checked before any model loads (a wrong folder name is refused at once)."""
+    mapping = dict(mapping or {})
+    items = [(p, f) for p, f in find_patches(root) if mapping.get(f, f) != LEFT_OUT]
+    if not items:
+        raise ConfigError(f"patch folder {str(root)!r}: the mapping leaves every folder out")
+    labels = [mapping.get(f, f) for _, f in items]
+    bad = sorted(set(labels) - set(classes))
+    if bad:
+        raise ConfigError(
+            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); "
+            "give a mapping file (folder: class)"
+        )
+    return items, labels
+
+
 def classify_patches(
     root: str | Path,
     encoders: Sequence[LoadedEncoder],
@@ -102,16 +126,8 @@ def classify_patches(
     batch_size: int = 32,
 ) -> PatchPredictions:
     """Zero-shot probabilities of every patch under ``root`` (label = mapped folder name)."""
-    items = find_patches(root)
     classes = list(text.classes)
-    mapping = dict(mapping or {})
-    labels = [mapping.get(f, f) for _, f in items]
-    bad = sorted(set(labels) - set(classes))
-    if bad:
-        raise ConfigError(
-            f"patch folders {bad} are not classes of the bag ({', '.join(classes)}); "
-            "give a mapping file (folder: class)"
-        )
+    items, labels = labelled_patches(root, classes, mapping)
     feats = encode_patches([p for p, _ in items], encoders, batch_size=batch_size)
     return PatchPredictions(
         classes=tuple(classes),
