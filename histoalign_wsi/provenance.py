@@ -123,8 +123,17 @@ def make_record(
         "version": STAGE_VERSIONS[stage],
         "package_version": __version__,
         "settings": settings if settings is not None else settings_hash(cfg, stage),
-        "inputs": json.loads(_canonical(dict(inputs))),
+        "inputs": _plain(inputs),
     }
+
+
+def _plain(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``inputs`` as JSON reads them back (tuples as lists), so a stored record compares
+    equal to a new one; flat inputs (text and numbers) need no round trip."""
+    if all(v is None or isinstance(v, (str, int, float)) for v in inputs.values()):
+        return {str(k): v for k, v in inputs.items()}
+    plain: dict[str, Any] = json.loads(_canonical(dict(inputs)))
+    return plain
 
 
 def differs(stored: Any, expected: Mapping[str, Any]) -> str | None:
@@ -226,6 +235,17 @@ class Expected:
         self.cache = cache
         self._identities: Mapping[str, Mapping[str, str]] | None = None
         self._offline = True
+        self._settings: dict[str, str] = {}
+
+    def _record(
+        self, stage: str, inputs: Mapping[str, Any], *, settings: str | None = None
+    ) -> dict[str, Any]:
+        """A record of ``stage`` with its settings' hash worked out once per run."""
+        if settings is None:
+            settings = self._settings.get(stage)
+            if settings is None:
+                settings = self._settings[stage] = settings_hash(self.cfg, stage)
+        return make_record(stage, self.cfg, inputs, settings=settings)
 
     def identities(self, *, offline: bool = True) -> Mapping[str, Mapping[str, str]]:
         """Each configured encoder's identity; ``offline=False`` lets a job resolve
@@ -241,12 +261,10 @@ class Expected:
         """Tissue and tiles: the slide's fingerprint and the sheet's MPP (the MPP used is
         the sheet's, else the slide's own metadata, else ``mpp_override``: each covered)."""
         inputs = {"slide": self.cache.fingerprint(slide_path), "sheet_mpp": sheet_mpp}
-        return make_record("prepare", self.cfg, inputs)
+        return self._record("prepare", inputs)
 
     def encode(self, tiles_digest: str, *, offline: bool = True) -> dict[str, Any]:
-        return make_record(
-            "encode", self.cfg, {"tiles": tiles_digest, "encoders": self.identities(offline=offline)}
-        )
+        return self._record("encode", {"tiles": tiles_digest, "encoders": self.identities(offline=offline)})
 
     def text(self, *, offline: bool = True) -> dict[str, Any]:
         """Text embeddings: every expanded prompt of the bag (templates included) and the
@@ -256,26 +274,24 @@ class Expected:
         bag = load_bag(self.cfg.prompt_bag)
         texts, cls, groups = bag.texts(protocol=self.cfg.protocol)
         prompts = digest([bag.name, bag.class_names, bag.colors(), texts, list(cls), groups])
-        return make_record(
-            "embed_prompts", self.cfg, {"prompts": prompts, "encoders": self.identities(offline=offline)}
+        return self._record(
+            "embed_prompts", {"prompts": prompts, "encoders": self.identities(offline=offline)}
         )
 
     def score(self, features: str, text: str, calibration: str | None) -> dict[str, Any]:
-        return make_record(
-            "score", self.cfg, {"features": features, "text": text, "calibration": calibration}
-        )
+        return self._record("score", {"features": features, "text": text, "calibration": calibration})
 
     def heatmap(
         self, score: Mapping[str, Any], slide_path: str | Path, attention: str | None
     ) -> dict[str, Any]:
         inputs = {"score": digest(score), "slide": self.cache.fingerprint(slide_path), "attention": attention}
-        return make_record("heatmap", self.cfg, inputs)
+        return self._record("heatmap", inputs)
 
     def geojson(self, score: Mapping[str, Any], tiles: str, attention: str | None) -> dict[str, Any]:
         inputs = {"score": digest(score), "tiles": tiles, "attention": attention}
-        return make_record(
-            "geojson", self.cfg, inputs, settings=digest(output_settings(self.cfg.raw, "export_geojson"))
-        )
+        settings = self._settings.get("geojson") or digest(output_settings(self.cfg.raw, "export_geojson"))
+        self._settings["geojson"] = settings
+        return self._record("geojson", inputs, settings=settings)
 
     def file(self, path: str | Path | None) -> str | None:
         """A small input's content hash (a calibration, an attention table, a sheet)."""
