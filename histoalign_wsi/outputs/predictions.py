@@ -20,7 +20,7 @@ from ..zeroshot.tile_scores import class_columns
 from .metrics import classification_metrics, write_json
 from .plots import plot_confusion
 
-__all__ = ["check_labels", "cohort_table", "summarize"]
+__all__ = ["check_labels", "cohort_table", "every_j", "summarize"]
 
 
 def cohort_table(preds: Iterable[Prediction]) -> pd.DataFrame:
@@ -67,6 +67,31 @@ def check_labels(labels: Mapping[str, str], slide_ids: Sequence[str], classes: S
         )
 
 
+def every_j(
+    labelled: pd.DataFrame, by_j: Mapping[str, Mapping[str, Any]], classes: Sequence[str], configured: Any
+) -> dict[str, Any]:
+    """The CONCH protocol's metrics at every j it computed (CONCH's MI-Zero notebook
+    reports j in 1, 5, 10, 50, 100). Only the configured j is the prediction: choosing the
+    best j by these figures would choose on the test slides."""
+    js = sorted({j for v in by_j.values() for j in v}, key=int)
+    out: dict[str, Any] = {
+        "configured_j": configured,
+        "note": "each j on the same slides; the prediction uses configured_j. Picking the best j "
+        "by these is choosing on the test set: not a held-out figure",
+        "by_j": {},
+    }
+    for j in js:
+        pred, probs = [], []
+        for sid, cls in zip(labelled["slide_id"], labelled["predicted_class"], strict=True):
+            r = by_j.get(sid, {}).get(j)
+            pred.append(r["predicted_class"] if r else cls)  # a slide without tiles has no j
+            probs.append([r["probabilities"][c] for c in classes] if r else [np.nan] * len(classes))
+        m = classification_metrics(labelled["label"].tolist(), pred, np.array(probs, np.float64), classes)
+        keys = ("n", "accuracy", "balanced_accuracy", "kappa", "macro_f1", "auc_macro_ovr", "n_auc")
+        out["by_j"][j] = {k: m[k] for k in keys}
+    return out
+
+
 def summarize(
     preds: Iterable[Prediction],
     out_csv: str | Path,
@@ -88,11 +113,16 @@ def summarize(
         The label sheet names slides that were not scored, or classes not in the bag.
     """
     first: list[tuple[str, ...]] = []
+    by_j: dict[str, dict[str, Any]] = {}  # slide -> the CONCH protocol's result at every j
+    chosen: list[Any] = []
 
     def remember(ps: Iterable[Prediction]) -> Iterator[Prediction]:
         for p in ps:
             if not first:
                 first.append(p.classes)
+            if isinstance(p.extra.get("topj"), Mapping):
+                by_j[p.slide_id] = dict(p.extra["topj"])
+                chosen[:] = [p.pooling.get("topj")]
             yield p
 
     table = cohort_table(remember(preds))
@@ -109,6 +139,8 @@ def summarize(
         m = classification_metrics(  # a slide without tiles: wrong, and out of the AUCs
             labelled["label"].tolist(), labelled["predicted_class"].tolist(), probs, classes
         )
+        if by_j:
+            m["topj"] = every_j(labelled, by_j, classes, chosen[0] if chosen else None)
         m["untrained"] = bool(table["untrained"].any())
         failed = labelled[labelled["status"] != "ok"]
         m["n_without_tiles"] = len(failed)

@@ -205,7 +205,27 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     if cm.is_file():
         src = _inline(cm, 480) if embed else _href(cm, base)
         img = f"<img alt='confusion matrix' style='max-width:480px' src='{html.escape(src, quote=True)}'>"
-    return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}"
+    return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}{_topj(m)}"
+
+
+def _topj(m: Mapping[str, Any]) -> str:
+    """The CONCH protocol's metrics at every j, marked as not held out."""
+    t = m.get("topj")
+    if not isinstance(t, Mapping):
+        return ""
+    e = html.escape
+    head = "<tr><th>j</th><th>balanced accuracy</th><th>kappa</th><th>macro F1</th><th>AUC</th></tr>"
+    rows = "".join(
+        f"<tr><td>{e(str(j))}{' (the prediction)' if str(j) == str(t.get('configured_j')) else ''}</td>"
+        f"<td>{_fmt(r.get('balanced_accuracy'))}</td><td>{_fmt(r.get('kappa'))}</td>"
+        f"<td>{_fmt(r.get('macro_f1'))}</td><td>{_fmt(r.get('auc_macro_ovr'))}</td></tr>"
+        for j, r in t.get("by_j", {}).items()
+    )
+    return (
+        "<h3>CONCH top-j pooling, every j</h3>"
+        f"<div class='scroll'><table id='topj'>{head}{rows}</table></div>"
+        f"<p>{e(str(t.get('note', '')))}.</p>"
+    )
 
 
 def _made_from(table: pd.DataFrame) -> str:

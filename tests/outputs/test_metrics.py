@@ -277,3 +277,49 @@ def test_kappa_is_cohens_against_sklearn_and_by_hand() -> None:
     m = classification_metrics(y, p, rng.dirichlet(np.ones(3), 40), cls)
     assert m["kappa"] == pytest.approx(skm.cohen_kappa_score(y, p))
     assert classification_metrics(["a", "a"], ["a", "a"], np.ones((2, 2)) / 2, ["a", "b"])["kappa"] is None
+
+
+def test_the_conch_protocols_every_j_is_reported_and_the_configured_one_predicts(tmp_path: Path) -> None:
+    """Each j's metrics equal those computed directly from that j's predictions; the
+    cohort's prediction and headline metrics stay the configured j's; the report labels
+    the table as not held out."""
+    from histoalign_wsi.outputs.report import write_report
+
+    classes = ["TUM", "STR", "NORM"]
+    colors = {c: (1, 2, 3) for c in classes}
+    rng = np.random.default_rng(5)
+    y = rng.choice(classes, 12).tolist()
+    by_j: dict[int, list[tuple[str, list[float]]]] = {}
+    preds = []
+    for i in range(12):
+        topj = {}
+        for j in (1, 5, 10):
+            p = rng.dirichlet(np.ones(3))
+            by_j.setdefault(j, []).append((classes[int(p.argmax())], p.tolist()))
+            topj[str(j)] = {
+                "predicted_class": classes[int(p.argmax())],
+                "probabilities": dict(zip(classes, p, strict=True)),
+            }
+        pred = make_prediction(
+            f"s{i}",
+            classes,
+            colors,
+            predicted_class=topj["5"]["predicted_class"],
+            probabilities=topj["5"]["probabilities"],
+            pooling={"method": "topk", "topj": 5},
+            extra={"topj": topj},
+        )
+        preds.append(pred)
+    labels = {f"s{i}": y[i] for i in range(12)}
+    summarize(preds, tmp_path / "p.csv", labels=labels, metrics_json=tmp_path / "metrics.json")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["topj"]["configured_j"] == 5 and "not a held-out figure" in m["topj"]["note"]
+    for j in (1, 5, 10):
+        direct = classification_metrics(
+            y, [c for c, _ in by_j[j]], np.array([p for _, p in by_j[j]]), classes
+        )
+        assert m["topj"]["by_j"][str(j)]["balanced_accuracy"] == pytest.approx(direct["balanced_accuracy"])
+        assert m["topj"]["by_j"][str(j)]["auc_macro_ovr"] == pytest.approx(direct["auc_macro_ovr"])
+    assert m["balanced_accuracy"] == pytest.approx(m["topj"]["by_j"]["5"]["balanced_accuracy"])
+    page = write_report(tmp_path / "p.csv", tmp_path / "r.html", results=tmp_path).read_text()
+    assert "CONCH top-j pooling, every j" in page and "5 (the prediction)" in page
