@@ -273,7 +273,7 @@ class Expected:
 
         bag = load_bag(self.cfg.prompt_bag)
         texts, cls, groups = bag.texts(protocol=self.cfg.protocol)
-        prompts = digest([bag.name, bag.class_names, bag.colors(), texts, list(cls), groups])
+        prompts = digest([bag.name, bag.class_names, bag.colors(), texts, list(cls), groups, bag.ordered])
         return self._record(
             "embed_prompts", {"prompts": prompts, "encoders": self.identities(offline=offline)}
         )

@@ -20,7 +20,7 @@ from ..zeroshot.tile_scores import class_columns
 from .metrics import classification_metrics, write_json
 from .plots import plot_confusion
 
-__all__ = ["check_labels", "cohort_table", "every_j", "summarize"]
+__all__ = ["check_labels", "cohort_table", "every_j", "summarize", "weighted_kappa"]
 
 
 def cohort_table(preds: Iterable[Prediction]) -> pd.DataFrame:
@@ -65,6 +65,24 @@ def check_labels(labels: Mapping[str, str], slide_ids: Sequence[str], classes: S
             f"label sheet uses classes not in the prompt bag: {', '.join(unknown_cls)} "
             f"(bag classes: {', '.join(classes)})"
         )
+
+
+def weighted_kappa(labelled: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
+    """Quadratic weighted kappa for a bag whose classes are ordered (grades): the slides
+    whose prediction is a class (a slide without tiles has no place on the scale)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    graded = labelled[labelled["predicted_class"].isin(list(classes))]
+    value = None
+    if len(graded):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            k = float(
+                cohen_kappa_score(
+                    graded["label"], graded["predicted_class"], labels=list(classes), weights="quadratic"
+                )
+            )
+        value = k if np.isfinite(k) else None  # undefined: one class everywhere
+    return {"value": value, "n": len(graded), "order": list(classes)}
 
 
 def every_j(
@@ -113,6 +131,7 @@ def summarize(
         The label sheet names slides that were not scored, or classes not in the bag.
     """
     first: list[tuple[str, ...]] = []
+    ordered: list[bool] = []
     by_j: dict[str, dict[str, Any]] = {}  # slide -> the CONCH protocol's result at every j
     chosen: list[Any] = []
 
@@ -120,6 +139,7 @@ def summarize(
         for p in ps:
             if not first:
                 first.append(p.classes)
+                ordered.append(bool(p.prompt_bag.get("ordered")))
             if isinstance(p.extra.get("topj"), Mapping):
                 by_j[p.slide_id] = dict(p.extra["topj"])
                 chosen[:] = [p.pooling.get("topj")]
@@ -139,6 +159,8 @@ def summarize(
         m = classification_metrics(  # a slide without tiles: wrong, and out of the AUCs
             labelled["label"].tolist(), labelled["predicted_class"].tolist(), probs, classes
         )
+        if ordered and ordered[0]:
+            m["quadratic_weighted_kappa"] = weighted_kappa(labelled, classes)
         if by_j:
             m["topj"] = every_j(labelled, by_j, classes, chosen[0] if chosen else None)
         m["untrained"] = bool(table["untrained"].any())

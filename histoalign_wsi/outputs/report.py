@@ -200,6 +200,12 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(m.get(k)))}</td></tr>"
         for k in (*keys, "classes_absent", "n_without_tiles")
     )
+    qwk = m.get("quadratic_weighted_kappa")
+    if isinstance(qwk, Mapping):  # an ordered bag (grades)
+        rows += (
+            f"<tr><th>quadratic_weighted_kappa</th><td>{html.escape(str(qwk.get('value')))} "
+            f"({html.escape(str(qwk.get('n')))} slides graded)</td></tr>"
+        )
     cm = res / "confusion_matrix.png"
     img = ""
     if cm.is_file():

@@ -34,7 +34,7 @@ class Prediction:
     status: str
     predicted_class: str
     probabilities: Mapping[str, float] | None
-    prompt_bag: Mapping[str, str]
+    prompt_bag: Mapping[str, Any]
     encoders: Sequence[Mapping[str, Any]]
     untrained: bool
     alignment: Mapping[str, Any]

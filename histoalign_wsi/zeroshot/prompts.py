@@ -57,6 +57,7 @@ class PromptBag:
     classes: tuple[ClassPrompts, ...]
     templates: tuple[str, ...]
     content_hash: str
+    ordered: bool = False  # classes in order of grade or severity (quadratic weighted kappa)
 
     @property
     def class_names(self) -> list[str]:
@@ -154,7 +155,7 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
     """Validate a loaded YAML mapping; errors name the bag and the bad key."""
     if not isinstance(raw, Mapping):
         raise PromptBagError(f"prompt bag {name!r} must be a mapping with 'classes' and 'templates'")
-    unknown = set(raw) - {"classes", "templates", "description"}
+    unknown = set(raw) - {"classes", "templates", "description", "ordered"}
     if unknown:
         raise PromptBagError(f"prompt bag {name!r}: unknown keys {sorted(unknown)}")
     tmpl = raw.get("templates", "default")
@@ -201,11 +202,15 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
             col = (color[0], color[1], color[2])
         conch = _strings(c["conch_names"], f"{where}.conch_names") if "conch_names" in c else ()
         classes.append(ClassPrompts(str(cname), names, descs, col, conch))
+    ordered = raw.get("ordered", False)
+    if not isinstance(ordered, bool):
+        raise PromptBagError(f"prompt bag {name!r}: ordered must be true or false, got {ordered!r}")
     canon = json.dumps(
         {
             "templates": templates,
             "classes": [[c.name, c.names, dict(c.descriptions), c.conch_names] for c in classes],
-        },
+        }
+        | ({"ordered": True} if ordered else {}),  # an unordered bag keeps its hash
         sort_keys=True,
     )
     return PromptBag(
@@ -213,6 +218,7 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
         classes=tuple(classes),
         templates=templates,
         content_hash=hashlib.sha256(canon.encode()).hexdigest()[:16],
+        ordered=ordered,
     )
 
 

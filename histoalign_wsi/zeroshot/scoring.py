@@ -214,7 +214,8 @@ def _result(
         status=status,
         predicted_class=predicted,
         probabilities=probabilities,
-        prompt_bag={"name": text.bag_name, "hash": text.bag_hash},
+        prompt_bag={"name": text.bag_name, "hash": text.bag_hash}
+        | ({"ordered": True} if text.ordered else {}),
         encoders=encoders,
         untrained=any(t.untrained for t in text.encoders.values()) or bool(store.attrs.get("untrained")),
         alignment=alignment,

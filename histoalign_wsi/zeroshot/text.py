@@ -49,6 +49,7 @@ class TextEmbeddings:
     protocol: str  # how the bag became prompts: "histoalign" or "conch"
     encoders: dict[str, EncoderText]
     provenance: Mapping[str, Any] | None = None  # what they were made from (provenance.py)
+    ordered: bool = False  # the bag's classes are ordered (grades)
 
 
 #: how far from 1 an embedding's norm may be (float16 stores round to ~1e-3)
@@ -111,7 +112,9 @@ def embed_bag(
             logit_scale=enc.logit_scale,
             untrained=enc.entry.untrained,
         )
-    return TextEmbeddings(bag.name, bag.content_hash, tuple(bag.class_names), bag.colors(), protocol, per)
+    return TextEmbeddings(
+        bag.name, bag.content_hash, tuple(bag.class_names), bag.colors(), protocol, per, ordered=bag.ordered
+    )
 
 
 def _from_cache(path: Path, rows: int, dim: int) -> NDArray[np.float32] | None:
@@ -134,6 +137,7 @@ def _from_cache(path: Path, rows: int, dim: int) -> NDArray[np.float32] | None:
 def save_text(te: TextEmbeddings, path: str | Path) -> Path:
     meta = {
         "provenance": dict(te.provenance) if te.provenance is not None else None,
+        "ordered": te.ordered,
         "bag_name": te.bag_name,
         "bag_hash": te.bag_hash,
         "classes": list(te.classes),
@@ -177,6 +181,7 @@ def load_text(path: str | Path) -> TextEmbeddings:
             str(meta["protocol"]),
             encs,
             meta.get("provenance"),
+            bool(meta.get("ordered", False)),
         )
     except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise StoreError(f"text embeddings {str(path)!r} are damaged or not ours: {exc}") from exc

@@ -323,3 +323,34 @@ def test_the_conch_protocols_every_j_is_reported_and_the_configured_one_predicts
     assert m["balanced_accuracy"] == pytest.approx(m["topj"]["by_j"]["5"]["balanced_accuracy"])
     page = write_report(tmp_path / "p.csv", tmp_path / "r.html", results=tmp_path).read_text()
     assert "CONCH top-j pooling, every j" in page and "5 (the prediction)" in page
+
+
+def test_an_ordered_bag_gets_the_quadratic_weighted_kappa(tmp_path: Path) -> None:
+    """A bag declaring ``ordered: true`` (grades): quadratic weighted kappa equals
+    sklearn's on the slides whose prediction is a grade; an unordered bag has none."""
+    from histoalign_wsi.zeroshot.prompts import load_bag
+
+    bag = tmp_path / "grades.yaml"
+    bag.write_text("ordered: true\nclasses:\n  G1: {names: [g1]}\n  G2: {names: [g2]}\n  G3: {names: [g3]}\n")
+    assert load_bag(str(bag)).ordered and not load_bag("crc").ordered
+    classes = ["G1", "G2", "G3"]
+    y = ["G1", "G1", "G2", "G2", "G3", "G3", "G2"]
+    p = ["G1", "G2", "G2", "G3", "G3", "G1", "no tiles (slide smaller than a tile)"]
+    preds = [
+        make_prediction(f"s{i}", classes, {c: (1, 2, 3) for c in classes}, predicted_class=c, prompt_bag=pb)
+        for pb in ({"name": "grades", "hash": "0", "ordered": True},)
+        for i, c in enumerate(p)
+    ]
+    labels = {f"s{i}": c for i, c in enumerate(y)}
+    summarize(preds, tmp_path / "p.csv", labels=labels, metrics_json=tmp_path / "m.json")
+    qwk = json.loads((tmp_path / "m.json").read_text())["quadratic_weighted_kappa"]
+    assert qwk["n"] == 6 and qwk["order"] == classes
+    assert qwk["value"] == pytest.approx(
+        skm.cohen_kappa_score(y[:6], p[:6], labels=classes, weights="quadratic")
+    )
+    plain = [
+        make_prediction(f"s{i}", classes, {c: (1, 2, 3) for c in classes}, predicted_class=c)
+        for i, c in enumerate(p)
+    ]
+    summarize(plain, tmp_path / "q.csv", labels=labels, metrics_json=tmp_path / "n.json")
+    assert "quadratic_weighted_kappa" not in json.loads((tmp_path / "n.json").read_text())
