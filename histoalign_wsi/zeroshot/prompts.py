@@ -9,11 +9,12 @@ Schema::
         names: [...]            # the class name and synonyms
         descriptions: {morphology: [...], cause: [...], presentation: [...]}
         color: [r, g, b]        # optional; used by heatmaps, GeoJSON and the report
-        conch_names: [...]      # optional; the class names of the CONCH/MI-Zero protocol
+        conch_names: [...]      # optional; the published class names the conch protocol uses
 
 Two protocols turn a bag into prompts. ``histoalign`` (the default, richer): every name
 crossed with the bag's templates, plus every description as a prompt of its own.
-``conch``: the CONCH / MI-Zero zero-shot protocol exactly, as published: ``conch_names``
+``conch``: CONCH's zero-shot protocol exactly, as published (its all-prompt ensemble;
+not MI-Zero's median over 50 sampled prompt sets): ``conch_names``
 (the published class-name lists; the bag's names where a bag has none) crossed with
 CONCH's 22 templates (``bags/_conch_templates.yaml``), no descriptions.
 """

@@ -133,7 +133,7 @@ def _score_histoalign(
 
 
 def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> SlideScores:
-    """The CONCH / MI-Zero protocol: one encoder, one magnification, centroid of CONCH's
+    """CONCH's protocol (its prompt ensemble, MI-Zero's top-j pooling): one encoder, one magnification, centroid of CONCH's
     templates x class names, top-j mean of the tile logits for every reported j; the
     configured j makes the prediction."""
     if len(text.encoders) != 1:
