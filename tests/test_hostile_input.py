@@ -762,22 +762,13 @@ def test_settings_far_outside_what_makes_sense_are_refused(tmp_path: Path) -> No
 
 
 def test_a_config_file_nested_20000_deep_is_one_line_under_snakemake(tmp_path: Path) -> None:
-    from .conftest import REPO
+    from .test_workflow import smk_command
 
     (tmp_path / "config.yaml").write_text(
         "slides: .\na:\n" + "".join(" " * (i + 1) + "k:\n" for i in range(20000))
     )
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-    ]
-    proc = subprocess.run([*cmd, "-n", "--cores", "1"], capture_output=True, text=True, env=env, timeout=120)
+    cmd, env = smk_command(tmp_path, "-n", "--cores", "1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert (
         "histoalign-wsi: configuration file 'config.yaml' is not valid YAML: nests deeper than 64"

@@ -14,7 +14,18 @@ from sklearn import metrics as skm
 from .._atomic import atomic_file
 from .._json import finite_json
 
-__all__ = ["classification_metrics", "dice_iou", "write_json"]
+__all__ = ["HEADLINE", "classification_metrics", "dice_iou", "write_json"]
+
+#: the cohort metrics every metrics file and the report give, in this order
+HEADLINE = (
+    "accuracy",
+    "balanced_accuracy",
+    "kappa",
+    "macro_f1",
+    "weighted_f1",
+    "auc_macro_ovr",
+    "auc_macro_ovo",
+)
 
 
 def _auc(pos: NDArray[np.bool_], score: NDArray[np.float64]) -> float | None:
@@ -76,16 +87,7 @@ def classification_metrics(
         },
     }
     if len(yt) == 0:
-        keys = (
-            "accuracy",
-            "balanced_accuracy",
-            "kappa",
-            "macro_f1",
-            "weighted_f1",
-            "auc_macro_ovr",
-            "auc_macro_ovo",
-        )
-        return base | dict.fromkeys(keys) | {"per_class": {}, "note": "no labelled slide was scored"}
+        return base | dict.fromkeys(HEADLINE) | {"per_class": {}, "note": "no labelled slide was scored"}
     p, r, f, s = skm.precision_recall_fscore_support(yt, yp, labels=classes, zero_division=0)
     probs = np.asarray(probs, np.float64).reshape(len(yt), len(classes))
     scored = np.isfinite(probs).all(axis=1)

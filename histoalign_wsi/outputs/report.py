@@ -184,18 +184,10 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     path = res / "metrics.json"
     if not path.is_file():
         return ""
+    from .metrics import HEADLINE  # only when there are metrics to show
+
     m = json.loads(path.read_text(encoding="utf-8"))
-    keys = (
-        "n",
-        "accuracy",
-        "balanced_accuracy",
-        "kappa",
-        "macro_f1",
-        "weighted_f1",
-        "auc_macro_ovr",
-        "auc_macro_ovo",
-        "n_auc",
-    )
+    keys = ("n", *HEADLINE, "n_auc")
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(m.get(k)))}</td></tr>"
         for k in (*keys, "classes_absent", "n_without_tiles")

@@ -133,9 +133,9 @@ def _score_histoalign(
 
 
 def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> SlideScores:
-    """CONCH's protocol (its prompt ensemble, MI-Zero's top-j pooling): one encoder, one magnification, centroid of CONCH's
-    templates x class names, top-j mean of the tile logits for every reported j; the
-    configured j makes the prediction."""
+    """CONCH's protocol (its prompt ensemble, MI-Zero's top-j pooling): one encoder, one
+    magnification, centroid of CONCH's templates x class names, top-j mean of the tile
+    logits for every reported j; the configured j makes the prediction."""
     if len(text.encoders) != 1:
         raise StoreError(f"protocol: conch scores with one encoder; the text has {sorted(text.encoders)}")
     s = scale_name(cfg.conch.scale_mpp)
