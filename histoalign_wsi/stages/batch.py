@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,13 @@ class _Context:
     expected: Expected
     forced: bool
     state: dict[str, Any]
+    #: a feature store's record, read whole once (the load decision and the keep check)
+    features: dict[Path, Any] = field(default_factory=dict)
+
+    def features_record(self, path: Path) -> Any:
+        if path not in self.features:
+            self.features[path] = _stored(path, whole=True)
+        return self.features[path]
 
 
 def _prepare(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Path:
@@ -135,7 +142,7 @@ def _encode(s: BatchSlide, p: dict[str, Path], cfg: Config, ctx: _Context) -> Pa
     if _stored(p["tiles"]) is None:
         raise StoreError(f"tile store {str(p['tiles'])!r} is missing or incomplete: rerun prepare")
     rec = _encode_record(p, ctx)
-    old = _stored(p["features"], whole=True)
+    old = ctx.features_record(p["features"])
     if _keep("features", s, old, rec, ctx):
         _relocate(p["features"], s.path)
         return p["features"]
@@ -258,7 +265,7 @@ def run_batch(
 
 
 def _needs_encoding(p: dict[str, Path], ctx: _Context) -> bool:
-    return ctx.forced or differs(_stored(p["features"], whole=True), _encode_record(p, ctx)) is not None
+    return ctx.forced or differs(ctx.features_record(p["features"]), _encode_record(p, ctx)) is not None
 
 
 def pick_slides(slides: Sequence[BatchSlide], manifest: Path, out: Path) -> list[ManifestRow]:
