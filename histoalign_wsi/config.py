@@ -22,11 +22,13 @@ from ._schema import (
     schema_error_line,
 )
 from .errors import ConfigError
+from .stage_keys import STAGE_KEYS
 from .textfiles import read_yaml
 
 __all__ = [
     "STAGE_KEYS",
     "AlignmentParams",
+    "BootstrapParams",
     "ConchParams",
     "Config",
     "DistillParams",
@@ -36,6 +38,7 @@ __all__ = [
     "HeatmapParams",
     "PairingParams",
     "PoolingParams",
+    "StainParams",
     "TilingParams",
     "TissueParams",
     "TrainReportsParams",
@@ -48,7 +51,15 @@ __all__ = [
 ]
 
 
-_NULLABLE = ("labels", "encoder_registry", "mpp_override", "reports", "report_corpus", "report_encoder")
+_NULLABLE = (
+    "labels",
+    "site_pattern",
+    "encoder_registry",
+    "mpp_override",
+    "reports",
+    "report_corpus",
+    "report_encoder",
+)
 
 
 def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,6 +173,19 @@ class FitParams:
     folds: int
     seed: int
     epochs: int
+    cv: str = "kfold"
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    resamples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class StainParams:
+    method: str
+    reference: str
 
 
 @dataclass(frozen=True)
@@ -177,6 +201,7 @@ class TrainReportsParams:
     val_fraction: float
     test_fraction: float
     probe_folds: int
+    split_by: str = "patient"
 
 
 @dataclass(frozen=True)
@@ -194,6 +219,7 @@ class DistillParams:
     weight: float
     seed: int
     test_fraction: float
+    split_by: str = "patient"
 
 
 @dataclass(frozen=True)
@@ -244,6 +270,10 @@ class Config:
     conch: ConchParams
     calibration: bool
     calibration_weighting: str
+    calibration_groups: str
+    site_pattern: str | None
+    bootstrap: BootstrapParams
+    stain: StainParams
     heads: tuple[str, ...]
     fit: FitParams
     reports: str | None
@@ -296,6 +326,10 @@ class Config:
             ),
             calibration=cfg["calibration"],
             calibration_weighting=cfg["calibration_weighting"],
+            calibration_groups=cfg["calibration_groups"],
+            site_pattern=cfg["site_pattern"],
+            bootstrap=BootstrapParams(**cfg["bootstrap"]),
+            stain=StainParams(**cfg["stain"]),
             heads=tuple(cfg["heads"]),
             fit=FitParams(**cfg["fit"]),
             reports=cfg["reports"],
@@ -334,49 +368,6 @@ def load_config(
         _merge(raw, overrides)
     raw.setdefault("slides", ".")
     return Config.from_validated(validate_config(raw))
-
-
-#: The top-level config keys each stage reads: the workflow hands a rule exactly these
-#: (so that editing, say, the prompt bag reruns only the stages that read it), and a
-#: stage's outputs record the hash of these.
-STAGE_KEYS: Mapping[str, tuple[str, ...]] = {
-    "tissue": ("reader", "mpp_override", "max_read_megapixels", "tissue"),
-    "tile": ("reader", "mpp_override", "max_read_megapixels", "tissue", "scales_mpp", "tile_px", "tiling"),
-    "encode": ("reader", "encoders", "encoder_registry", "offline", "device", "encode"),
-    "embed_prompts": ("encoders", "encoder_registry", "offline", "device", "prompt_bag", "protocol"),
-    "calibrate": ("scales_mpp", "alignment", "protocol", "encoder_weights", "calibration_weighting"),
-    "score": ("scales_mpp", "alignment", "pooling", "protocol", "conch", "encoder_weights"),
-    "heatmap": ("reader", "mpp_override", "max_read_megapixels", "heatmap"),
-    "export_geojson": ("geojson",),
-    "report": ("report",),
-    # the batched per-slide stages of the workflow (their rules' settings)
-    "prepare": ("reader", "mpp_override", "max_read_megapixels", "tissue", "scales_mpp", "tile_px", "tiling"),
-    "finish": (
-        "scales_mpp",
-        "alignment",
-        "pooling",
-        "protocol",
-        "conch",
-        "encoder_weights",
-        "reader",
-        "mpp_override",
-        "max_read_megapixels",
-        "heatmap",
-        "geojson",
-    ),
-    "fit": ("prompt_bag", "heads", "fit"),
-    "predict": ("prompt_bag", "pooling"),
-    "train_reports": (
-        "encoders",
-        "encoder_registry",
-        "offline",
-        "prompt_bag",
-        "report_encoder",
-        "train_reports",
-    ),
-    "pair_reports": ("encoders", "encoder_registry", "offline", "report_encoder", "pairing"),
-    "distill": ("prompt_bag", "distill"),
-}
 
 
 def config_hash(cfg: Config, stage: str) -> str:

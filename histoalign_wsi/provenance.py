@@ -60,8 +60,9 @@ STAGE_VERSIONS: Mapping[str, int] = {
     "score": 1,  # alignment, pooling, fusion (zeroshot/scoring.py, alignment.py, pooling.py)
     "heatmap": 1,  # outputs/heatmaps.py, raster.py
     "geojson": 1,  # outputs/geojson.py
-    "summarize": 1,  # predictions.csv, metrics.json (outputs/predictions.py, metrics.py)
-    "fit": 1,  # heads and their cross-validation (learn/heads.py, abmil.py, bags.py)
+    "summarize": 2,  # predictions.csv, metrics.json (outputs/predictions.py, metrics.py)
+    "fit": 2,  # heads and their cross-validation (learn/heads.py, abmil.py, bags.py, splits.py)
+    "site_signature": 1,  # stages/sites.py, learn/site_probe.py
 }
 
 #: Settings that change how a stage runs, never what it writes: left out of its hash, so
@@ -102,11 +103,12 @@ def settings_hash(cfg: Config, stage: str) -> str:
 
 def output_settings(raw: Mapping[str, Any], stage: str) -> dict[str, Any]:
     """The config keys ``stage`` reads, less :data:`NOT_OUTPUT` (dotted keys drop one
-    sub-key)."""
+    sub-key). ``stain`` with ``method: none`` is left out: stores encoded before the
+    setting existed are what ``none`` writes, and stay current."""
     drop = NOT_OUTPUT.get(stage, ())
     sub: dict[str, Any] = {}
     for k in sorted(STAGE_KEYS[stage]):
-        if k in drop:
+        if k in drop or (k == "stain" and (raw.get(k) or {}).get("method", "none") == "none"):
             continue
         v = raw.get(k)
         inner = [d.split(".", 1)[1] for d in drop if d.startswith(f"{k}.")]
@@ -264,7 +266,15 @@ class Expected:
         return self._record("prepare", inputs)
 
     def encode(self, tiles_digest: str, *, offline: bool = True) -> dict[str, Any]:
-        return self._record("encode", {"tiles": tiles_digest, "encoders": self.identities(offline=offline)})
+        """Features: the tiles, each encoder's identity, and a stain reference image's
+        content when one is used (an image edited in place re-encodes)."""
+        inputs: dict[str, Any] = {"tiles": tiles_digest, "encoders": self.identities(offline=offline)}
+        st = self.cfg.stain
+        if st.method != "none" and st.reference != "builtin":
+            inputs["stain_reference"] = (
+                self.cache.sha256(st.reference) if Path(st.reference).is_file() else None
+            )
+        return self._record("encode", inputs)
 
     def text(self, *, offline: bool = True) -> dict[str, Any]:
         """Text embeddings: every expanded prompt of the bag (templates included) and the

@@ -216,6 +216,8 @@ class Workflow(MadeFrom):
             out["reports"] = f"{r}/reports/metrics.json"
         if self.config.report_corpus and self.labels_sheet:
             out["distill"] = f"{r}/distill/metrics.json"
+        if self.site_key is not None:
+            out["site_signature"] = f"{r}/site_signature.json"
         return out
 
     def final_outputs(self) -> list[str]:
@@ -224,6 +226,14 @@ class Workflow(MadeFrom):
         if self.labels_sheet:
             out.append(f"{r}/metrics.json")
         return out + list(self.learned_from_reports().values())
+
+    @functools.cached_property
+    def site_key(self) -> Any:
+        """The cohort's site key (:class:`histoalign_wsi.sites.SiteKey`), or None."""
+        from .sites import sites_for
+
+        cfg = self.config
+        return sites_for(self.slides, slides=cfg.slides, labels=self.labels_sheet, pattern=cfg.site_pattern)
 
 
 def _names(inputs: Any) -> set[str]:
@@ -259,6 +269,7 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
             # read as summarize will: an empty cell or a slide labelled twice is refused now
             _check_labels(read_labels(sheet), cohort, bag.class_names, sheet)
         _check_reports(cfg, cohort)
+        _check_sites(cfg, cohort, sheet)
     except HistoAlignError as exc:
         raise ConfigError(f"configuration check failed: {exc}") from exc
     return Workflow(cfg, cohort, sheet)
@@ -318,6 +329,24 @@ def _check_reports(cfg: Config, cohort: Mapping[str, SlideEntry]) -> None:
             )
     if cfg.report_corpus and not Path(cfg.report_corpus).exists():
         raise ConfigError(f"report_corpus {cfg.report_corpus!r} does not exist")
+
+
+def _check_sites(cfg: Config, cohort: Mapping[str, SlideEntry], labels: str | None) -> None:
+    """The site key resolves to one site per slide, and a setting that groups by site has one."""
+    from .sites import sites_for
+
+    key = sites_for(sorted(cohort), slides=cfg.slides, labels=labels, pattern=cfg.site_pattern)
+    if key is None:
+        for name, on in (
+            ("calibration_groups: site", cfg.calibration_groups == "site"),
+            ("fit.cv: site", cfg.fit.cv == "site"),
+        ):
+            if on:
+                raise ConfigError(
+                    f"{name} needs a site key: a 'site' column in the slide or label sheet, or site_pattern"
+                )
+    elif cfg.fit.cv == "site" and len(key.names) < 2:
+        raise ConfigError(f"fit.cv: site needs two sites or more; {key.by} gives one ({key.names[0]!r})")
 
 
 def _check_labels(

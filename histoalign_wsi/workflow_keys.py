@@ -92,7 +92,10 @@ class MadeFrom:
 
     @functools.cached_property
     def summarize_key(self) -> str:
-        return digest([self.file_key(self.labels_sheet), STAGE_VERSIONS["summarize"]])
+        """The label sheet's and slide sheet's contents (labels, patients, sites), code."""
+        return digest(
+            [self.file_key(self.labels_sheet), self.file_key(self.config.slides), STAGE_VERSIONS["summarize"]]
+        )
 
     def report_show(self) -> str:
         """The report's sections this run makes (``--show``): nothing an earlier run left."""
@@ -103,6 +106,8 @@ class MadeFrom:
             show.append("reports")
         if self.config.report_corpus and self.labels_sheet:
             show.append("distill")
+        if getattr(self, "site_key", None) is not None:
+            show.append("sites")
         return f"--show={','.join(show)}"
 
     def save_hashes(self) -> None:

@@ -211,3 +211,23 @@ def synthetic_cohort(res: Path, n: int) -> None:
             {"slide_id": sid, "predicted_class": pred, "status": "ok", "untrained": True, "n_tiles": i % 50}
         )
     pd.DataFrame(rows).to_csv(res / "predictions.csv", index=False)
+
+
+def site_offset_cohort(
+    folder: Path, text: TextEmbeddings, *, per_site: int = 9, push: float = 0.9, seed: int = 0
+) -> tuple[list[Path], dict[str, str], dict[str, str]]:
+    """Stores of three sites (A, B, C) whose every tile is pushed toward one class per
+    site (A: class 0, B: 1, C: 2): a planted per-site logit offset over real class
+    signal. Returns (stores, slide -> site, slide -> label)."""
+    classes = text.classes
+    rng = np.random.default_rng(seed)
+    stores, sites, labels = [], {}, {}
+    for b, site in enumerate(("A", "B", "C")):
+        for i in range(per_site):
+            k = i % len(classes)
+            x = planted_features(text, 40, {k: (1.0, 1.2)}, seed=int(rng.integers(1 << 30)))
+            x = unit(x + push * class_vector(text, b))
+            sid = f"{site}{i}"
+            stores.append(build_store(folder / f"{sid}.zarr", {0.5: x}, slide_id=sid))
+            sites[sid], labels[sid] = site, classes[k]
+    return stores, sites, labels

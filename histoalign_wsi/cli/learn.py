@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import stages
 from ..config import Config
+from ..outputs.intervals import format_ci
 from .common import Subparsers, at_least, existing, existing_dir, opts, print_json, says
 from .common import add as _add
 
@@ -15,7 +16,18 @@ __all__ = ["group_options", "learn_commands"]
 
 
 def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
-    kw = opts(a, "shots", "repeats", "seed", "mapping", "groups", "group_pattern", "tip_search")
+    kw = opts(
+        a,
+        "shots",
+        "repeats",
+        "seed",
+        "mapping",
+        "groups",
+        "group_pattern",
+        "tip_search",
+        "cv",
+        "site_pattern",
+    )
     s = stages.run_few_shot(a.dir, a.out, cfg, text_path=a.text, **kw)
     curve = s["curves"]["balanced_accuracy"]
     print_json(
@@ -34,13 +46,34 @@ def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
 
 def _fit(a: argparse.Namespace, cfg: Config) -> int:
     kw = opts(a, "heads", "folds", "seed", "epochs")
-    report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, **kw)
-    print_json({h: v["mean"] for h, v in report["heads"].items()})
+    report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, cv_kind=a.cv, **kw)
+    print_json(
+        {
+            h: {m: format_ci(v[m], v["ci"][m]) for m in ("balanced_accuracy", "macro_f1", "auc_macro_ovr")}
+            for h, v in report["pooled"].items()
+        }
+    )
     says(
         "fit",
-        f"each head's metrics on held-out slides, mean of {report['folds']} cross-validation folds",
+        f"each head's out-of-fold metrics with 95% bootstrap intervals ({report['split']['by']})",
         a.out / "cv_metrics.json",
     )
+    return 0
+
+
+def _site_signature(a: argparse.Namespace, cfg: Config) -> int:
+    res = stages.run_site_signature(a.stores, a.out, cfg, labels_sheet=a.labels)
+    print_json(
+        {
+            n: {
+                "balanced_accuracy": format_ci(v["balanced_accuracy"], v["ci"]["balanced_accuracy"]),
+                "chance": round(v["chance"], 3),
+                "permuted": round(v["permuted"], 3),
+            }
+            for n, v in res["encoders"].items()
+        }
+    )
+    says("site-signature", "the site predicted from each encoder's features, beside chance", a.out)
     return 0
 
 
@@ -84,6 +117,15 @@ def learn_commands(sub: Subparsers) -> None:
         help="also Tip-Adapter with alpha and beta searched on a held-out half of the shots (k >= 2)",
     )
     group_options(p)
+    p.add_argument(
+        "--cv",
+        choices=["draws", "site"],
+        default="draws",
+        help="draws = k shots drawn, the rest tested; site = each site held out in turn",
+    )
+    p.add_argument(
+        "--site-pattern", help="with --cv site: 'tcga' or a regular expression with (?P<site>...) on the path"
+    )
 
     p = _add(sub, "fit", _fit, "train slide-level heads on stored features (cross-validated)")
     p.add_argument("stores", type=existing, nargs="+", help="feature stores")
@@ -96,8 +138,18 @@ def learn_commands(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs", type=at_least(1))
     p.add_argument(
+        "--cv", choices=["kfold", "site"], help="kfold by patient, or site held out (default: config fit.cv)"
+    )
+    p.add_argument(
         "--attention", type=Path, help="folder for per-tile attention of the abmil head (.parquet)"
     )
+
+    p = _add(
+        sub, "site-signature", _site_signature, "how well the features tell the site (hospital) of a slide"
+    )
+    p.add_argument("stores", type=existing, nargs="+", help="feature stores")
+    p.add_argument("--labels", type=existing, help="label sheet (patient_id, site columns; default: config)")
+    p.add_argument("--out", type=Path, required=True, help="site_signature.json")
 
     p = _add(sub, "predict", _predict, "predict new slides' stores with a saved head")
     p.add_argument("stores", type=existing, nargs="+")

@@ -15,7 +15,9 @@ __all__ = ["output_commands"]
 
 
 def _summarize(a: argparse.Namespace, cfg: Config) -> int:
-    stages.run_summarize(a.predictions, a.out, labels=a.labels, metrics=a.metrics, confusion=a.confusion)
+    stages.run_summarize(
+        a.predictions, a.out, labels=a.labels, metrics=a.metrics, confusion=a.confusion, cfg=cfg
+    )
     return 0
 
 

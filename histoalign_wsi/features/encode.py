@@ -43,6 +43,8 @@ class EncodeSettings(ReadSettings):
     """How tiles are read (:class:`ReadSettings`) and how many go to an encoder at once."""
 
     batch_size: int = 128
+    #: stain normalisation of every tile before the encoders (:mod:`.stain`)
+    stain: Any = None
 
 
 def preprocess_on_device(
@@ -318,8 +320,9 @@ def run_pipeline(
     producer = _Producer(_batches(scale_tiles(slide, scales, settings), size), capacity=3, device=device)
     try:
         for batch in producer:
+            tiles = settings.stain(batch.tiles) if settings.stain is not None else batch.tiles
             for fw in forwards:
-                emb = fw(batch.tiles)
+                emb = fw(tiles)
                 for sc, start, k in batch.segments:  # to the host on the writer thread
                     appender.add((sc, fw.enc.name), emb[start : start + k])
             bar.update(len(batch.tiles))

@@ -17,7 +17,7 @@ says so. The test patches never take part in either.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,36 +195,61 @@ def few_shot_curves(
     groups: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
     search: bool = False,
+    sites: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (k, repeat, method) with ``score(test labels, probabilities)``; draws
     and tests by ``groups`` (a patient per patch) when given. ``progress(1)`` is called
     after every draw. ``search`` adds a row "Tip-Adapter (searched)" per draw, its alpha
-    and beta found on the shots alone (:func:`tip_search`)."""
+    and beta found on the shots alone (:func:`tip_search`). With ``sites`` (a site per
+    patch: ``cv: site``) each site is held out in turn: the shots come from the other
+    sites only, and the test is every patch of the held-out site."""
     rows: list[dict[str, Any]] = []
     names = np.array(data.classes)
-    for k in shots:
-        for r in range(repeats):
-            tr, te = draw(data.labels, k, seed * 100_003 + r, data.classes, groups)
-            y_true = names[data.labels[te]].tolist()
-            k_cls = len(data.classes)
-            coef, intercept, c = fit_linear_full(data.features[tr], data.labels[tr], k_cls, seed=seed + r)
-            results = {
-                "zero-shot": _softmax(data.zero_shot_logits[te]),
-                "linear probe": linear_probs(coef, intercept, data.features[te], k_cls),
-                "Tip-Adapter": tip_adapter(data, tr, te),
-            }
-            extra: dict[str, dict[str, Any]] = {"linear probe": {"C": c}}
-            if search:
-                hp = tip_search(data, tr, seed=seed + r)
-                alpha, beta = hp or (TIP_ALPHA, TIP_BETA)
-                results["Tip-Adapter (searched)"] = tip_adapter(data, tr, te, alpha=alpha, beta=beta)
-                extra["Tip-Adapter (searched)"] = {"alpha": alpha, "beta": beta, "searched": hp is not None}
-            for method, probs in results.items():
-                row = {"shots": k, "repeat": r, "method": method, "n_train": len(tr), "n_test": len(te)}
-                rows.append(row | dict(score(y_true, probs)) | extra.get(method, {}))
-            if progress is not None:
-                progress(1)
+    for k, r, held, (tr, te) in _splits(data, shots, repeats, seed, groups, sites):
+        y_true = names[data.labels[te]].tolist()
+        k_cls = len(data.classes)
+        coef, intercept, c = fit_linear_full(data.features[tr], data.labels[tr], k_cls, seed=seed + r)
+        results = {
+            "zero-shot": _softmax(data.zero_shot_logits[te]),
+            "linear probe": linear_probs(coef, intercept, data.features[te], k_cls),
+            "Tip-Adapter": tip_adapter(data, tr, te),
+        }
+        extra: dict[str, dict[str, Any]] = {"linear probe": {"C": c}}
+        if search:
+            hp = tip_search(data, tr, seed=seed + r)
+            alpha, beta = hp or (TIP_ALPHA, TIP_BETA)
+            results["Tip-Adapter (searched)"] = tip_adapter(data, tr, te, alpha=alpha, beta=beta)
+            extra["Tip-Adapter (searched)"] = {"alpha": alpha, "beta": beta, "searched": hp is not None}
+        for method, probs in results.items():
+            row = {"shots": k, "repeat": r, "method": method, "n_train": len(tr), "n_test": len(te)}
+            row |= {"held_out_site": held} if held is not None else {}
+            rows.append(row | dict(score(y_true, probs)) | extra.get(method, {}))
+        if progress is not None:
+            progress(1)
     return rows
+
+
+def _splits(
+    data: FewShotData,
+    shots: Sequence[int],
+    repeats: int,
+    seed: int,
+    groups: Sequence[str] | None,
+    sites: Sequence[str] | None,
+) -> Iterator[tuple[int, int, str | None, tuple[NDArray[np.int64], NDArray[np.int64]]]]:
+    """(k, repeat, held-out site, (train, test)) of every draw."""
+    site = np.asarray(sites) if sites is not None else None
+    for held in sorted(set(site.tolist())) if site is not None else [None]:
+        pool = np.flatnonzero(site != held) if site is not None else np.arange(len(data.labels))
+        test = np.flatnonzero(site == held) if site is not None else None
+        g = None if groups is None else [groups[i] for i in pool.tolist()]
+        for k in shots:
+            for r in range(repeats):
+                tr, te = draw(data.labels[pool], k, seed * 100_003 + r, data.classes, g)
+                tr, te = pool[tr], (pool[te] if test is None else test)
+                if site is not None:  # held out means held out: no patch of the site in training
+                    assert not set(site[tr].tolist()) & set(site[te].tolist())
+                yield k, r, held, (tr, te)
 
 
 def summarize_curves(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..textfiles import read_rows
 
-__all__ = ["PATTERNS", "PatchGroups", "patch_groups"]
+__all__ = ["PATTERNS", "PatchGroups", "patch_groups", "patch_sites"]
 
 #: named file-name patterns; each has a ``patient`` group
 PATTERNS = {"breakhis": r"^SOB_[BM]_[A-Z]+-(?P<patient>[0-9]+-[0-9A-Za-z]+)-[0-9]+-[0-9]+"}
@@ -100,3 +100,44 @@ def patch_groups(
     keys = _from_pattern(paths, pattern, pattern)
     label = "BreakHis file names" if pattern == "breakhis" else f"file-name pattern {pattern!r}"
     return PatchGroups(keys, f"patient ({label})")
+
+
+def patch_sites(
+    paths: Sequence[Path], root: Path, *, sheet: Path | None = None, pattern: str | None = None
+) -> tuple[str, ...]:
+    """The site of every patch: the ``site`` column of the group sheet, else ``pattern``
+    (``tcga`` or a regular expression with a ``site`` group) on the file name or the path.
+
+    Raises
+    ------
+    ConfigError
+        No source of sites, or a patch without one (named).
+    """
+    from ..sites import SITE_PATTERNS
+
+    if sheet is not None:
+        fields, table = read_rows(sheet, "patch group sheet")
+        if "site" in fields:
+            rows = {r["path"]: r["site"] for _, r in table if r.get("path") and r.get("site")}
+            keys = [rows.get(p.relative_to(root).as_posix()) or rows.get(p.name) for p in paths]
+            missing = [p.name for p, k in zip(paths, keys, strict=True) if not k]
+            if missing:
+                raise ConfigError(
+                    f"patch group sheet {str(sheet)!r} gives no site for {', '.join(missing[:5])}"
+                )
+            return tuple(str(k) for k in keys)
+    if not pattern:
+        raise ConfigError("cv: site on patches needs a 'site' column in the --groups sheet or --site-pattern")
+    try:
+        rx = re.compile(SITE_PATTERNS.get(pattern, pattern))
+    except re.error as exc:
+        raise ConfigError(f"site pattern {pattern!r} is not a regular expression ({exc})") from exc
+    if "site" not in rx.groupindex:
+        raise ConfigError(f"site pattern {pattern!r} has no (?P<site>...) group")
+    out = []
+    for p in paths:
+        m = rx.search(p.relative_to(root).as_posix())
+        if m is None:
+            raise ConfigError(f"patch {p.name!r} does not match the site pattern {pattern!r}")
+        out.append(m.group("site"))
+    return tuple(out)

@@ -270,26 +270,20 @@ def cross_validate(
     score: Scorer,
     groups: Mapping[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    cv: str = "kfold",
+    sites: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Stratified k-fold by slide (by ``groups``, e.g. patient, when given): per-fold and
-    mean metrics (``score(y_true, probs)``) of each head on its held-out slides, with the
-    out-of-fold probabilities. ``progress(1)`` is called after each head of each fold."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    """Stratified k-fold by slide (by ``groups``, e.g. patient, when given; by site with
+    ``cv="site"`` and ``sites``): per-fold and mean metrics (``score(y_true, probs)``) of
+    each head on its held-out slides, with the out-of-fold probabilities and the split
+    (``split``). ``progress(1)`` is called after each head of each fold."""
+    from .splits import cv_splits
 
     y = np.array([list(classes).index(labels[s]) for s in ids], np.int64)
     g = np.array([(groups or {}).get(s, s) for s in ids])
-    unit = "patients" if groups else "slides"
-    per_class = {classes[k]: len(np.unique(g[y == k])) for k in np.unique(y)}
-    least = min(per_class, key=lambda c: per_class[c])
-    if folds < 2 or folds > per_class[least]:
-        raise ConfigError(
-            f"{folds}-fold cross-validation needs at least {max(folds, 2)} {unit} of every class "
-            f"(and folds >= 2); class {least!r} has {per_class[least]} (lower 'folds' or add {unit})"
-        )
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = cv_splits(ids, y, folds=folds, seed=seed, cv=cv, patients=groups, sites=sites, classes=classes)
     out: dict[str, Any] = {h: {"folds": [], "oof": {}} for h in heads}
-    for f, (tr, te) in enumerate(splitter.split(np.zeros(len(ids)), y, g)):
-        assert not set(g[tr]) & set(g[te])  # held out means held out
+    for f, (tr, te) in enumerate(splits.folds):
         for h in heads:
             head = fit_head(
                 h,
@@ -312,6 +306,7 @@ def cross_validate(
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")
         out[h]["mean"] = {k: _mean([m[k] for m in fm]) for k in keys}
         out[h]["sd"] = {k: _sd([m[k] for m in fm]) for k in keys}
+    out["split"] = splits.describe()
     return out
 
 

@@ -3,7 +3,8 @@ a label sheet."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,14 @@ from .._atomic import atomic_file
 from ..csvcells import inert_table
 from ..errors import ConfigError
 from ..provenance import STAGE_VERSIONS, digest
+from ..sites import SiteKey
 from ..zeroshot.prediction import Prediction
 from ..zeroshot.tile_scores import class_columns
+from .intervals import Bootstrap, format_ci, group_table, units_of, with_intervals
 from .metrics import classification_metrics, write_json
 from .plots import plot_confusion
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_labels", "cohort_table", "every_j", "summarize", "weighted_kappa"]
 
@@ -110,6 +115,40 @@ def every_j(
     return out
 
 
+def _intervals(
+    labelled: pd.DataFrame,
+    classes: Sequence[str],
+    probs: np.ndarray,
+    key: SiteKey | None,
+    patients: Mapping[str, str] | None,
+    boot: Bootstrap,
+) -> dict[str, Any]:
+    """The headline metrics' intervals, and the per-site table when sites are known."""
+    ids = labelled["slide_id"].tolist()
+    units, unit = units_of(ids, patients)
+    yt, yp = labelled["label"].tolist(), labelled["predicted_class"].tolist()
+    res = with_intervals(yt, yp, probs, classes, groups=units, boot=boot)
+    out: dict[str, Any] = {
+        "ci": res["ci"],
+        "bootstrap": boot.describe(unit, len(set(units))) | {"n_defined": res["n_defined"]},
+    }
+    log.info(
+        "balanced accuracy %s, macro F1 %s, AUC %s (%d slides; 95%% bootstrap over %ss)",
+        format_ci(res["balanced_accuracy"], res["ci"]["balanced_accuracy"]),
+        format_ci(res["macro_f1"], res["ci"]["macro_f1"]),
+        format_ci(res["auc_macro_ovr"], res["ci"]["auc_macro_ovr"]),
+        len(ids),
+        unit,
+    )
+    if key is not None:
+        by = [key.sites[s] for s in ids]
+        out["per_site"] = {
+            "by": key.by,
+            "sites": group_table(yt, yp, probs, classes, by, groups=units, boot=boot),
+        }
+    return out
+
+
 def summarize(
     preds: Iterable[Prediction],
     out_csv: str | Path,
@@ -118,12 +157,18 @@ def summarize(
     metrics_json: str | Path | None = None,
     confusion_png: str | Path | None = None,
     labels_hash: str | None = None,
+    sites: Callable[[Sequence[str]], SiteKey | None] | None = None,
+    patients: Mapping[str, str] | None = None,
+    boot: Bootstrap | None = None,
 ) -> pd.DataFrame:
     """Write ``predictions.csv`` (and, with labels, ``metrics.json`` + confusion PNG).
 
     Slides without tiles count as wrong in accuracy, balanced accuracy and F1 (their
     prediction is not a class), are left out of the AUCs (they have no probabilities to
     rank; ``n_auc`` counts the slides the AUCs saw), and are listed with their own count.
+    Every headline metric carries a seeded bootstrap interval (``ci``; patients resampled
+    when ``patients`` is given), and with ``sites`` (the site key of the scored slide ids)
+    the table has a ``site`` column and ``metrics.json`` a per-site table (``per_site``).
 
     Raises
     ------
@@ -148,6 +193,9 @@ def summarize(
     table = cohort_table(remember(preds))
     classes = list(first[0]) if first else []
     ids = table["slide_id"].tolist()
+    key = sites(ids) if sites is not None else None
+    if key is not None:
+        table.insert(1, "site", table["slide_id"].map(key.sites))
     if labels:
         check_labels(labels, ids, classes)
         table["label"] = table["slide_id"].map(labels)
@@ -163,6 +211,7 @@ def summarize(
             m["quadratic_weighted_kappa"] = weighted_kappa(labelled, classes)
         if by_j:
             m["topj"] = every_j(labelled, by_j, classes, chosen[0] if chosen else None)
+        m.update(_intervals(labelled, classes, probs, key, patients, boot or Bootstrap()))
         m["untrained"] = bool(table["untrained"].any())
         failed = labelled[labelled["status"] != "ok"]
         m["n_without_tiles"] = len(failed)

@@ -27,6 +27,7 @@ from .._json import finite_json
 from ..zeroshot.prediction import Prediction
 from .heatmaps import FORMATS, class_files
 from .report_heads import head_predictions, heads_section
+from .report_sites import ci_cell, per_site_table, site_signature_section
 
 __all__ = ["PAGE_SIZE", "write_report"]
 
@@ -187,11 +188,19 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     from .metrics import HEADLINE  # only when there are metrics to show
 
     m = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("n", *HEADLINE, "n_auc")
+    cis = m.get("ci") or {}
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(m.get(k)))}</td></tr>"
-        for k in (*keys, "classes_absent", "n_without_tiles")
+        f"<tr><th>{html.escape(k)}</th><td>"
+        f"{ci_cell(m, k) if k in cis else html.escape(str(m.get(k)))}</td></tr>"
+        for k in ("n", *HEADLINE, "n_auc", "classes_absent", "n_without_tiles")
     )
+    boot = m.get("bootstrap")
+    if isinstance(boot, Mapping):
+        rows += (
+            f"<tr><th>intervals</th><td>95 % {html.escape(str(boot.get('method')))}, "
+            f"{html.escape(str(boot.get('resamples')))} resamples of {html.escape(str(boot.get('n_units')))} "
+            f"{html.escape(str(boot.get('unit')))}s, seed {html.escape(str(boot.get('seed')))}</td></tr>"
+        )
     qwk = m.get("quadratic_weighted_kappa")
     if isinstance(qwk, Mapping):  # an ordered bag (grades)
         rows += (
@@ -203,7 +212,8 @@ def _metrics(res: Path, base: Path, *, embed: bool) -> str:
     if cm.is_file():
         src = _inline(cm, 480) if embed else _href(cm, base)
         img = f"<img alt='confusion matrix' style='max-width:480px' src='{html.escape(src, quote=True)}'>"
-    return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}{_topj(m)}"
+    sites = per_site_table(m.get("per_site"), "Zero-shot per site")
+    return f"<h2>Metrics</h2><div class='scroll'><table>{rows}</table></div>{img}{sites}{_topj(m)}"
 
 
 def _topj(m: Mapping[str, Any]) -> str:
@@ -331,6 +341,7 @@ def write_report(
     )
     parts.append(_metrics(res, base, embed=embed) if shown("metrics") else "")
     parts.append(heads_section(res) if shown("heads") else "")
+    parts.append(site_signature_section(res) if shown("sites") else "")
     parts.append(_learned_from_reports(res, shown))
     parts.append(_made_from(table))
     data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size, "heads": head_names}

@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from .report_sites import ci_cell, per_site_table
+
 __all__ = ["head_predictions", "heads_section"]
 
 _METRICS = (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"), ("auc_macro_ovr", "AUC"))
@@ -36,12 +38,30 @@ def heads_section(res: Path) -> str:
         tds = "".join(f"<td>{_cell(mean.get(k), sd.get(k))}</td>" for k, _ in _METRICS)
         note = " (ablation: abmil without scale embeddings)" if name == "abmil_noscale" else ""
         out.append(f"<tr><td>{html.escape(name)}{note}</td>{tds}</tr>")
+    split: dict[str, Any] = cv.get("split") or {}
+    first: dict[str, Any] = next(iter(heads.values()), {})
+    by = split.get("by") or ("patient" if cv.get("grouped") else "slide")
     out.append(
-        f"</table></div><p>Mean ± SD over {int(cv.get('folds', 0))} cross-validation folds by "
-        f"{'patient' if cv.get('grouped') else 'slide'} on {int(cv.get('n_slides', 0))} labelled "
+        f"</table></div><p>Mean ± SD over {len(first.get('folds', []))} "
+        f"cross-validation folds, split by {html.escape(str(by))}, on {int(cv.get('n_slides', 0))} labelled "
         "slides; every number is on slides the head did not see. The slide table shows each "
         "head's prediction, and a slide's detail the abmil head's attention.</p>"
     )
+    pooled = cv.get("pooled") or {}
+    if pooled:
+        out.append(
+            "<h3>Out-of-fold, with 95 % bootstrap intervals</h3><div class='scroll'><table id='heads-ci'>"
+            f"<tr><th>head</th>{ths}</tr>"
+        )
+        for name, p in pooled.items():
+            out.append(
+                f"<tr><td>{html.escape(name)}</td>"
+                + "".join(f"<td>{ci_cell(p, k)}</td>" for k, _ in _METRICS)
+                + "</tr>"
+            )
+        out.append("</table></div>")
+        for name, p in pooled.items():
+            out.append(per_site_table(p.get("per_site"), f"{name} per site (out-of-fold)"))
     return "".join(out)
 
 

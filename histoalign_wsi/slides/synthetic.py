@@ -34,6 +34,7 @@ __all__ = [
     "demo_cohort",
     "make_demo_cohort",
     "render_labels",
+    "restain",
     "write_slide",
 ]
 
@@ -68,6 +69,9 @@ class DemoSlideSpec:
     fmt: str = "svs"  # "svs" (Aperio) or "ome" (OME-TIFF)
     seed: int = 0
     quality: int = 90
+    #: a site's stain: each channel's optical density scaled (Beer-Lambert: a stain mix
+    #: that absorbs more or less in red, green, blue); None = the textures as they are
+    stain_od: tuple[float, float, float] | None = None
 
 
 def render_labels(
@@ -128,6 +132,21 @@ def class_textures(seed: int) -> dict[int, NDArray[np.uint8]]:
         2: _fibre_texture(rng),
         3: _disc_texture(rng, (226, 190, 220), (52, 28, 110), 260, 6, 8),
     }
+
+
+def restain(
+    textures: dict[int, NDArray[np.uint8]], stain_od: tuple[float, float, float] | None
+) -> dict[int, NDArray[np.uint8]]:
+    """Each texture with its optical density scaled per channel (``stain_od``): the same
+    tissue as another site's scanner and staining protocol would show it."""
+    if stain_od is None:
+        return textures
+    k = np.asarray(stain_od, np.float64)
+    out = {}
+    for c, t in textures.items():
+        od = -np.log((t.astype(np.float64) + 1.0) / 256.0)
+        out[c] = np.clip(256.0 * np.exp(-od * k) - 1.0, 0, 255).round().astype(np.uint8)
+    return out
 
 
 def _downsample_texture(tex: NDArray[np.uint8], d: int) -> NDArray[np.uint8]:
@@ -198,7 +217,7 @@ def _level_tiles(spec: DemoSlideSpec, d: int, textures: dict[int, NDArray[np.uin
 def write_slide(spec: DemoSlideSpec, path: str | Path) -> Path:
     """Write ``spec`` as a pyramidal JPEG-tiled TIFF (Aperio SVS or OME-TIFF), atomically."""
     path = Path(path)
-    textures = class_textures(spec.seed)
+    textures = restain(class_textures(spec.seed), spec.stain_od)
     levels = _levels(spec.width, spec.height)
     bigtiff = spec.width * spec.height > 2**28
     common = {

@@ -2,8 +2,8 @@
 one of these; the workflow's rules only call the CLI. ``pipeline`` holds the zero-shot
 chain (slides to scores), ``outputs`` what is made of the scores (cohort table, heatmaps,
 GeoJSON, report), ``patches`` the patch-folder stages (zero-shot and few-shot),
-``learning`` the heads trained on stored features, ``reports`` and ``pairing`` what is
-learned from pathology reports."""
+``learning`` the heads trained on stored features, ``sites`` the site signature,
+``reports`` and ``pairing`` what is learned from pathology reports."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .pipeline import (
     run_unlock,
 )
 from .reports import run_train_reports
+from .sites import run_site_signature
 
 __all__ = [
     "open_for",
@@ -50,6 +51,7 @@ __all__ = [
     "run_predict",
     "run_report",
     "run_score",
+    "run_site_signature",
     "run_summarize",
     "run_tile",
     "run_tissue",

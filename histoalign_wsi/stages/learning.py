@@ -14,6 +14,8 @@ from numpy.typing import NDArray
 from .._atomic import atomic_file
 from ..config import Config
 from ..errors import ConfigError
+from ..outputs.intervals import format_ci
+from ..sites import sites_for
 from ..slides.cohort import read_labels, read_patients
 
 __all__ = ["run_fit", "run_predict", "scorer"]
@@ -45,11 +47,15 @@ def run_fit(
     seed: int | None = None,
     epochs: int | None = None,
     attention_dir: Path | None = None,
+    cv_kind: str | None = None,
 ) -> dict[str, Any]:
     """Cross-validate the heads, then train each on every labelled slide and save it to
     ``out/{head}/`` (safetensors + JSON); ``out/cv_metrics.json`` holds per-fold and mean
     metrics; the attention of the ``abmil`` head per tile goes to ``attention_dir``.
-    Options left ``None`` come from the configuration (``labels``, ``heads``, ``fit``)."""
+    Options left ``None`` come from the configuration (``labels``, ``heads``, ``fit``).
+    ``cv_kind`` ``site`` holds out whole sites (``fit.cv``); every head's pooled
+    out-of-fold metrics carry bootstrap intervals, and a per-site table when sites are
+    known."""
     sheet = labels_sheet or (Path(cfg.labels) if cfg.labels else None)
     if sheet is None:
         raise ConfigError("fit needs a label sheet: give --labels or set labels in the configuration")
@@ -77,7 +83,13 @@ def run_fit(
     bag_classes = load_bag(cfg.prompt_bag).class_names
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
-    with Progress(folds * len(names) + len(names), desc="fit", unit="model") as bar:
+    cv_kind = cv_kind or cfg.fit.cv
+    key = sites_for(source.ids, slides=cfg.slides, labels=sheet, pattern=cfg.site_pattern)
+    n_folds = folds
+    if cv_kind == "site" and key is not None:
+        n_sites = len({key.sites[s] for s in ids})
+        n_folds = n_sites if n_sites <= folds else folds
+    with Progress(n_folds * len(names) + len(names), desc="fit", unit="model") as bar:
         cv = cross_validate(
             source,
             ids,
@@ -90,7 +102,11 @@ def run_fit(
             score=scorer(classes),
             groups=groups,
             progress=bar.update,
+            cv=cv_kind,
+            sites=key.sites if key is not None else None,
         )
+        split = cv.pop("split")
+        pooled = _pooled(cv, ids, labels, classes, groups, key, cfg)
         y = np.array([classes.index(labels[s]) for s in ids], np.int64)
         for name in names:
             head = fit_head(
@@ -107,6 +123,8 @@ def run_fit(
             if name == "abmil" and attention_dir is not None:
                 _write_attention(head, source, attention_dir)
             bar.update()
+    if attention_dir is not None:  # the workflow's output folder, empty without an abmil head
+        attention_dir.mkdir(parents=True, exist_ok=True)
     from ..features.store import open_store
     from ..provenance import HashCache, digest, make_record
 
@@ -119,18 +137,57 @@ def run_fit(
         "folds": folds,
         "seed": seed,
         "grouped": groups is not None,
+        "split": split,
+        "sites": key.summary() if key is not None else None,
         "heads": cv,
+        "pooled": pooled,
         "untrained": any(bool(st.attrs.get("untrained")) for st in opened),
         "provenance": make_record(
-            "fit", cfg, inputs | {"heads": names, "folds": folds, "seed": seed, "epochs": epochs}
+            "fit",
+            cfg,
+            inputs | {"heads": names, "folds": folds, "seed": seed, "epochs": epochs, "cv": cv_kind},
         ),
     }
     write_json(report, out / "cv_metrics.json")
     for name in names:
+        p = pooled[name]
         log.info(
-            "%s: balanced accuracy %s (mean of %d folds)", name, cv[name]["mean"]["balanced_accuracy"], folds
+            "%s: balanced accuracy %s (out-of-fold, %s; mean of folds %s)",
+            name,
+            format_ci(p["balanced_accuracy"], p["ci"]["balanced_accuracy"]),
+            split["by"],
+            cv[name]["mean"]["balanced_accuracy"],
         )
     return report
+
+
+def _pooled(
+    cv: dict[str, Any],
+    ids: Sequence[str],
+    labels: dict[str, str],
+    classes: Sequence[str],
+    patients: dict[str, str] | None,
+    key: Any,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Each head's metrics over all out-of-fold predictions, with bootstrap intervals
+    (patients resampled when known), and its per-site table when sites are known."""
+    from ..outputs.intervals import Bootstrap, group_table, units_of, with_intervals
+
+    boot = Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    units, unit = units_of(ids, patients)
+    yt = [labels[s] for s in ids]
+    out: dict[str, Any] = {}
+    for name, res in cv.items():
+        probs = np.array([res["oof"][s] for s in ids], np.float64)
+        yp = [classes[k] for k in probs.argmax(axis=1)]
+        m = with_intervals(yt, yp, probs, classes, groups=units, boot=boot)
+        m["bootstrap"] = boot.describe(unit, len(set(units)))
+        if key is not None:
+            by = [key.sites[s] for s in ids]
+            m["per_site"] = group_table(yt, yp, probs, classes, by, groups=units, boot=boot)
+        out[name] = m
+    return out
 
 
 def _write_attention(head: Any, source: Any, folder: Path) -> None:

@@ -26,12 +26,18 @@ def run_summarize(
     labels: Path | None = None,
     metrics: Path | None = None,
     confusion: Path | None = None,
+    cfg: Config | None = None,
 ) -> Path:
     """``predictions.csv`` (and, with labels, the metrics and confusion matrix, which
     record the label sheet's content hash). Without labels, a ``metrics`` or ``confusion``
-    file left by an earlier labelled run is removed: no rule of this run made it."""
+    file left by an earlier labelled run is removed: no rule of this run made it. The
+    site key (``cfg``'s slide sheet, the label sheet, ``site_pattern``) adds a ``site``
+    column and per-site metrics; ``cfg.bootstrap`` draws the intervals."""
+    from ..outputs.intervals import Bootstrap
     from ..outputs.predictions import summarize
     from ..provenance import HashCache
+    from ..sites import sites_for
+    from ..slides.cohort import read_patients
     from ..zeroshot.prediction import Prediction
 
     sheet = read_labels(labels) if labels else None
@@ -49,6 +55,13 @@ def run_summarize(
         metrics_json=metrics if sheet is not None else None,
         confusion_png=confusion if sheet is not None else None,
         labels_hash=labels_hash,
+        sites=(
+            (lambda ids: sites_for(ids, slides=cfg.slides, labels=labels, pattern=cfg.site_pattern))
+            if cfg is not None
+            else None
+        ),
+        patients=read_patients(labels) if labels else None,
+        boot=Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed) if cfg is not None else Bootstrap(),
     )
     return out
 

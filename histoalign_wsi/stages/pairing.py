@@ -247,7 +247,13 @@ def run_distill(
             raise ConfigError(f"label sheet {str(sheet)!r} names slides that were not paired: {unknown[:10]}")
         labels = given
         patients = read_patients(sheet)
-        if patients:
+        if cfg.distill.split_by == "site":
+            from .reports import _split_groups
+
+            by_site = _split_groups(cfg, "site", ids, patients or {}, sheet)
+            grp = np.array([by_site[s] for s in ids])
+            split_by = "site"
+        elif patients:
             grp = np.array([patients.get(s, s) for s in ids])
             split_by = "patient (label sheet)"
         else:

@@ -65,13 +65,17 @@ def run_few_shot(
     groups: Path | None = None,
     group_pattern: str = "auto",
     tip_search: bool = False,
+    cv: str = "draws",
+    site_pattern: str | None = None,
 ) -> dict[str, Any]:
     """k-shot curves of zero-shot, linear probe and Tip-Adapter on a folder of patches
     (``tip_search``: also Tip-Adapter with alpha and beta searched on the shots):
     ``curves.csv`` (every draw), ``summary.json`` (mean and sd, and the grouping used) and
     ``curves.png``. Draws and tests keep a patient's patches together when the patches
-    carry a patient key (``groups`` sheet, or ``group_pattern`` on file names)."""
-    from ..learn.groups import patch_groups
+    carry a patient key (``groups`` sheet, or ``group_pattern`` on file names). ``cv``
+    ``site`` holds out each site in turn (sites from the sheet's ``site`` column or
+    ``site_pattern`` on the path): shots from the other sites, tests on the held-out one."""
+    from ..learn.groups import patch_groups, patch_sites
     from ..zeroshot.patches import labelled_patches, read_mapping
     from ..zeroshot.prompts import load_bag
     from ..zeroshot.text import load_text, text_for
@@ -82,6 +86,13 @@ def run_few_shot(
     items, labels = labelled_patches(patch_dir, classes, read_mapping(mapping) if mapping else None)
     _check_shots(patch_dir, labels, shots)
     grouping = patch_groups([p for p, _ in items], patch_dir, sheet=groups, pattern=group_pattern)
+    sites = (
+        patch_sites([p for p, _ in items], patch_dir, sheet=groups, pattern=site_pattern)
+        if cv == "site"
+        else None
+    )
+    if sites is not None and len(set(sites)) < 2:
+        raise ConfigError(f"cv: site needs patches from two sites or more; {str(patch_dir)!r} has one")
 
     from .._progress import Progress
     from ..features.adapters import load_encoders, resolve_device
@@ -96,7 +107,8 @@ def run_few_shot(
     feats = encode_patches([p for p, _ in items], encs)
     zs = fused_logits(feats, text, AlignmentSpec.from_config(cfg))
     data = FewShotData.from_encoders(feats, labels, zs, classes)
-    with Progress(len(shots) * repeats, desc="few-shot", unit="draw") as bar:
+    n_sites = len(set(sites)) if sites is not None else 1
+    with Progress(len(shots) * repeats * n_sites, desc="few-shot", unit="draw") as bar:
         rows = few_shot_curves(
             data,
             shots=shots,
@@ -106,6 +118,7 @@ def run_few_shot(
             groups=grouping.keys,
             progress=bar.update,
             search=tip_search,
+            sites=sites,
         )
     with atomic_file(out / "curves.csv") as tmp:
         import pandas as pd  # lazily: the CLI's start-up stays light
@@ -125,6 +138,9 @@ def run_few_shot(
         },
         "n_patches": len(items),
         "grouping": grouping.summary(),
+        "split": {"cv": "site", "by": f"site (leave-one-site-out, {n_sites} sites)"}
+        if sites is not None
+        else {"cv": "draws", "by": f"{grouping.by}: k shots per class drawn, the rest tested"},
         "untrained": any(e.entry.untrained for e in encs),
         "encoders": {e.name: e.weights_sha256 for e in encs},
         "curves": curves,

@@ -201,6 +201,7 @@ def run_encode(
         device=device,
         native_jpeg=cfg.encode.native_jpeg,
         device_jpeg={"auto": None, "always": True, "never": False}[cfg.encode.device_jpeg],
+        stain=_stain(cfg),
     )
     with open_for(slide_path, cfg, mpp=float(meta["mpp"])) as slide:
         if list(slide.dimensions) != list(meta["level0_dims"]):
@@ -229,12 +230,22 @@ def run_encode(
                     "untrained": any(e.entry.untrained for e in encoders),
                     "encode_device": device,
                     "encode_config_hash": config_hash(cfg, "encode"),
+                    "stain": settings.stain.describe() if settings.stain is not None else {"method": "none"},
                     "provenance": dict(record),
                 }
             )
             names = ", ".join(e.name for e in encoders)
             log.info("%s: encoded %d tiles with %s on %s", meta["id"], n, names, device)
     return Path(out)
+
+
+def _stain(cfg: Config) -> Any:
+    """The stain normaliser of ``stain.method`` (None for ``none``)."""
+    if cfg.stain.method == "none":
+        return None
+    from ..features.stain import StainNormalizer, StainReference
+
+    return StainNormalizer(cfg.stain.method, StainReference.load(cfg.stain.reference))
 
 
 def run_encoders(cfg: Config) -> list[dict[str, Any]]:
@@ -294,7 +305,19 @@ def run_calibrate(stores: Sequence[Path], text_path: Path, out: Path, cfg: Confi
     text = load_text(text_path)
     made_from = sorted(digest(open_store(s).attrs.get("provenance")) for s in stores)
     record = make_record("calibrate", cfg, {"features": digest(made_from), "text": digest(text.provenance)})
-    return cohort_offsets(stores, text, cfg).write(out, provenance=record)
+    sites = None
+    if cfg.calibration_groups == "site":
+        from ..sites import sites_for
+
+        ids = [open_store(s).slide_id for s in stores]
+        key = sites_for(ids, slides=cfg.slides, labels=cfg.labels, pattern=cfg.site_pattern)
+        if key is None:
+            raise ConfigError(
+                "calibration_groups: site needs a site key (a 'site' column in the slide or label sheet, "
+                "or site_pattern)"
+            )
+        sites = dict(key.sites)
+    return cohort_offsets(stores, text, cfg, sites=sites).write(out, provenance=record)
 
 
 def run_score(

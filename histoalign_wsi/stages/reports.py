@@ -72,6 +72,21 @@ def _labels(sheet_labels: Mapping[str, str], labels_sheet: Path | None) -> dict[
     return out
 
 
+def _split_groups(
+    cfg: Config, split_by: str, ids: Sequence[str], patients: Mapping[str, str], labels_sheet: Path | None
+) -> dict[str, str]:
+    """What a split keeps on one side: each slide's patient, or its site (``split_by: site``)."""
+    if split_by != "site":
+        return dict(patients)
+    from ..learn.splits import site_groups
+    from ..sites import sites_for
+
+    key = sites_for(list(ids), slides=cfg.slides, labels=labels_sheet or cfg.labels, pattern=cfg.site_pattern)
+    if key is None:
+        raise ConfigError("split_by: site needs a site key (a 'site' column, or site_pattern)")
+    return dict(zip(ids, site_groups(ids, key.sites, patients).tolist(), strict=True))
+
+
 def _patients(sheet_patients: Mapping[str, str], labels_sheet: Path | None) -> dict[str, str]:
     """slide -> patient from the report sheet's ``patient_id``, and the label sheet's."""
     from ..slides.cohort import read_patients
@@ -165,9 +180,10 @@ def run_train_reports(
         ids = [s for s in ids if s not in set(empty)]
     where = f"report sheet {str(path)!r}"
     patients = _patients(sheet.patients, labels_sheet)
+    split_groups = _split_groups(cfg, cfg.train_reports.split_by, ids, patients, labels_sheet)
     splits = split_slides(
         ids,
-        groups=patients or None,
+        groups=split_groups or None,
         given={s: sheet.splits[s] for s in ids} if sheet.splits else None,
         fractions=(tr.val_fraction, tr.test_fraction),
         seed=settings.seed,
@@ -192,7 +208,9 @@ def run_train_reports(
         "encoder": {"name": enc.name, "weights_sha256": enc.weights_sha256, "untrained": enc.entry.untrained},
         "reports": texts.summary(),
         "splits": {k: len(v) for k, v in splits.items()},
-        "split_by": "sheet" if sheet.splits else ("patient" if patients else "slide"),
+        "split_by": "sheet"
+        if sheet.splits
+        else ("site" if cfg.train_reports.split_by == "site" else ("patient" if patients else "slide")),
         "no_tissue": empty,
         "shuffled_pairs": shuffle_pairs,
         "settings": {**settings.__dict__},

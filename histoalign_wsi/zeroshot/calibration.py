@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ class CalibrationOffsets:
     weighting: str
     n_slides: int
     offsets: Mapping[str, tuple[float, ...]]
+    #: ``site``: one set of offsets per site (``by_site``), each slide's site in ``site_of``
+    groups: str = "cohort"
+    by_site: Mapping[str, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
+    site_of: Mapping[str, str] = field(default_factory=dict)
 
     def check(self, text: TextEmbeddings, spec: AlignmentSpec, *, source: str = "calibration") -> None:
         """Refuse offsets made for another bag, class list, rule or encoder set."""
@@ -65,7 +69,18 @@ class CalibrationOffsets:
                     "re-run 'calibrate' with the current configuration"
                 )
 
-    def offset(self, scale: str, *, source: str = "calibration") -> NDArray[np.float32]:
+    def offset(
+        self, scale: str, *, slide_id: str | None = None, source: str = "calibration"
+    ) -> NDArray[np.float32]:
+        """The offsets of ``scale`` (per-site calibration: those of ``slide_id``'s site)."""
+        if self.groups == "site":
+            site = self.site_of.get(slide_id or "")
+            if site is None:
+                raise StoreError(
+                    f"{source}: slide {slide_id!r} has no site in this per-site calibration; "
+                    "re-run 'calibrate' with this slide in the cohort"
+                )
+            return np.asarray(self.by_site[site][scale], np.float32)
         if scale not in self.offsets:
             raise StoreError(
                 f"{source}: has no offsets for scale {scale} (it has {', '.join(self.offsets) or 'none'}); "
@@ -74,7 +89,10 @@ class CalibrationOffsets:
         return np.asarray(self.offsets[scale], np.float32)
 
     def write(self, path: str | Path, *, provenance: Mapping[str, Any] | None = None) -> Path:
-        bad = [s for s, v in self.offsets.items() if not np.isfinite(np.asarray(v, np.float64)).all()]
+        every = [self.offsets, *self.by_site.values()]
+        bad = sorted(
+            {s for o in every for s, v in o.items() if not np.isfinite(np.asarray(v, np.float64)).all()}
+        )
         if bad:
             raise StoreError(
                 f"calibration offsets at scale(s) {', '.join(bad)} are not finite: a feature store holds "
@@ -90,6 +108,9 @@ class CalibrationOffsets:
             "weighting": self.weighting,
             "n_slides": self.n_slides,
             "offsets": {s: list(v) for s, v in self.offsets.items()},
+            "groups": self.groups,
+            "by_site": {g: {s: list(v) for s, v in o.items()} for g, o in self.by_site.items()},
+            "site_of": dict(self.site_of),
             "provenance": dict(provenance) if provenance is not None else None,
         }
         with atomic_file(path) as tmp:
@@ -114,6 +135,12 @@ class CalibrationOffsets:
             weighting=d["weighting"],
             n_slides=int(d["n_slides"]),
             offsets={s: tuple(float(x) for x in v) for s, v in d["offsets"].items()},
+            groups=str(d.get("groups", "cohort")),
+            by_site={
+                g: {s: tuple(float(x) for x in v) for s, v in o.items()}
+                for g, o in d.get("by_site", {}).items()
+            },
+            site_of=dict(d.get("site_of", {})),
         )
 
 
@@ -147,29 +174,55 @@ def _slide_logit_sum(
         ) from exc
 
 
-def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Config) -> CalibrationOffsets:
+def cohort_offsets(
+    stores: Sequence[str | Path],
+    text: TextEmbeddings,
+    cfg: Config,
+    *,
+    sites: Mapping[str, str] | None = None,
+) -> CalibrationOffsets:
     """The cohort's mean fused logit per class and scale; stores are streamed chunk by
     chunk, never loaded whole. Every configured scale gets offsets (zeros where no slide
-    has tiles at that scale, so a later score never runs uncalibrated by omission)."""
+    has tiles at that scale, so a later score never runs uncalibrated by omission). With
+    ``sites`` (slide id -> site: ``calibration_groups: site``) each site gets its own
+    offsets, from its own slides only (transductive within the site)."""
     spec = AlignmentSpec.from_config(cfg)
     weighting = cfg.calibration_weighting
     k = len(text.classes)
     scales = [scale_name(m) for m in cfg.tiling.scales_mpp]
-    # running sums, one store open at a time: memory does not grow with the cohort
-    total = {s: np.zeros(k, np.float64) for s in scales}  # of slide means, or of tile logits
-    count = dict.fromkeys(scales, 0)  # slides with tiles, or tiles
+    # running sums per group, one store open at a time: memory does not grow with the cohort
+    total: dict[str, dict[str, NDArray[np.float64]]] = {}  # of slide means, or of tile logits
+    count: dict[str, dict[str, int]] = {}  # slides with tiles, or tiles
+    site_of: dict[str, str] = {}
     n_slides = 0
     for path in stores:
         st = open_store(path)
         n_slides += 1
+        group = "cohort"
+        if sites is not None:
+            if st.slide_id not in sites:
+                raise StoreError(
+                    f"{str(st.path)!r}: slide {st.slide_id!r} has no site (calibration_groups: site)"
+                )
+            group = site_of[st.slide_id] = sites[st.slide_id]
+        tot = total.setdefault(group, {s: np.zeros(k, np.float64) for s in scales})
+        cnt = count.setdefault(group, dict.fromkeys(scales, 0))
         for s in scales:
             v, n = _slide_logit_sum(st, s, text, spec)
             if n == 0:
                 continue
-            total[s] += v / n if weighting == "slide" else v
-            count[s] += 1 if weighting == "slide" else n
+            tot[s] += v / n if weighting == "slide" else v
+            cnt[s] += 1 if weighting == "slide" else n
         del st
-    offsets = {s: tuple(float(x) for x in (total[s] / count[s] if count[s] else np.zeros(k))) for s in scales}
+
+    def means(g: str) -> dict[str, tuple[float, ...]]:
+        return {
+            s: tuple(float(x) for x in (total[g][s] / count[g][s] if count[g][s] else np.zeros(k)))
+            for s in scales
+        }
+
+    by_site = {g: means(g) for g in sorted(total)} if sites is not None else {}
+    cohort = means("cohort") if sites is None else {s: tuple(0.0 for _ in range(k)) for s in scales}
     return CalibrationOffsets(
         bag_hash=text.bag_hash,
         classes=tuple(text.classes),
@@ -178,5 +231,8 @@ def cohort_offsets(stores: Sequence[str | Path], text: TextEmbeddings, cfg: Conf
         encoder_weights={n: float(spec.encoder_weights.get(n, 1.0)) for n in text.encoders},
         weighting=weighting,
         n_slides=n_slides,
-        offsets=offsets,
+        offsets=cohort,
+        groups="site" if sites is not None else "cohort",
+        by_site=by_site,
+        site_of=site_of,
     )

@@ -105,7 +105,7 @@ def _score_histoalign(
     for s in names:
         lg = tile_logits(store, s, text, spec)
         if calibration is not None:
-            lg = lg - calibration.offset(s)[None, :]
+            lg = lg - calibration.offset(s, slide_id=store.slide_id)[None, :]
         logits[s] = lg
     p = cfg.pooling
     pooled: dict[str, NDArray[np.float32] | None] = {

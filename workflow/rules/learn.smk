@@ -52,3 +52,27 @@ rule predict_head:
 rule predict:
     input:
         expand(f"{R}/heads/{{head}}/predictions.csv", head=WF.head_names),
+
+
+rule site_signature:
+    # how well each encoder's features tell the site: made when the cohort has a site key
+    input:
+        features=WF.manifests("encode"),
+    output:
+        json=f"{R}/site_signature.json",
+    params:
+        labels=WF.fit_labels_flag(),
+        settings=WF.settings("site_signature"),
+        made_from=WF.summarize_key,
+    log:
+        f"{R}/logs/site_signature.log",
+    benchmark:
+        f"{R}/benchmarks/site_signature.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi site-signature --threads {threads} {input.features:q} {params.labels} "
+        "--out {output.json:q} {params.settings} 2>&1 | tee {log:q} >&2"

@@ -82,6 +82,7 @@ rule summarize:
         confusion=f"{R}/confusion_matrix.png" if WF.labels_sheet else [],
     params:
         labels=WF.labels_flags(),
+        settings=WF.settings("summarize"),
         made_from=WF.summarize_key,
     log:
         f"{R}/logs/summarize.log",
@@ -93,4 +94,4 @@ rule summarize:
     conda:
         "../../envs/histoalign.yaml"
     shell:
-        "histoalign-wsi summarize --threads {threads} {input.predictions:q} --out {output.csv:q} {params.labels} 2>&1 | tee {log:q} >&2"
+        "histoalign-wsi summarize --threads {threads} {input.predictions:q} --out {output.csv:q} {params.labels} {params.settings} 2>&1 | tee {log:q} >&2"
