@@ -99,7 +99,11 @@ def schema_error_line(err: jsonschema.ValidationError) -> str:
             f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, 1)) else repr(k)
             for k in extra
         ]
-        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
+        if all("did you mean" in h for h in hints):  # the hint is the answer; the list is noise
+            return f"{where}: unknown key {', '.join(hints)}"
+        listed = ", ".join(allowed)
+        listed = listed if len(listed) <= 400 else listed[:397].rsplit(", ", 1)[0] + ", ..."
+        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {listed}"
     value = json.dumps(err.instance, ensure_ascii=False)
     value = value if len(value) <= 80 else value[:77] + "..."
     if rule == "enum":
@@ -160,8 +164,8 @@ def check_cross_fields(cfg: Mapping[str, Any]) -> None:
                 f"scales_mpp: {s} is not an integer multiple of the finest scale {scales[0]}; "
                 "nested grids need integer ratios"
             )
-    if cfg["protocol"] == "conch":
-        _check_conch(cfg)
+    if cfg["protocol"] in ("conch", "keep"):
+        _check_conch(cfg, cfg["protocol"])
     sw = cfg["pooling"]["scale_weights"]
     if sw is not None and len(sw) != len(scales):
         raise ConfigError(f"pooling.scale_weights has {len(sw)} entries but scales_mpp has {len(scales)}")
@@ -175,12 +179,14 @@ def check_cross_fields(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def _check_conch(cfg: Mapping[str, Any]) -> None:
-    """The CONCH protocol is one encoder, one magnification, no calibration."""
+def _check_conch(cfg: Mapping[str, Any], protocol: str = "conch") -> None:
+    """The CONCH and KEEP protocols are one encoder, one magnification, no calibration."""
     if len(cfg["encoders"]) != 1:
-        raise ConfigError(f"protocol: conch scores with exactly one encoder, got encoders {cfg['encoders']}")
+        raise ConfigError(
+            f"protocol: {protocol} scores with exactly one encoder, got encoders {cfg['encoders']}"
+        )
     if cfg["calibration"]:
-        raise ConfigError("protocol: conch has no calibration; set calibration: false")
-    mpp = cfg["conch"]["scale_mpp"]
+        raise ConfigError(f"protocol: {protocol} has no calibration; set calibration: false")
+    mpp = cfg[protocol]["scale_mpp"]
     if not any(abs(mpp - s) < 1e-9 for s in cfg["scales_mpp"]):
-        raise ConfigError(f"conch.scale_mpp: {mpp} is not one of scales_mpp {cfg['scales_mpp']}")
+        raise ConfigError(f"{protocol}.scale_mpp: {mpp} is not one of scales_mpp {cfg['scales_mpp']}")

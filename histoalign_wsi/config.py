@@ -36,6 +36,7 @@ __all__ = [
     "FitParams",
     "GeoJSONParams",
     "HeatmapParams",
+    "KeepParams",
     "PairingParams",
     "PoolingParams",
     "StainParams",
@@ -169,6 +170,18 @@ class ConchParams:
 
 
 @dataclass(frozen=True)
+class KeepParams:
+    scale_mpp: float
+    screening: bool
+    top_n: int
+    max_sets: int
+    seed: int
+    other_classes: bool
+    smoothing: bool
+    vote: bool
+
+
+@dataclass(frozen=True)
 class FitParams:
     folds: int
     seed: int
@@ -268,6 +281,7 @@ class Config:
     pooling: PoolingParams
     protocol: str
     conch: ConchParams
+    keep: KeepParams
     calibration: bool
     calibration_weighting: str
     calibration_groups: str
@@ -324,6 +338,7 @@ class Config:
                 topj=int(cfg["conch"]["topj"]),
                 report_topj=tuple(int(j) for j in cfg["conch"]["report_topj"]),
             ),
+            keep=KeepParams(**cfg["keep"]),
             calibration=cfg["calibration"],
             calibration_weighting=cfg["calibration_weighting"],
             calibration_groups=cfg["calibration_groups"],

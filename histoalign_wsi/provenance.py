@@ -56,8 +56,9 @@ STAGE_VERSIONS: Mapping[str, int] = {
     "prepare": 1,  # tissue mask + nested tile grids (slides/tissue.py, slides/tiling.py)
     "encode": 1,  # tile pixels -> features (features/encode.py, tile_source.py, adapters.py)
     "embed_prompts": 1,  # prompt bag -> text embeddings (zeroshot/prompts.py, text.py)
+    "screen_prompts": 1,  # KEEP's prompt screening (zeroshot/keep.py, stages/screening.py)
     "calibrate": 1,  # cohort logit offsets (zeroshot/calibration.py)
-    "score": 1,  # alignment, pooling, fusion (zeroshot/scoring.py, alignment.py, pooling.py)
+    "score": 2,  # alignment, pooling, fusion (zeroshot/scoring.py, alignment.py, pooling.py)
     "heatmap": 1,  # outputs/heatmaps.py, raster.py
     "geojson": 1,  # outputs/geojson.py
     "summarize": 2,  # predictions.csv, metrics.json (outputs/predictions.py, metrics.py)
@@ -283,13 +284,27 @@ class Expected:
 
         bag = load_bag(self.cfg.prompt_bag)
         texts, cls, groups = bag.texts(protocol=self.cfg.protocol)
-        prompts = digest([bag.name, bag.class_names, bag.colors(), texts, list(cls), groups, bag.ordered])
+        prompts = digest(
+            [
+                bag.name,
+                bag.class_names,
+                bag.colors(),
+                texts,
+                list(cls),
+                groups,
+                bag.ordered,
+                bag.other_classes,
+            ]
+        )
         return self._record(
             "embed_prompts", {"prompts": prompts, "encoders": self.identities(offline=offline)}
         )
 
-    def score(self, features: str, text: str, calibration: str | None) -> dict[str, Any]:
-        return self._record("score", {"features": features, "text": text, "calibration": calibration})
+    def score(
+        self, features: str, text: str, calibration: str | None, screening: str | None = None
+    ) -> dict[str, Any]:
+        inputs = {"features": features, "text": text, "calibration": calibration}
+        return self._record("score", inputs | ({"screening": screening} if screening else {}))
 
     def heatmap(
         self, score: Mapping[str, Any], slide_path: str | Path, attention: str | None

@@ -100,6 +100,8 @@ class Workflow(MadeFrom):
         d = {"upstream": self.manifest("encode", batch), "text": f"{self.results}/text_embeddings.npz"}
         if self.config.calibration:
             d["calibration"] = f"{self.results}/calibration.json"
+        if self.config.protocol == "keep" and self.config.keep.screening:
+            d["screening"] = f"{self.results}/prompt_screening.json"
         if self.with_attention:
             d["attention"] = f"{self.results}/attention"
         return d
@@ -107,8 +109,9 @@ class Workflow(MadeFrom):
     def finish_flags(self, inputs: Any) -> str:
         names = _names(inputs)
         flags = []
-        if "calibration" in names:
-            flags.append(f"--calibration {shlex.quote(str(inputs['calibration']))}")
+        for key in ("calibration", "screening"):
+            if key in names:
+                flags.append(f"--{key} {shlex.quote(str(inputs[key]))}")
         if "attention" in names:
             flags.append("--attention")
         return " ".join(flags)
@@ -267,7 +270,7 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
         sheet = cfg.labels or (cfg.slides if any(e.label for e in entries) else None)
         if sheet is not None:
             # read as summarize will: an empty cell or a slide labelled twice is refused now
-            _check_labels(read_labels(sheet), cohort, bag.class_names, sheet)
+            _check_labels(read_labels(sheet), cohort, bag.decision_classes, sheet)
         _check_reports(cfg, cohort)
         _check_sites(cfg, cohort, sheet)
     except HistoAlignError as exc:

@@ -27,7 +27,13 @@ def _batch(a: argparse.Namespace, cfg: Config) -> int:
         stages.pick_slides(parse_spec(a.spec), a.upstream, a.out)
         return 0
 
-    state = {"text": a.text, "calibration": a.calibration, "attention": a.attention, "threads": a.threads}
+    state = {
+        "text": a.text,
+        "calibration": a.calibration,
+        "screening": a.screening,
+        "attention": a.attention,
+        "threads": a.threads,
+    }
     rows = stages.run_batch(
         a.stage, parse_spec(a.spec), a.results, a.out, cfg, upstream=a.upstream, token=a.token, **state
     )
@@ -70,6 +76,7 @@ def feature_commands(sub: Subparsers) -> None:
     p.add_argument("--token", default="", help="the workflow's retry token (recorded in the manifest)")
     p.add_argument("--text", type=Path, help="finish: text embeddings (.npz)")
     p.add_argument("--calibration", type=Path, help="finish: calibration offsets")
+    p.add_argument("--screening", type=Path, help="finish: KEEP's screened prompt sets (protocol: keep)")
     p.add_argument("--attention", action="store_true", help="finish: add the abmil head's attention")
 
     p = _add(sub, "encode", _encode, "encode tiles at every scale with every configured encoder")

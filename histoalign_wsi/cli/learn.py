@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .. import stages
 from ..config import Config
-from ..outputs.intervals import format_ci
 from .common import Subparsers, at_least, existing, existing_dir, opts, print_json, says
 from .common import add as _add
 
@@ -47,9 +46,10 @@ def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
 def _fit(a: argparse.Namespace, cfg: Config) -> int:
     kw = opts(a, "heads", "folds", "seed", "epochs")
     report = stages.run_fit(a.stores, a.labels, a.out, cfg, attention_dir=a.attention, cv_kind=a.cv, **kw)
+    keys = ("balanced_accuracy", "macro_f1", "auc_macro_ovr")
     print_json(
         {
-            h: {m: format_ci(v[m], v["ci"][m]) for m in ("balanced_accuracy", "macro_f1", "auc_macro_ovr")}
+            h: {m: v[m] for m in keys} | {"ci_95": {m: v["ci"][m] for m in keys}}
             for h, v in report["pooled"].items()
         }
     )
@@ -66,9 +66,10 @@ def _site_signature(a: argparse.Namespace, cfg: Config) -> int:
     print_json(
         {
             n: {
-                "balanced_accuracy": format_ci(v["balanced_accuracy"], v["ci"]["balanced_accuracy"]),
-                "chance": round(v["chance"], 3),
-                "permuted": round(v["permuted"], 3),
+                "balanced_accuracy": v["balanced_accuracy"],
+                "ci_95": v["ci"]["balanced_accuracy"],
+                "chance": v["chance"],
+                "permuted": v["permuted"],
             }
             for n, v in res["encoders"].items()
         }

@@ -21,6 +21,11 @@ def _summarize(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _run_record(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_record(cfg, a.results, a.out)
+    return 0
+
+
 def _heatmap(a: argparse.Namespace, cfg: Config) -> int:
     stages.run_heatmap(a.tile_scores, a.prediction, a.slide, a.out, cfg, attention=a.attention)
     return 0
@@ -66,6 +71,10 @@ def output_commands(sub: Subparsers) -> None:
     p.add_argument("--labels", type=Path)
     p.add_argument("--metrics", type=Path, help="metrics.json (needs --labels)")
     p.add_argument("--confusion", type=Path, help="confusion-matrix PNG (needs --labels)")
+
+    p = _add(sub, "run-record", _run_record, "run.json: what reproduces every figure of a run")
+    p.add_argument("--results", type=Path, required=True, help="the run's results folder")
+    p.add_argument("--out", type=Path, required=True, help="run.json")
 
     p = _add(sub, "heatmap", _heatmap, "per-class probability heatmaps and an argmax map (PNG)")
     p.add_argument("tile_scores", type=Path)

@@ -23,8 +23,13 @@ def _calibrate(a: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _screen(a: argparse.Namespace, cfg: Config) -> int:
+    stages.run_screen_prompts(a.stores, a.text, a.out, cfg)
+    return 0
+
+
 def _score(a: argparse.Namespace, cfg: Config) -> int:
-    kw = opts(a, "out", "prediction", "tile_scores", "calibration", "labels")
+    kw = opts(a, "out", "prediction", "tile_scores", "calibration", "screening", "labels")
     stages.run_score(a.stores, cfg, text_path=a.text, **kw)
     return 0
 
@@ -32,7 +37,7 @@ def _score(a: argparse.Namespace, cfg: Config) -> int:
 def _classify_patches(a: argparse.Namespace, cfg: Config) -> int:
     m = stages.run_classify_patches(a.dir, a.out, cfg, text_path=a.text, mapping=a.mapping)
     keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr", "untrained")
-    print_json({k: m[k] for k in keys})
+    print_json({k: m[k] for k in keys} | {"ci_95": {k: m["ci"][k] for k in keys[1:5]}})
     return 0
 
 
@@ -49,6 +54,11 @@ def zeroshot_commands(sub: Subparsers) -> None:
     p.add_argument("--text", type=existing, required=True)
     p.add_argument("--out", type=Path, required=True, help="calibration JSON")
 
+    p = _add(sub, "screen-prompts", _screen, "protocol keep: KEEP's label-free prompt-set screening")
+    p.add_argument("stores", type=existing, nargs="+")
+    p.add_argument("--text", type=existing, required=True)
+    p.add_argument("--out", type=Path, required=True, help="prompt_screening.json")
+
     p = _add(sub, "score", _score, "score feature stores: per-slide predictions and tile scores")
     p.add_argument("stores", type=Path, nargs="+")
     p.add_argument("--text", type=Path, help="text embeddings from embed-prompts (made now if absent)")
@@ -56,6 +66,9 @@ def zeroshot_commands(sub: Subparsers) -> None:
     p.add_argument("--prediction", type=Path, help="one slide's prediction JSON")
     p.add_argument("--tile-scores", type=Path, help="one slide's tile-score table (.parquet)")
     p.add_argument("--calibration", type=Path, help="calibration JSON from 'calibrate'")
+    p.add_argument(
+        "--screening", type=Path, help="protocol keep: prompt_screening.json from 'screen-prompts'"
+    )
     p.add_argument("--labels", type=Path, help="label sheet slide_id,label (metrics)")
 
     p = _add(

@@ -62,6 +62,13 @@ class LoadedEncoder:
             "weights_sha256": self.weights_sha256,
             "normalized": True,
             "logit_scale": self.logit_scale,
+            # the joint image-text space the features live in (checked at load and at score)
+            "space": {
+                "projected": True,
+                "dim": self.entry.embed_dim,
+                "weights_sha256": self.weights_sha256,
+                "unit_norm": True,
+            },
         }
 
     def pil_transform(self) -> Callable[[Any], torch.Tensor]:
@@ -265,13 +272,24 @@ def load_encoder(
             )
         else:
             w = resolve_weights(entry, offline=offline)
-            loader = {"open_clip": _open_clip, "hf_clip": _hf_clip, "conch": _conch}[entry.kind]
+            from .keep_model import load_keep
+
+            loader = {"open_clip": _open_clip, "hf_clip": _hf_clip, "conch": _conch, "keep": load_keep}[
+                entry.kind
+            ]
             enc = loader(entry, w, dev)
     dim = _probe_dim(enc)
     if dim != entry.embed_dim:
         raise EncoderError(
             f"encoder {entry.name!r}: the registry says embed_dim {entry.embed_dim} but the "
             f"weights produce {dim}-dimensional embeddings"
+        )
+    img = _probe_image_dim(enc)
+    if img != dim:
+        raise EncoderError(
+            f"encoder {entry.name!r}: image features have width {img} but text embeddings {dim}: "
+            "the image projection head is not applied, so the features are not in the joint "
+            "image-text space (the CONCH issue 16 pitfall); load the model with its projection"
         )
     return enc
 
@@ -298,6 +316,13 @@ def _triton_hidden(dev: torch.device) -> Iterator[None]:
 
 def _probe_dim(enc: LoadedEncoder) -> int:
     return int(enc.encode_text(["a"]).shape[-1])
+
+
+def _probe_image_dim(enc: LoadedEncoder) -> int:
+    """The width of the image tower's output on one grey image of the model's size."""
+    size = enc.entry.preprocess.size
+    with torch.inference_mode():
+        return int(enc.image_fn(torch.zeros(1, 3, size, size, device=enc.device)).shape[-1])
 
 
 def resolve_device(name: str) -> str:

@@ -25,7 +25,7 @@ __all__ = [
     "load_registry",
 ]
 
-KINDS = ("open_clip", "hf_clip", "conch", "demo")
+KINDS = ("open_clip", "hf_clip", "conch", "keep", "demo")
 
 
 @dataclass(frozen=True)

@@ -236,16 +236,23 @@ def _topj(m: Mapping[str, Any]) -> str:
     )
 
 
-def _made_from(table: pd.DataFrame) -> str:
+def _made_from(table: pd.DataFrame, run: Path | None = None, base: Path | None = None) -> str:
     """What the page was made from: the package version and the digest of the slides'
-    provenance records (the cohort table's ``provenance`` column)."""
+    provenance records (the cohort table's ``provenance`` column), and the run record."""
     from .. import __version__
     from ..provenance import digest
 
     col = table["provenance"].fillna("").astype(str).tolist() if "provenance" in table else []
     made = f"predictions <code>{digest(col)}</code>" if any(col) else "a cohort table without provenance"
     version = html.escape(__version__)
-    return f"<p class='made-from' id='made-from'>Made by histoalign-wsi {version} from {made}.</p>"
+    link = ""
+    if run is not None and run.is_file() and base is not None:
+        href = html.escape(_href(run, base), quote=True)
+        link = (
+            f" Everything that reproduces these figures (versions, weights, every prompt, every "
+            f"setting, the slides' fingerprints, the splits): <a href='{href}'>run.json</a>."
+        )
+    return f"<p class='made-from' id='made-from'>Made by histoalign-wsi {version} from {made}.{link}</p>"
 
 
 def _script_json(obj: Any) -> str:
@@ -343,7 +350,7 @@ def write_report(
     parts.append(heads_section(res) if shown("heads") else "")
     parts.append(site_signature_section(res) if shown("sites") else "")
     parts.append(_learned_from_reports(res, shown))
-    parts.append(_made_from(table))
+    parts.append(_made_from(table, res / "run.json", base))
     data = {"classes": classes, "colors": colors, "rows": rows, "page_size": page_size, "heads": head_names}
     parts.append(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"

@@ -27,6 +27,8 @@ from .pipeline import (
     run_unlock,
 )
 from .reports import run_train_reports
+from .run_record import run_record
+from .screening import run_screen_prompts
 from .sites import run_site_signature
 
 __all__ = [
@@ -49,8 +51,10 @@ __all__ = [
     "run_make_demo_slides",
     "run_pair_reports",
     "run_predict",
+    "run_record",
     "run_report",
     "run_score",
+    "run_screen_prompts",
     "run_site_signature",
     "run_summarize",
     "run_tile",

@@ -36,16 +36,19 @@ def sweep_temporaries(paths: Mapping[str, Path]) -> None:
     remove_stale_in(paths["heatmaps"].parent)
 
 
-def _shared(state: dict[str, Any], cfg: Config) -> tuple[Any, Any]:
-    """The text embeddings and calibration offsets, read once per batch."""
+def _shared(state: dict[str, Any], cfg: Config) -> tuple[Any, Any, Any]:
+    """The text embeddings, calibration offsets and KEEP's screened prompt sets, read once
+    per batch."""
     if "_text" not in state:
         from ..zeroshot.calibration import CalibrationOffsets
+        from ..zeroshot.keep import Screening
         from ..zeroshot.text import load_text
 
         state["_text"] = load_text(state["text"])
-        cal = state.get("calibration")
+        cal, scr = state.get("calibration"), state.get("screening")
         state["_calibration"] = CalibrationOffsets.read(cal) if cal else None
-    return state["_text"], state["_calibration"]
+        state["_screening"] = Screening.read(scr) if scr else None
+    return state["_text"], state["_calibration"], state["_screening"]
 
 
 def _old(path: Path) -> Any:
@@ -84,7 +87,7 @@ def finish_slide(
     from ..zeroshot.scoring import score_store
     from .outputs import run_export_geojson, run_heatmap
 
-    text, calibration = _shared(state, cfg)
+    text, calibration, screening = _shared(state, cfg)
     store = open_store(p["features"])
     made_from = store.attrs.get("provenance")
     if made_from is None:
@@ -94,7 +97,10 @@ def finish_slide(
     attention = p["attention"] if state.get("attention") and p["attention"].is_file() else None
     att = expected.file(attention)
     rec_score = expected.score(
-        digest(made_from), digest(text.provenance), expected.file(state.get("calibration"))
+        digest(made_from),
+        digest(text.provenance),
+        expected.file(state.get("calibration")),
+        expected.file(state.get("screening")),
     )
     rec_heat = expected.heatmap(rec_score, s.path, att)
     rec_geo = expected.geojson(rec_score, digest(open_store(p["tiles"]).attrs.get("provenance")), att)
@@ -106,7 +112,7 @@ def finish_slide(
     else:
         p["prediction"].unlink(missing_ok=True)  # nothing stale looks finished meanwhile
         done = {}
-        scores = score_store(store, text, cfg, calibration=calibration)
+        scores = score_store(store, text, cfg, calibration=calibration, screening=screening)
         tile_scores.write(scores.tiles, p["tile_scores"])
         pred = dataclasses.replace(scores.prediction, slide_path=str(s.path), provenance={"score": rec_score})
         pred.write(p["prediction"])

@@ -23,15 +23,25 @@ __all__ = ["run_fit", "run_predict", "scorer"]
 log = logging.getLogger(__name__)
 
 
-def scorer(classes: Sequence[str]) -> Any:
+def scorer(classes: Sequence[str], *, boot: Any = None) -> Any:
     """Metrics of held-out probabilities (given to the learning code, which must not
-    import the outputs stage)."""
+    import the outputs stage); with ``boot`` (a :class:`Bootstrap`) each carries its
+    interval (``ci``), resampling the rows."""
+    from ..outputs.intervals import with_intervals
     from ..outputs.metrics import classification_metrics
+
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")
 
     def score(y_true: Sequence[str], probs: NDArray[np.float32]) -> dict[str, Any]:
         pred = [classes[k] for k in probs.argmax(axis=1)]
         m = classification_metrics(list(y_true), pred, probs.astype(np.float64), classes)
-        return {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")}
+        out = {k: m[k] for k in ("n", *keys)}
+        if boot is not None:
+            ci = with_intervals(
+                list(y_true), pred, probs.astype(np.float64), classes, boot=boot, metrics=keys
+            )
+            out["ci"] = ci["ci"]
+        return out
 
     return score
 
@@ -80,7 +90,7 @@ def run_fit(
     source = BagSource(stores)
     labels = read_labels(sheet)
     groups = read_patients(sheet)
-    bag_classes = load_bag(cfg.prompt_bag).class_names
+    bag_classes = load_bag(cfg.prompt_bag).decision_classes
     ids = match_labels(labels, source.ids, classes=bag_classes)
     classes = [c for c in bag_classes if c in {labels[s] for s in ids}]
     cv_kind = cv_kind or cfg.fit.cv

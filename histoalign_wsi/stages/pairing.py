@@ -258,7 +258,7 @@ def run_distill(
             split_by = "patient (label sheet)"
         else:
             split_by = "slide"
-    bag_classes = list(load_bag(cfg.prompt_bag).class_names)
+    bag_classes = list(load_bag(cfg.prompt_bag).decision_classes)
     present = set(labels.values())
     classes = [c for c in bag_classes if c in present] + sorted(present - set(bag_classes))
     if len(classes) < 2:
@@ -278,7 +278,9 @@ def run_distill(
     assert not set(grp[pool]) & set(grp[test])
     with Progress(3, desc="distill", unit="model") as bar:  # teacher, student, baseline
         res = distill(student_x[pool], text[pool], np.where(lab, y, -1)[pool], len(classes), s, bar.update)
-    score = scorer(classes)
+    from ..outputs.intervals import Bootstrap
+
+    score = scorer(classes, boot=Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed))
     truth = [classes[k] for k in y[test]]
     metrics = {
         "student": score(truth, res.student.probs(student_x[test])),

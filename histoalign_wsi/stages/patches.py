@@ -45,6 +45,13 @@ def run_classify_patches(
     with atomic_file(out / "predictions.csv") as tmp:
         inert_table(res.table().assign(untrained=untrained)).to_csv(tmp, index=False)
     m = classification_metrics(res.labels, res.predicted, res.probs.astype("float64"), res.classes)
+    from ..outputs.intervals import Bootstrap, with_intervals
+
+    boot = Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    m["ci"] = with_intervals(res.labels, res.predicted, res.probs.astype("float64"), res.classes, boot=boot)[
+        "ci"
+    ]
+    m["bootstrap"] = boot.describe("patch", len(res.labels))
     m["untrained"] = untrained
     m["encoders"] = {e.name: e.weights_sha256 for e in encs}
     write_json(m, out / "metrics.json")

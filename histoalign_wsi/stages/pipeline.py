@@ -329,6 +329,7 @@ def run_score(
     prediction: Path | None = None,
     tile_scores: Path | None = None,
     calibration: Path | None = None,
+    screening: Path | None = None,
     labels: Path | None = None,
 ) -> list[Path]:
     """Score stores into ``out`` (predictions/, tile_scores/, predictions.csv), or one
@@ -343,14 +344,17 @@ def run_score(
     if not (prediction and tile_scores) and out is None:
         raise ConfigError("give --out DIR, or both --prediction and --tile-scores")
     text = text_for(cfg, text_path, Path(out or ".") / "cache" / "text")
+    from ..zeroshot.keep import Screening
+
     calib = CalibrationOffsets.read(calibration) if calibration else None
+    scr = Screening.read(screening) if screening else None
     written = []
     for sp in stores:
         store = open_store(sp)
         sid = store.slide_id
         pj = prediction or Path(str(out)) / "predictions" / f"{sid}.json"
         tp = tile_scores or Path(str(out)) / "tile_scores" / f"{sid}.parquet"
-        write_scores(score_store(store, text, cfg, calibration=calib), pj, tp)
+        write_scores(score_store(store, text, cfg, calibration=calib, screening=scr), pj, tp)
         written.append(pj)
     if out is not None and prediction is None:
         sheet = labels or (Path(cfg.labels) if cfg.labels else None)

@@ -196,12 +196,11 @@ def run_train_reports(
     if shuffle_pairs:
         train_text = shuffled_pairs(emb, splits["train"], seed=settings.seed)
     labels = {s: v for s, v in _labels(sheet.labels, labels_sheet).items() if s in set(ids)}
-    bag_classes = list(load_bag(cfg.prompt_bag).class_names)
+    bag = load_bag(cfg.prompt_bag)
+    bag_classes, every = list(bag.decision_classes), list(bag.class_names)
     classes = _classes(labels, bag_classes, where) if labels else []
     prompts = embed_bag(load_bag(cfg.prompt_bag), [enc], cache_dir=out.parent / "cache").encoders[enc.name]
-    centroids = class_centroids(prompts.emb, prompts.cls, len(bag_classes))[
-        [bag_classes.index(c) for c in classes]
-    ]
+    centroids = class_centroids(prompts.emb, prompts.cls, len(every))[[every.index(c) for c in classes]]
     test = splits["test"]
     result: dict[str, Any] = {
         "report_sheet": str(path),
@@ -245,7 +244,10 @@ def run_train_reports(
         lab_test = [s for s in test if s in labels]
         if len(classes) >= 2 and len(lab_test) >= 2:
             probs = zero_shot_probs(z[[idx[s] for s in lab_test]], centroids, float(model.scale().detach()))
-            res["zero_shot"] = scorer(classes)([labels[s] for s in lab_test], probs)
+            from ..outputs.intervals import Bootstrap
+
+            boot = Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed)
+            res["zero_shot"] = scorer(classes, boot=boot)([labels[s] for s in lab_test], probs)
         else:
             res["zero_shot"] = {"skipped": "needs labels of two classes among the test slides"}
         res["linear_probe"] = _held_out_probe(

@@ -10,6 +10,7 @@ Schema::
         descriptions: {morphology: [...], cause: [...], presentation: [...]}
         color: [r, g, b]        # optional; used by heatmaps, GeoJSON and the report
         conch_names: [...]      # optional; the published class names the conch protocol uses
+        other: true             # optional; "other tissue": in tile decisions, never the slide's
 
 Two protocols turn a bag into prompts. ``histoalign`` (the default, richer): every name
 crossed with the bag's templates, plus every description as a prompt of its own.
@@ -40,7 +41,7 @@ from .names import safe_base
 __all__ = ["GROUPS", "PROTOCOLS", "ClassPrompts", "PromptBag", "conch_templates", "list_bags", "load_bag"]
 
 GROUPS = ("morphology", "cause", "presentation")
-PROTOCOLS = ("histoalign", "conch")
+PROTOCOLS = ("histoalign", "conch", "keep")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ClassPrompts:
     descriptions: Mapping[str, tuple[str, ...]]
     color: tuple[int, int, int]
     conch_names: tuple[str, ...] = ()
+    #: "other tissue" (normal, stroma, background): scored on every tile, shown on the
+    #: heatmaps, but never the slide's prediction
+    other: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,18 @@ class PromptBag:
 
     @property
     def class_names(self) -> list[str]:
+        """Every class, "other tissue" ones included (the tile decisions)."""
         return [c.name for c in self.classes]
+
+    @property
+    def other_classes(self) -> tuple[str, ...]:
+        """The classes that take part in tile decisions but never in the slide's."""
+        return tuple(c.name for c in self.classes if c.other)
+
+    @property
+    def decision_classes(self) -> list[str]:
+        """The classes a slide can be predicted as (and labelled with)."""
+        return [c.name for c in self.classes if not c.other]
 
     def colors(self) -> dict[str, tuple[int, int, int]]:
         return {c.name: c.color for c in self.classes}
@@ -72,12 +87,13 @@ class PromptBag:
 
         ``histoalign``: names crossed with every template (group ``name``), and each
         description as a prompt of its own group. ``conch``: the CONCH class names crossed
-        with CONCH's templates only.
+        with CONCH's templates only. ``keep``: each name with KEEP's template ``"{}."``
+        (the prompt sets are combinations of these, :mod:`.keep`).
         """
         if protocol not in PROTOCOLS:
             raise PromptBagError(f"unknown protocol {protocol!r} (choose {', '.join(PROTOCOLS)})")
         conch = protocol == "conch"
-        templates = conch_templates() if conch else self.templates
+        templates = conch_templates() if conch else (("{}.",) if protocol == "keep" else self.templates)
         texts: list[str] = []
         cls: list[int] = []
         groups: list[str] = []
@@ -88,7 +104,7 @@ class PromptBag:
                     texts.append(t.replace("{}", n))
                     cls.append(k)
                     groups.append("name")
-            if not conch:
+            if protocol == "histoalign":
                 for g, items in c.descriptions.items():
                     for d in items:
                         texts.append(d)
@@ -176,7 +192,7 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
         where = f"prompt bag {name!r}: classes.{cname}"
         if not isinstance(c, Mapping):
             raise PromptBagError(f"{where} must be a mapping with 'names'")
-        bad = set(c) - {"names", "descriptions", "color", "conch_names"}
+        bad = set(c) - {"names", "descriptions", "color", "conch_names", "other"}
         if bad:
             raise PromptBagError(f"{where}: unknown keys {sorted(bad)}")
         if not c.get("names"):
@@ -202,7 +218,15 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
                 raise PromptBagError(f"{where}.color must be three integers 0-255")
             col = (color[0], color[1], color[2])
         conch = _strings(c["conch_names"], f"{where}.conch_names") if "conch_names" in c else ()
-        classes.append(ClassPrompts(str(cname), names, descs, col, conch))
+        other = c.get("other", False)
+        if not isinstance(other, bool):
+            raise PromptBagError(f"{where}.other must be true or false, got {other!r}")
+        classes.append(ClassPrompts(str(cname), names, descs, col, conch, other))
+    if sum(not c.other for c in classes) < 2:
+        raise PromptBagError(
+            f"prompt bag {name!r}: a slide needs two classes it can be predicted as; "
+            f"{sum(not c.other for c in classes)} are not marked other"
+        )
     ordered = raw.get("ordered", False)
     if not isinstance(ordered, bool):
         raise PromptBagError(f"prompt bag {name!r}: ordered must be true or false, got {ordered!r}")
@@ -211,7 +235,8 @@ def parse_bag(raw: Any, *, name: str) -> PromptBag:
             "templates": templates,
             "classes": [[c.name, c.names, dict(c.descriptions), c.conch_names] for c in classes],
         }
-        | ({"ordered": True} if ordered else {}),  # an unordered bag keeps its hash
+        | ({"ordered": True} if ordered else {})  # an unordered bag keeps its hash
+        | ({"other": [c.name for c in classes if c.other]} if any(c.other for c in classes) else {}),
         sort_keys=True,
     )
     return PromptBag(

@@ -3,6 +3,7 @@ calibration), MIL pooling per scale, scale-aware fusion, predictions and tile sc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from ..slides.tiling import scale_name
 from . import tile_scores
 from .alignment import AlignmentSpec, fused_logits
 from .calibration import CalibrationOffsets
+from .keep import Screening
 from .pooling import add_parent_context, fuse_scales, pool, softmax
 from .prediction import NO_TILES, NO_TISSUE, Prediction
+from .space import check_compatible
 from .text import TextEmbeddings
 from .tile_scores import BASE_COLUMNS, TileScores, class_columns
 
@@ -30,29 +33,6 @@ __all__ = ["SlideScores", "check_compatible", "score_store", "tile_logits", "wri
 class SlideScores:
     prediction: Prediction
     tiles: TileScores
-
-
-def check_compatible(store: FeatureStore, text: TextEmbeddings, scales: list[str]) -> None:
-    """The store holds every configured scale and features from the same weights as the text."""
-    for s in scales:
-        if s not in store.scale_names:
-            raise StoreError(
-                f"{str(store.path)!r} has no scale {s} (it has {', '.join(store.scale_names) or 'none'}); "
-                "re-run tiling and encoding with the configured scales_mpp"
-            )
-    for enc, t in text.encoders.items():
-        try:
-            attrs = store.encoder_attrs(enc)
-        except StoreError:
-            if all(len(store.scale(s).coords) == 0 for s in scales):
-                continue
-            raise
-        if attrs.get("weights_sha256") != t.weights_sha256:
-            raise StoreError(
-                f"{str(store.path)!r}: features of encoder {enc!r} come from weights "
-                f"{attrs.get('weights_sha256')} but the text embeddings from {t.weights_sha256}; "
-                "stores from different encoders or weights cannot be scored together"
-            )
 
 
 def tile_logits(
@@ -76,9 +56,11 @@ def score_store(
     cfg: Config,
     *,
     calibration: CalibrationOffsets | None = None,
+    screening: Screening | None = None,
 ) -> SlideScores:
     """Score one slide by ``cfg.protocol`` (``calibration``, when given, must match the
-    text and the rule; the CONCH protocol refuses it)."""
+    text and the rule; the CONCH and KEEP protocols refuse it; ``screening`` is KEEP's
+    screened prompt sets, needed when ``keep.screening`` is on)."""
     if text.protocol != cfg.protocol:
         raise StoreError(
             f"the text embeddings were made for protocol {text.protocol!r} but scoring uses "
@@ -88,6 +70,10 @@ def score_store(
         if calibration is not None:
             raise StoreError("protocol: conch has no calibration; score without calibration offsets")
         return _score_conch(store, text, cfg)
+    if cfg.protocol == "keep":
+        if calibration is not None:
+            raise StoreError("protocol: keep has no calibration; score without calibration offsets")
+        return _score_keep(store, text, cfg, screening)
     return _score_histoalign(store, text, cfg, calibration)
 
 
@@ -145,11 +131,12 @@ def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> Slid
     js = sorted({*cfg.conch.report_topj, cfg.conch.topj})
     by_j = {j: pool(lg, method="topk", k=j, temperature=1.0) if len(lg) else None for j in js}
     topj: dict[str, Any] = {}
+    dec = [classes[k] for k in text.decision]
     for j, v in by_j.items():
-        probs = None if v is None else softmax(v)
+        probs = None if v is None else softmax(v[text.decision])
         topj[str(j)] = {
-            "predicted_class": None if probs is None else classes[int(np.argmax(probs))],
-            "probabilities": None if probs is None else dict(zip(classes, map(float, probs), strict=True)),
+            "predicted_class": None if probs is None else dec[int(np.argmax(probs))],
+            "probabilities": None if probs is None else dict(zip(dec, map(float, probs), strict=True)),
         }
     chosen = by_j[cfg.conch.topj]
     return _result(
@@ -166,6 +153,66 @@ def _score_conch(store: FeatureStore, text: TextEmbeddings, cfg: Config) -> Slid
     )
 
 
+def _score_keep(
+    store: FeatureStore, text: TextEmbeddings, cfg: Config, screening: Screening | None
+) -> SlideScores:
+    """KEEP's protocol (:mod:`.keep`): one encoder, one magnification, the screened
+    prompt sets' classifier, neighbour smoothing and the tile vote, each switchable."""
+    from .keep import classifier, prompt_sets, smooth, vote
+
+    k = cfg.keep
+    if len(text.encoders) != 1:
+        raise StoreError(f"protocol: keep scores with one encoder; the text has {sorted(text.encoders)}")
+    name, t = next(iter(text.encoders.items()))
+    s = scale_name(k.scale_mpp)
+    check_compatible(store, text, [s])
+    every = list(text.classes)
+    used = [i for i, c in enumerate(every) if k.other_classes or c not in text.other]
+    if k.screening:
+        if screening is None:
+            raise StoreError(
+                "protocol: keep with keep.screening needs the screened prompt sets (run 'screen-prompts')"
+            )
+        screening.check(text.bag_hash, name, t.weights_sha256, [every[i] for i in used])
+        sets = [screening.sets[j] for j in screening.selected]
+    else:
+        sets = prompt_sets(t.cls, used, max_sets=k.max_sets, seed=k.seed)
+    n = store.features_array(s, name).shape[0]
+    feats = store.features(s, name) if n else np.zeros((0, t.emb.shape[1]), np.float32)
+    raw = feats @ classifier(t.emb, sets).T  # cosine logits [N, K used]
+    sv = store.scale(s)
+    lg = smooth(raw, sv.coords, int(sv.size0)) if k.smoothing and len(raw) else raw
+    full = np.full((len(lg), len(every)), -1e4, np.float32)  # a class left out never wins a tile
+    full[:, used] = lg
+    tiles = _tile_table(store, [s], {s: full * np.float32(t.logit_scale)}, every, 0.0)
+    decisions = np.asarray(used)[lg.argmax(axis=1)] if len(lg) else np.zeros(0, np.intp)
+    probs: NDArray[np.float64] | None = None
+    if len(lg):
+        if k.vote:
+            _, share = vote(decisions, len(every), text.decision)
+            probs = share / share.sum() if share.sum() > 0 else np.full(len(share), 1 / len(share))
+        else:
+            p = softmax(full * np.float32(t.logit_scale)).mean(axis=0)[text.decision]
+            probs = p / p.sum()
+    return _result(
+        store,
+        text,
+        cfg,
+        None if probs is None else np.log(np.maximum(probs, 1e-12)).astype(np.float32),
+        tiles,
+        {s: _scale_summary(len(lg), None if probs is None else full.mean(axis=0), every)},
+        alignment={"protocol": "keep", "prompt_sets": len(sets), "screened": k.screening},
+        pooling={
+            "method": "vote" if k.vote else "mean_probability",
+            "smoothing": k.smoothing,
+            "other_classes": k.other_classes,
+            "scale_mpp": k.scale_mpp,
+        },
+        calibrated=False,
+        decided=probs,
+    )
+
+
 def _result(
     store: FeatureStore,
     text: TextEmbeddings,
@@ -178,15 +225,20 @@ def _result(
     pooling: dict[str, Any],
     calibrated: bool,
     extra: dict[str, Any] | None = None,
+    decided: NDArray[np.float64] | None = None,
 ) -> SlideScores:
-    """The prediction (class, probabilities, top tiles) from the fused slide logits."""
-    classes = list(text.classes)
+    """The prediction (class, probabilities, top tiles) from the fused slide logits over
+    every class; the slide decides among the decision classes only ("other tissue"
+    classes stay in the tile table and the heatmaps)."""
+    every = list(text.classes)
+    decision = text.decision
+    classes = [every[k] for k in decision]
     finest = str(tiles["scale"].iloc[0]) if len(tiles) else next(iter(per_scale))
     if fused is None:
         status = _no_tiles_status(store, next(iter(per_scale)))
         predicted, probabilities, top = NO_TILES if status == "no_tiles" else NO_TISSUE, None, []
     else:
-        probs = softmax(fused)
+        probs = decided if decided is not None else softmax(fused[decision])
         if not np.isfinite(probs).all():
             raise StoreError(
                 f"slide {store.slide_id!r}: non-finite probabilities from store {str(store.path)!r} "
@@ -195,8 +247,8 @@ def _result(
         best = int(np.argmax(probs))
         status, predicted = "ok", classes[best]
         probabilities = dict(zip(classes, map(float, probs), strict=True))
-        top = _top_tiles(tiles, finest, best, cfg.pooling.top_tiles)
-        extra = {**(extra or {}), "region_area_mm2": _region_areas(store, tiles, finest, classes)}
+        top = _top_tiles(tiles, finest, decision[best], cfg.pooling.top_tiles)
+        extra = {**(extra or {}), "region_area_mm2": _region_areas(store, tiles, finest, every)}
     encoders = [
         {
             "name": n,
@@ -210,7 +262,7 @@ def _result(
         slide_id=store.slide_id,
         slide_path=str(store.attrs["slide"]["path"]),
         classes=tuple(classes),
-        colors={c: text.colors[c] for c in classes},
+        colors={c: text.colors[c] for c in every},
         status=status,
         predicted_class=predicted,
         probabilities=probabilities,
@@ -225,7 +277,9 @@ def _result(
         top_tiles=top,
         extra=extra or {},
     )
-    return SlideScores(pred, TileScores(store.slide_id, tuple(classes), tiles, pred.untrained))
+    if text.other:
+        pred = dataclasses.replace(pred, extra={**pred.extra, "other_classes": list(text.other)})
+    return SlideScores(pred, TileScores(store.slide_id, tuple(every), tiles, pred.untrained))
 
 
 def _scale_summary(n: int, pooled: NDArray[np.float32] | None, classes: list[str]) -> dict[str, Any]:

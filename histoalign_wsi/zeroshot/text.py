@@ -50,6 +50,12 @@ class TextEmbeddings:
     encoders: dict[str, EncoderText]
     provenance: Mapping[str, Any] | None = None  # what they were made from (provenance.py)
     ordered: bool = False  # the bag's classes are ordered (grades)
+    other: tuple[str, ...] = ()  # "other tissue" classes: tile decisions only
+
+    @property
+    def decision(self) -> list[int]:
+        """Indices of the classes a slide can be predicted as."""
+        return [k for k, c in enumerate(self.classes) if c not in self.other]
 
 
 #: how far from 1 an embedding's norm may be (float16 stores round to ~1e-3)
@@ -113,7 +119,14 @@ def embed_bag(
             untrained=enc.entry.untrained,
         )
     return TextEmbeddings(
-        bag.name, bag.content_hash, tuple(bag.class_names), bag.colors(), protocol, per, ordered=bag.ordered
+        bag.name,
+        bag.content_hash,
+        tuple(bag.class_names),
+        bag.colors(),
+        protocol,
+        per,
+        ordered=bag.ordered,
+        other=bag.other_classes,
     )
 
 
@@ -138,6 +151,7 @@ def save_text(te: TextEmbeddings, path: str | Path) -> Path:
     meta = {
         "provenance": dict(te.provenance) if te.provenance is not None else None,
         "ordered": te.ordered,
+        "other": list(te.other),
         "bag_name": te.bag_name,
         "bag_hash": te.bag_hash,
         "classes": list(te.classes),
@@ -182,6 +196,7 @@ def load_text(path: str | Path) -> TextEmbeddings:
             encs,
             meta.get("provenance"),
             bool(meta.get("ordered", False)),
+            tuple(meta.get("other", ())),
         )
     except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise StoreError(f"text embeddings {str(path)!r} are damaged or not ours: {exc}") from exc

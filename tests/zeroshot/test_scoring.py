@@ -198,7 +198,7 @@ def test_metrics_match_scikit_learn() -> None:
 
 def test_shipped_bags_are_complete() -> None:
     for name, n in [
-        ("brca", 2),
+        ("brca", 3),
         ("nsclc", 2),
         ("rcc", 3),
         ("breast_benign_malignant", 2),

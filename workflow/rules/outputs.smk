@@ -23,10 +23,36 @@ rule slide:
         "--out {output.status:q} 2>&1 | tee {log:q} >&2"
 
 
+rule run_record:
+    # run.json: package versions, encoders and weights, every prompt, every scoring
+    # setting, the slides' fingerprints, the heads' splits: what reproduces every figure
+    input:
+        csv=rules.summarize.output.csv,
+        metrics=rules.summarize.output.metrics,
+        **WF.learned_from_reports(),
+    output:
+        json=f"{R}/run.json",
+    params:
+        results=folder_of("csv"),
+        settings=WF.settings("run_record"),
+        made_from=[WF.encode_key, WF.text_key, WF.finish_key, WF.summarize_key],
+    log:
+        f"{R}/logs/run_record.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi run-record --threads {threads} --results {params.results:q} --out {output.json:q} "
+        "{params.settings} 2>&1 | tee {log:q} >&2"
+
+
 rule report:
     input:
         csv=rules.summarize.output.csv,
         metrics=rules.summarize.output.metrics,
+        run=rules.run_record.output.json,
         batches=WF.manifests("finish"),
         **WF.learned_from_reports(),
     output:

@@ -95,3 +95,27 @@ rule summarize:
         "../../envs/histoalign.yaml"
     shell:
         "histoalign-wsi summarize --threads {threads} {input.predictions:q} --out {output.csv:q} {params.labels} {params.settings} 2>&1 | tee {log:q} >&2"
+
+
+rule screen_prompts:
+    # protocol keep: KEEP's label-free prompt-set screening over the run's slides
+    input:
+        features=WF.manifests("encode"),
+        text=rules.embed_prompts.output.text,
+    output:
+        screening=f"{R}/prompt_screening.json",
+    params:
+        settings=WF.settings("screen_prompts"),
+        made_from=STAGE_VERSIONS["screen_prompts"],
+    log:
+        f"{R}/logs/screen_prompts.log",
+    benchmark:
+        f"{R}/benchmarks/screen_prompts.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/histoalign.yaml"
+    shell:
+        "histoalign-wsi screen-prompts --threads {threads} {input.features:q} --text {input.text:q} "
+        "--out {output.screening:q} {params.settings} 2>&1 | tee {log:q} >&2"
