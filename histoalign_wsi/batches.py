@@ -120,6 +120,16 @@ def retry_token(path: str | Path) -> str:
     return token
 
 
+def failed_rows(paths: Iterable[Path]) -> list[ManifestRow]:
+    """The rows of the batch manifests among ``paths`` whose slide failed (with its error
+    line): what the cohort table and the report name as failed."""
+    out: list[ManifestRow] = []
+    for p in paths:
+        if p.suffix == ".tsv" and p.is_file() and p.read_text(encoding="utf-8")[: len(_TOKEN)] == _TOKEN:
+            out += [r for r in read_manifest(p)[0] if not r.ok]
+    return out
+
+
 def expand_inputs(paths: Iterable[Path]) -> list[Path]:
     """Paths as given, with each batch manifest (``.tsv`` with a retry-token line)
     replaced by the outputs of its slides that succeeded: so every command that takes

@@ -82,9 +82,15 @@ def _start_munge() -> int | None:
     for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
         Path(d).mkdir(parents=True, exist_ok=True)
         shutil.chown(d, "munge", "munge")
+    pidfile = Path("/run/munge/munged.pid")  # munged's own pid file: the daemon, not its parent
+    pidfile.unlink(missing_ok=True)
     subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-    out = subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
-    return int(out[0]) if out else None
+    for _ in range(100):
+        text = pidfile.read_text().strip() if pidfile.is_file() else ""
+        if text.isdigit() and Path(f"/proc/{text}").exists():
+            return int(text)
+        time.sleep(0.05)
+    return None
 
 
 def _kill(pid: int) -> None:

@@ -291,3 +291,24 @@ def test_the_closing_line_tells_an_interrupted_run_from_a_failed_one(
         with caplog.at_level("ERROR"):
             finish_run(res, ids, ok=False)
         assert expected in caplog.text and "all 3 slides are scored" in caplog.text
+
+
+def test_an_embedded_report_over_the_size_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from histoalign_wsi.outputs import report
+    from histoalign_wsi.stages import run_summarize
+
+    preds, labels = _cohort(tmp_path, 3)
+    csv = tmp_path / "predictions.csv"
+    run_summarize(preds, csv, labels=labels, metrics=tmp_path / "metrics.json")
+    monkeypatch.setattr(report, "EMBED_WARN_BYTES", 1000)
+    with caplog.at_level("WARNING"):
+        report.write_report(csv, tmp_path / "linked.html")
+    assert "embedded images" not in caplog.text  # linked images: no warning
+    with caplog.at_level("WARNING"):
+        report.write_report(csv, tmp_path / "embedded.html", embed=True)
+    assert "report.embed: false" in caplog.text and "3 slides" in caplog.text
+    # the intervals reach the page beside each metric
+    metrics = (tmp_path / "linked.html").read_text().split("<h2>Metrics</h2>", 1)[1].split("</table>", 1)[0]
+    assert "[" in metrics and "percentile bootstrap" in metrics

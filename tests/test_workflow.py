@@ -165,7 +165,12 @@ def test_keep_going_with_a_corrupt_slide(slides: Path, tmp_path: Path) -> None:
     import pandas as pd
 
     table = pd.read_csv(r / "predictions.csv")
-    assert sorted(table["slide_id"]) == ["CMU-1-Small-Region", "demo_01"]
+    assert sorted(table["slide_id"]) == ["CMU-1-Small-Region", "broken", "demo_01"]
+    bad = table.set_index("slide_id").loc["broken"]
+    assert bad["status"] == "failed" and "truncated or damaged" in bad["error"]
+    assert table.set_index("slide_id").filter(like="prob_").loc["broken"].isna().all()
+    html = (r / "report.html").read_text(encoding="utf-8")
+    assert "1 failed" in html and "<table id='failed-slides'>" in html and "truncated or damaged" in html
     assert (r / "geojson" / "demo_01.geojson").is_file()
     failed = (r / "failed_slides.tsv").read_text()
     assert "broken" in failed and "broken.svs" in failed

@@ -37,7 +37,8 @@ def _few_shot(a: argparse.Namespace, cfg: Config) -> int:
     )
     says(
         "few-shot",
-        f"balanced accuracy on held-out patches per method and k, mean of {a.repeats} draws",
+        f"balanced accuracy on held-out patches per method and k, mean of {a.repeats} draws "
+        "(summary.json: sd and the 2.5-97.5th percentile over the draws)",
         a.out / "summary.json",
     )
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import __version__
 from .._logging import setup_logging
 from .._threads import apply_thread_budget
-from ..batches import expand_inputs
+from ..batches import expand_inputs, failed_rows
 from ..config import load_config, parse_overrides
 from ..errors import HistoAlignError
 from .common import OneLineParser
@@ -74,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides=parse_overrides(args.overrides))
         for name in ("stores", "inputs", "predictions"):  # batch manifests stand for their slides
             if isinstance(getattr(args, name, None), list):
+                if name == "predictions":  # the slides that failed are named in the cohort table
+                    args.failed = failed_rows(getattr(args, name))
                 setattr(args, name, expand_inputs(getattr(args, name)))
         code: int = args.handler(args, cfg)
         return code

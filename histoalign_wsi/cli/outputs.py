@@ -15,8 +15,15 @@ __all__ = ["output_commands"]
 
 
 def _summarize(a: argparse.Namespace, cfg: Config) -> int:
+    failed = [(r.slide_id, r.error) for r in getattr(a, "failed", [])]
     stages.run_summarize(
-        a.predictions, a.out, labels=a.labels, metrics=a.metrics, confusion=a.confusion, cfg=cfg
+        a.predictions,
+        a.out,
+        labels=a.labels,
+        metrics=a.metrics,
+        confusion=a.confusion,
+        cfg=cfg,
+        failed=failed,
     )
     return 0
 

@@ -20,13 +20,18 @@ def _train_reports(a: argparse.Namespace, cfg: Config) -> int:
     r = stages.run_train_reports(a.stores, a.reports, a.out, cfg, labels_sheet=a.labels, **kw)
     print_json(
         {
-            name: {"retrieval": m["retrieval"]["slide_to_report"], "chance": m["retrieval"]["chance"]}
+            name: {
+                "retrieval": m["retrieval"]["slide_to_report"],
+                "ci_95": m["retrieval"]["ci"]["slide_to_report"],
+                "chance": m["retrieval"]["chance"],
+            }
             for name, m in r["models"].items()
         }
     )
     says(
         "train-reports",
-        "slide-to-report retrieval Recall@k on held-out test slides, beside chance (k/n)",
+        "slide-to-report retrieval Recall@k on held-out test slides with 95% bootstrap intervals, "
+        "beside chance (k/n)",
         a.out / "metrics.json",
     )
     return 0
@@ -50,8 +55,17 @@ def _pair_reports(a: argparse.Namespace, cfg: Config) -> int:
 
 def _distill(a: argparse.Namespace, cfg: Config) -> int:
     r = stages.run_distill(a.pairs, a.out, cfg, labels_sheet=a.labels, seed=a.seed)
-    print_json({k: v["balanced_accuracy"] for k, v in r["metrics"].items()})
-    says("distill", "balanced accuracy on held-out items of each model", a.out / "metrics.json")
+    print_json(
+        {
+            k: {"balanced_accuracy": v["balanced_accuracy"], "ci_95": v["ci"]["balanced_accuracy"]}
+            for k, v in r["metrics"].items()
+        }
+    )
+    says(
+        "distill",
+        "balanced accuracy on held-out items of each model, with 95% bootstrap intervals",
+        a.out / "metrics.json",
+    )
     return 0
 
 

@@ -13,17 +13,30 @@ from numpy.typing import NDArray
 
 from .heads import Scorer, fit_linear_full, linear_probs
 
-__all__ = ["RECALL_AT", "class_centroids", "probe_cv", "recall_at_k", "retrieval", "zero_shot_probs"]
+__all__ = [
+    "RECALL_AT",
+    "class_centroids",
+    "hits_at_k",
+    "probe_cv",
+    "recall_at_k",
+    "retrieval",
+    "zero_shot_probs",
+]
 
 RECALL_AT = (1, 5, 10)
 
 
-def recall_at_k(sim: NDArray[np.float32], ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
-    """Row i's match is column i: the fraction of rows whose match ranks within the top k
+def hits_at_k(sim: NDArray[np.float32], ks: Sequence[int] = RECALL_AT) -> dict[str, NDArray[np.bool_]]:
+    """Row i's match is column i: per row, whether its match ranks within the top k
     (ties count against: a match tied with another column ranks below it)."""
     diag = np.diag(sim)[:, None]
     rank = (sim > diag).sum(axis=1) + (sim == diag).sum(axis=1) - 1
-    return {f"R@{k}": float(np.mean(rank < k)) for k in ks}
+    return {f"R@{k}": rank < k for k in ks}
+
+
+def recall_at_k(sim: NDArray[np.float32], ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """The fraction of rows whose match ranks within the top k (:func:`hits_at_k`)."""
+    return {k: float(np.mean(v)) for k, v in hits_at_k(sim, ks).items()}
 
 
 def retrieval(
@@ -38,6 +51,7 @@ def retrieval(
         "slide_to_report": recall_at_k(sim, ks),
         "report_to_slide": recall_at_k(sim.T, ks),
         "chance": {f"R@{k}": min(1.0, k / n) for k in ks},
+        "hits": {"slide_to_report": hits_at_k(sim, ks), "report_to_slide": hits_at_k(sim.T, ks)},
     }
 
 

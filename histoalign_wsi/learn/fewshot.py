@@ -267,6 +267,8 @@ def summarize_curves(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dic
                         "shots": k,
                         "mean": float(np.mean(v)),
                         "sd": float(np.std(v)),
+                        # the draws are the resamples: their 2.5th to 97.5th percentile
+                        "ci_95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))],
                         "n": len(v),
                     }
                 )

@@ -21,7 +21,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["METRICS", "Bootstrap", "draws", "fast_metrics", "format_ci", "group_table", "with_intervals"]
+__all__ = [
+    "METRICS",
+    "Bootstrap",
+    "draws",
+    "fast_metrics",
+    "format_ci",
+    "group_table",
+    "proportion_ci",
+    "units_of",
+    "with_intervals",
+]
 
 #: the metrics that carry an interval
 METRICS = ("accuracy", "balanced_accuracy", "kappa", "macro_f1", "weighted_f1", "auc_macro_ovr")
@@ -183,6 +193,20 @@ def group_table(
             )
         out[site] = res
     return out
+
+
+def proportion_ci(
+    hits: Sequence[bool], *, groups: Sequence[str] | None = None, boot: Bootstrap = Bootstrap()
+) -> list[float] | None:
+    """The bootstrap interval of a proportion (a Recall@K: the share of rows that hit),
+    by the same draws as every other interval."""
+    h = np.asarray(hits, np.float64)
+    if boot.resamples <= 0 or not len(h):
+        return None
+    units = list(groups) if groups is not None else [str(i) for i in range(len(h))]
+    vals = [float(h[idx].mean()) for idx in draws(units, boot.resamples, boot.seed)]
+    tail = 100 * (1 - boot.level) / 2
+    return [float(np.percentile(vals, tail)), float(np.percentile(vals, 100 - tail))]
 
 
 def format_ci(value: float | None, ci: Sequence[float] | None) -> str:

@@ -115,6 +115,33 @@ def every_j(
     return out
 
 
+#: the status of a slide a batch recorded as failed
+FAILED = "failed"
+
+
+def _with_failed(table: pd.DataFrame, failed: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """The cohort table with a row per failed slide (status ``failed``, its error line)."""
+    table = table.assign(error="")
+    if not failed:
+        return table
+    done = set(table["slide_id"])
+    rows = [
+        {
+            "slide_id": s,
+            "predicted_class": FAILED,
+            "status": FAILED,
+            "untrained": False,
+            "n_tiles": 0,
+            "provenance": "",
+            "error": " ".join(str(e).split()),
+        }
+        for s, e in failed
+        if s not in done
+    ]
+    out = pd.concat([table, pd.DataFrame(rows)], ignore_index=True) if len(table) else pd.DataFrame(rows)
+    return out.sort_values("slide_id").reset_index(drop=True)
+
+
 def _intervals(
     labelled: pd.DataFrame,
     classes: Sequence[str],
@@ -160,15 +187,19 @@ def summarize(
     sites: Callable[[Sequence[str]], SiteKey | None] | None = None,
     patients: Mapping[str, str] | None = None,
     boot: Bootstrap | None = None,
+    failed: Sequence[tuple[str, str]] = (),
 ) -> pd.DataFrame:
     """Write ``predictions.csv`` (and, with labels, ``metrics.json`` + confusion PNG).
 
     Slides without tiles count as wrong in accuracy, balanced accuracy and F1 (their
     prediction is not a class), are left out of the AUCs (they have no probabilities to
     rank; ``n_auc`` counts the slides the AUCs saw), and are listed with their own count.
-    Every headline metric carries a seeded bootstrap interval (``ci``; patients resampled
-    when ``patients`` is given), and with ``sites`` (the site key of the scored slide ids)
-    the table has a ``site`` column and ``metrics.json`` a per-site table (``per_site``).
+    A slide in ``failed`` (id, error line: a batch recorded it) gets a row with status
+    ``failed``, no probabilities and its ``error``; it is left out of the metrics, which
+    name it (``failed``). Every headline metric carries a seeded bootstrap interval
+    (``ci``; patients resampled when ``patients`` is given), and with ``sites`` (the site
+    key of the slide ids) the table has a ``site`` column and ``metrics.json`` a per-site
+    table (``per_site``).
 
     Raises
     ------
@@ -190,7 +221,7 @@ def summarize(
                 chosen[:] = [p.pooling.get("topj")]
             yield p
 
-    table = cohort_table(remember(preds))
+    table = _with_failed(cohort_table(remember(preds)), failed)
     classes = list(first[0]) if first else []
     ids = table["slide_id"].tolist()
     key = sites(ids) if sites is not None else None
@@ -202,7 +233,7 @@ def summarize(
     with atomic_file(out_csv) as tmp:
         inert_table(table).to_csv(tmp, index=False)
     if labels and metrics_json is not None:
-        labelled = table[table["label"].notna()]
+        labelled = table[table["label"].notna() & (table["status"] != FAILED)]
         probs = labelled[class_columns(classes, "prob")].to_numpy(dtype=np.float64)
         m = classification_metrics(  # a slide without tiles: wrong, and out of the AUCs
             labelled["label"].tolist(), labelled["predicted_class"].tolist(), probs, classes
@@ -213,9 +244,15 @@ def summarize(
             m["topj"] = every_j(labelled, by_j, classes, chosen[0] if chosen else None)
         m.update(_intervals(labelled, classes, probs, key, patients, boot or Bootstrap()))
         m["untrained"] = bool(table["untrained"].any())
-        failed = labelled[labelled["status"] != "ok"]
-        m["n_without_tiles"] = len(failed)
-        m["slides_without_tiles"] = sorted(failed["slide_id"].tolist())
+        without = labelled[labelled["status"] != "ok"]
+        m["n_without_tiles"] = len(without)
+        m["slides_without_tiles"] = sorted(without["slide_id"].tolist())
+        lost = table[(table["status"] == FAILED) & table["label"].notna()]
+        m["failed"] = {
+            "n": len(lost),
+            "slides": sorted(lost["slide_id"].tolist()),
+            "note": "labelled slides that failed (failed_slides.tsv): not in these metrics",
+        }
         m["provenance"] = {
             "stage": "summarize",
             "version": STAGE_VERSIONS["summarize"],

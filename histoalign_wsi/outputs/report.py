@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -26,8 +27,13 @@ from .._atomic import atomic_file
 from .._json import finite_json
 from ..zeroshot.prediction import Prediction
 from .heatmaps import FORMATS, class_files
+from .report_failed import failed_section, failed_summary
 from .report_heads import head_predictions, heads_section
 from .report_sites import ci_cell, per_site_table, site_signature_section
+
+log = logging.getLogger(__name__)
+#: an embedded report larger than this is warned about (images inline grow with the cohort)
+EMBED_WARN_BYTES = 10_000_000
 
 __all__ = ["PAGE_SIZE", "write_report"]
 
@@ -314,7 +320,7 @@ def write_report(
         )
     bag = first.prompt_bag if first else {}
     parts.append(
-        f"<p>{len(table)} slides; prompt bag <b>{e(str(bag.get('name', '')))}</b> "
+        f"<p>{len(table)} slides{failed_summary(table)}; prompt bag <b>{e(str(bag.get('name', '')))}</b> "
         f"(<code>{e(str(bag.get('hash', '')))}</code>); classes: <span class='legend'>{legend}</span></p>"
     )
     parts.append(
@@ -346,6 +352,7 @@ def write_report(
         "head looked: its attention per tile (a slide-level head trained on the labels)</figcaption>"
         "</figure></div></div>"
     )
+    parts.append(failed_section(table))
     parts.append(_metrics(res, base, embed=embed) if shown("metrics") else "")
     parts.append(heads_section(res) if shown("heads") else "")
     parts.append(site_signature_section(res) if shown("sites") else "")
@@ -356,8 +363,18 @@ def write_report(
         f"<script type='application/json' id='report-data'>{_script_json(data)}</script>"
         f"<script>{_asset('report.js')}</script></body></html>"
     )
+    page = "".join(parts)
+    size = len(page.encode("utf-8"))
+    if embed and size > EMBED_WARN_BYTES:
+        log.warning(
+            "report.html with embedded images is %.1f MB (%d slides): browsers and mail slow down past "
+            "about %d MB; set report.embed: false to link the images instead",
+            size / 1e6,
+            len(rows),
+            EMBED_WARN_BYTES // 1_000_000,
+        )
     with atomic_file(out) as tmp:
-        tmp.write_text("".join(parts), encoding="utf-8")
+        tmp.write_text(page, encoding="utf-8")
     return Path(out)
 
 

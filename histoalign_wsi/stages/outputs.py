@@ -27,6 +27,7 @@ def run_summarize(
     metrics: Path | None = None,
     confusion: Path | None = None,
     cfg: Config | None = None,
+    failed: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """``predictions.csv`` (and, with labels, the metrics and confusion matrix, which
     record the label sheet's content hash). Without labels, a ``metrics`` or ``confusion``
@@ -55,6 +56,7 @@ def run_summarize(
         metrics_json=metrics if sheet is not None else None,
         confusion_png=confusion if sheet is not None else None,
         labels_hash=labels_hash,
+        failed=failed,
         sites=(
             (lambda ids: sites_for(ids, slides=cfg.slides, labels=labels, pattern=cfg.site_pattern))
             if cfg is not None

@@ -72,6 +72,16 @@ def _labels(sheet_labels: Mapping[str, str], labels_sheet: Path | None) -> dict[
     return out
 
 
+def _with_ci(r: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Retrieval with each Recall@K's bootstrap interval over the test slides (``ci``)."""
+    from ..outputs.intervals import Bootstrap, proportion_ci
+
+    boot = Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    hits = r.pop("hits")
+    r["ci"] = {d: {k: proportion_ci(v.tolist(), boot=boot) for k, v in h.items()} for d, h in hits.items()}
+    return r
+
+
 def _split_groups(
     cfg: Config, split_by: str, ids: Sequence[str], patients: Mapping[str, str], labels_sheet: Path | None
 ) -> dict[str, str]:
@@ -239,7 +249,7 @@ def run_train_reports(
             "best_val_loss": hist["best_val_loss"],
             "val_loss_chance": math.log(len(splits["val"])),
             "temperature": 1.0 / float(model.scale().detach()),
-            "retrieval": retrieval(zt, tt),
+            "retrieval": _with_ci(retrieval(zt, tt), cfg),
         }
         lab_test = [s for s in test if s in labels]
         if len(classes) >= 2 and len(lab_test) >= 2:

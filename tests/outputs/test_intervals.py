@@ -125,3 +125,15 @@ def test_group_table_per_site_equals_each_sites_own_computation() -> None:
 def test_format_ci() -> None:
     assert format_ci(0.81234, [0.7, 0.9]) == "0.812 [0.700, 0.900]"
     assert format_ci(None, None) == "n/a"
+
+
+def test_a_proportions_interval_uses_the_same_draws() -> None:
+    from histoalign_wsi.outputs.intervals import proportion_ci
+
+    hits = [True, False, True, True, False, True, False, True, True, True]
+    boot = Bootstrap(resamples=300, seed=9)
+    rng = np.random.default_rng(9)
+    vals = [np.mean([hits[i] for i in rng.integers(0, 10, 10)]) for _ in range(300)]
+    want = [np.percentile(vals, 2.5), np.percentile(vals, 97.5)]
+    assert proportion_ci(hits, boot=boot) == pytest.approx(want, abs=1e-12)
+    assert proportion_ci([], boot=boot) is None

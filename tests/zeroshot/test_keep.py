@@ -96,6 +96,9 @@ def test_the_vote_leaves_other_tissue_out_of_the_slide_decision() -> None:
     decisions = np.array([2] * 6 + [0] * 3 + [1] * 1)  # mostly normal
     best, share = vote(decisions, 3, [0, 1])
     assert best == 0 and share.tolist() == [0.3, 0.1]
+    # the other class first in the bag: the decision classes are 1 and 2
+    best, share = vote(np.array([0] * 6 + [2] * 3 + [1] * 1), 3, [1, 2])
+    assert best == 1 and share.tolist() == [0.1, 0.3]
 
 
 def test_keep_scores_a_planted_slide_part_by_part(tmp_path: Path) -> None:
