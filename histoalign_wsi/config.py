@@ -29,6 +29,7 @@ __all__ = [
     "STAGE_KEYS",
     "AlignmentParams",
     "BootstrapParams",
+    "ClusterParams",
     "ConchParams",
     "Config",
     "DistillParams",
@@ -190,6 +191,14 @@ class FitParams:
 
 
 @dataclass(frozen=True)
+class ClusterParams:
+    partition: str | None
+    gpu_partition: str | None
+    account: str | None
+    encode_gpus: int = 1
+
+
+@dataclass(frozen=True)
 class BootstrapParams:
     resamples: int
     seed: int
@@ -286,6 +295,7 @@ class Config:
     calibration_weighting: str
     calibration_groups: str
     site_pattern: str | None
+    cluster: ClusterParams
     bootstrap: BootstrapParams
     stain: StainParams
     heads: tuple[str, ...]
@@ -343,6 +353,7 @@ class Config:
             calibration_weighting=cfg["calibration_weighting"],
             calibration_groups=cfg["calibration_groups"],
             site_pattern=cfg["site_pattern"],
+            cluster=ClusterParams(**cfg["cluster"]),
             bootstrap=BootstrapParams(**cfg["bootstrap"]),
             stain=StainParams(**cfg["stain"]),
             heads=tuple(cfg["heads"]),

@@ -116,6 +116,13 @@ class Workflow(MadeFrom):
             flags.append("--attention")
         return " ".join(flags)
 
+    def cluster(self, rule: str) -> dict[str, str]:
+        """A rule's ``slurm_partition`` and ``slurm_account`` from ``cluster:`` (nothing
+        when unset): on the rule, so the profile's runtime, memory and CPUs stay whole."""
+        c = self.config.cluster
+        part = (c.gpu_partition or c.partition) if rule == "encode" else c.partition
+        return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c.account)) if v}
+
     def settings(self, stage: str) -> str:
         """``--set`` options carrying only the config keys ``stage`` reads (see
         :data:`histoalign_wsi.config.STAGE_KEYS`), so that a change of, say, the prompt

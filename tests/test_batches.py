@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from histoalign_wsi.batches import (
@@ -95,7 +96,12 @@ def test_a_bad_slide_in_a_batch_loses_no_good_one(
         Path("other.zarr"),
     ]
     assert main(["summarize", str(m / "finish.tsv"), "--out", str(d / "p.csv")]) == 0
-    assert (d / "p.csv").read_text().count("\n") == 3  # header + the two good slides
+    # header + the two good slides + the failed one, named with its error and no probabilities
+    table = pd.read_csv(d / "p.csv")
+    assert len(table) == 3 and sorted(table["status"]) == ["failed", "ok", "ok"]
+    bad = table[table["status"] == "failed"].iloc[0]
+    assert bad["slide_id"] == "broken" and "truncated or damaged" in bad["error"]
+    assert bad.filter(like="prob_").isna().all()
 
 
 def test_a_rerun_keeps_current_stores_and_redoes_changed_ones(

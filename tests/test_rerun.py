@@ -160,7 +160,7 @@ def test_label_corrected_in_place(work: Path) -> None:
     st = sheet.stat()
     sheet.write_text("slide_id,label\ndemo_01,STR\ndemo_02,STR\n")
     os.utime(sheet, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert _jobs(work) == {"summarize": 1, "report": 1, "all": 1}
+    assert _jobs(work) == {"summarize": 1, "run_record": 1, "report": 1, "all": 1}
     smk(work, "--cores", "2")
     assert _pred(work / "results" / "metrics.json")["n"] == 2
     assert pd.read_csv(work / "results" / "predictions.csv")["label"].tolist() == ["STR", "STR"]

@@ -263,3 +263,23 @@ def test_few_shot_by_site_never_draws_a_shot_from_the_held_out_site() -> None:
         assert {sites[i] for i in te} == {site} and site not in {sites[i] for i in tr}
         held.add(site)
     assert held == {"X", "Y", "Z"}
+
+
+def test_reports_and_distill_keep_a_site_on_one_side_when_asked(tmp_path: Path) -> None:
+    """``split_by: site``: the groups a train-reports or distill split keeps together are
+    the sites (so a test split is whole hospitals), refused without a site key."""
+    from histoalign_wsi.config import load_config
+    from histoalign_wsi.learn.reports import split_slides
+    from histoalign_wsi.stages.reports import _split_groups
+
+    sites = ("A1", "B2", "C3", "D4", "E5", "F6", "G7", "H8")
+    ids = [f"TCGA-{s}-{i:04d}" for s in sites for i in range(3)]
+    cfg = load_config(overrides={"site_pattern": "tcga", "train_reports": {"split_by": "site"}})
+    groups = _split_groups(cfg, "site", ids, {}, None)
+    assert {groups[s] for s in ids} == set(sites)
+    splits = split_slides(ids, groups=groups, given=None, fractions=(0.25, 0.25), seed=0, where="test")
+    sides = {name: {groups[s] for s in part} for name, part in splits.items()}
+    assert not sides["train"] & sides["test"] and not sides["val"] & sides["test"]
+    assert _split_groups(cfg, "patient", ids, {"x": "p"}, None) == {"x": "p"}
+    with pytest.raises(ConfigError, match="split_by: site needs a site key"):
+        _split_groups(load_config(), "site", ids, {}, None)

@@ -367,20 +367,38 @@ def test_slurm_cluster_run_matches_local(slides: Path, done: Path, tmp_path: Pat
         (w / "slides" / f"extra {i:02d}.svs").symlink_to(CMU)
     (w / "slides_truth").symlink_to(slides / "slides_truth")
     shutil.copy(done / "bag.yaml", w / "bag.yaml")
-    write_config(w, prompt_bag="bag.yaml", slides_per_job=10)
+    # the README's cluster command as it is (no resources on the command line); the test
+    # node has no GPU and no accounting
+    write_config(w, prompt_bag="bag.yaml", slides_per_job=10, cluster={"encode_gpus": 0})
     with slurm_cluster.slurm_cluster(tmp_path / "slurm") as ctl_log:
         out = smk(
             w, "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
-            "--set-resources", "encode:gpu=0",  # the test node has no GPU
             "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2",
             "--latency-wait", "10", "--jobs", "4", timeout=1500,
         )  # fmt: skip
         submitted = ctl_log.read_text().count("_slurm_rpc_submit_batch_job")
+        jobs = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True).stdout
     text = out.stdout + out.stderr
     assert "executor: slurm" in text.lower() or "submitted with slurm jobid" in text.lower()
-    # two batches x (prepare, encode, finish) + embed_prompts, summarize, report: 9 cluster
-    # jobs for 20 slides (before batches: 6 per slide, 123 jobs)
-    assert submitted == 9, submitted
+    # two batches x (prepare, encode, finish) + embed_prompts, summarize, run_record, report:
+    # 10 cluster jobs for 20 slides (before batches: 6 per slide, 123 jobs)
+    assert submitted == 10, submitted
+    # the encode jobs got the profile's runtime, memory and CPUs, and used every CPU
+    encode = [ln for ln in jobs.splitlines() if "rule_encode" in ln]
+    assert len(encode) == 2, jobs[-2000:]
+    for ln in encode:
+        mem = re.search(r"MinMemoryNode=(\d+)M", ln)
+        assert "TimeLimit=04:00:00" in ln and "NumCPUs=8" in ln and mem and int(mem.group(1)) >= 16000, ln
+    # each encode job was given threads = its 8 CPUs, and used every CPU this machine has
+    # of them (the test node declares 8; the machine may hold fewer)
+    (main_log,) = (w / ".snakemake" / "log").glob("*.log")
+    blocks = main_log.read_text().split("rule ")
+    assert [x for x in blocks if x.startswith("encode:") and "threads: 8" in x], main_log.read_text()[-2000:]
+    here = min(8, len(os.sched_getaffinity(0)))
+    for log in (w / "results" / "logs" / "encode").glob("*.log"):
+        text = log.read_text()
+        budget = re.search(r"thread budget: (\d+) reader thread\(s\), (\d+) torch thread\(s\)", text)
+        assert budget is not None and int(budget.group(1)) + int(budget.group(2)) == here, text[-500:]
     assert len(pd.read_csv(w / "results" / "predictions.csv")) == 20
     a, b = done / "results", w / "results"
     for sid in ("CMU-1-Small-Region", "demo_01", "demo_02"):

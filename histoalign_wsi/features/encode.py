@@ -291,10 +291,15 @@ class _Producer:
         self.thread.join()
 
 
-def thread_budget(threads: int | None, readers: int) -> tuple[int, int]:
+def thread_budget(threads: int | None, readers: int, *, accelerator: bool = False) -> tuple[int, int]:
     """Split ``threads`` (default: the CPUs this process may use) between slide-reader
-    threads and torch's intra-op threads: (readers, torch threads), never more in all."""
+    threads and torch's intra-op threads: (readers, torch threads), never more in all.
+    On a CPU the forward pass needs the cores, so readers take at most half; on an
+    accelerator the forward runs there and one host thread drives it, so every other
+    granted CPU reads and decodes."""
     budget = max(1, threads or available_cpus())
+    if accelerator and budget > 1:
+        return budget - 1, 1
     r = max(1, min(readers, budget // 2))
     return r, max(1, budget - r)
 

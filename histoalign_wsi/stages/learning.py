@@ -26,20 +26,21 @@ log = logging.getLogger(__name__)
 def scorer(classes: Sequence[str], *, boot: Any = None) -> Any:
     """Metrics of held-out probabilities (given to the learning code, which must not
     import the outputs stage); with ``boot`` (a :class:`Bootstrap`) each carries its
-    interval (``ci``), resampling the rows."""
+    interval (``ci``), resampling ``groups`` (a patient per row) when given, else rows."""
     from ..outputs.intervals import with_intervals
     from ..outputs.metrics import classification_metrics
 
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "auc_macro_ovr")
 
-    def score(y_true: Sequence[str], probs: NDArray[np.float32]) -> dict[str, Any]:
+    def score(
+        y_true: Sequence[str], probs: NDArray[np.float32], groups: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         pred = [classes[k] for k in probs.argmax(axis=1)]
-        m = classification_metrics(list(y_true), pred, probs.astype(np.float64), classes)
+        p64 = probs.astype(np.float64)
+        m = classification_metrics(list(y_true), pred, p64, classes)
         out = {k: m[k] for k in ("n", *keys)}
         if boot is not None:
-            ci = with_intervals(
-                list(y_true), pred, probs.astype(np.float64), classes, boot=boot, metrics=keys
-            )
+            ci = with_intervals(list(y_true), pred, p64, classes, groups=groups, boot=boot, metrics=keys)
             out["ci"] = ci["ci"]
         return out
 

@@ -282,10 +282,13 @@ def run_distill(
 
     score = scorer(classes, boot=Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed))
     truth = [classes[k] for k in y[test]]
+    units = grp[test].tolist()  # intervals resample the held-out groups (patients, or sites)
     metrics = {
-        "student": score(truth, res.student.probs(student_x[test])),
-        "baseline": score(truth, res.baseline.probs(student_x[test])),
-        "teacher_with_text": score(truth, res.teacher.probs(np.concatenate([student_x, text], 1)[test])),
+        "student": score(truth, res.student.probs(student_x[test]), units),
+        "baseline": score(truth, res.baseline.probs(student_x[test]), units),
+        "teacher_with_text": score(
+            truth, res.teacher.probs(np.concatenate([student_x, text], 1)[test]), units
+        ),
     }
     for name, model in (("student", res.student), ("baseline", res.baseline)):
         Head(

@@ -190,7 +190,7 @@ def run_encode(
     encoders = list(encoders) if encoders is not None else load_encoders(cfg, device=device)
     meta = src.attrs["slide"]
     scales = [src.scale(n) for n in src.scale_names]
-    readers, torch_threads = thread_budget(threads, cfg.encode.readers)
+    readers, torch_threads = thread_budget(threads, cfg.encode.readers, accelerator=device != "cpu")
     torch.set_num_threads(torch_threads)
     log.info("thread budget: %d reader thread(s), %d torch thread(s)", readers, torch_threads)
     settings = EncodeSettings(

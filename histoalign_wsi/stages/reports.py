@@ -257,7 +257,8 @@ def run_train_reports(
             from ..outputs.intervals import Bootstrap
 
             boot = Bootstrap(cfg.bootstrap.resamples, cfg.bootstrap.seed)
-            res["zero_shot"] = scorer(classes, boot=boot)([labels[s] for s in lab_test], probs)
+            units = [patients.get(s, s) for s in lab_test]
+            res["zero_shot"] = scorer(classes, boot=boot)([labels[s] for s in lab_test], probs, units)
         else:
             res["zero_shot"] = {"skipped": "needs labels of two classes among the test slides"}
         res["linear_probe"] = _held_out_probe(

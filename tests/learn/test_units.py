@@ -42,7 +42,15 @@ def test_curve_summary_is_the_mean_and_sd_per_method_and_k_without_missing_value
     assert set(by) == {("zero-shot", 1), ("linear probe", 1), ("linear probe", 2)}
     assert by[("linear probe", 1)]["mean"] == pytest.approx(0.6) and by[("linear probe", 1)]["n"] == 2
     assert by[("linear probe", 1)]["sd"] == pytest.approx(0.1)
-    assert by[("linear probe", 2)] == {"method": "linear probe", "shots": 2, "mean": 0.9, "sd": 0.0, "n": 1}
+    assert by[("linear probe", 2)] == {
+        "method": "linear probe",
+        "shots": 2,
+        "mean": 0.9,
+        "sd": 0.0,
+        "ci_95": [0.9, 0.9],
+        "n": 1,
+    }
+    assert by[("linear probe", 1)]["ci_95"] == pytest.approx([0.505, 0.695])  # the draws' percentiles
     assert by[("zero-shot", 1)]["mean"] == pytest.approx(0.2) and by[("zero-shot", 1)]["n"] == 1
     assert [r["method"] for r in out] == ["zero-shot", "linear probe", "linear probe"]  # METHODS order
 

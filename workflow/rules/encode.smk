@@ -16,10 +16,14 @@ rule encode:
         f"{R}/logs/encode/{{batch}}.log",
     benchmark:
         f"{R}/benchmarks/encode/{{batch}}.tsv"
-    threads: 2
+    # every CPU a job is granted: the SLURM profile's cpus_per_task follow threads, and a
+    # local run caps them at --cores; the encode stage splits them between slide readers
+    # and torch (on a GPU, nearly all go to readers)
+    threads: 8
     resources:
+        **WF.cluster("encode"),
         mem_mb=8000,
-        gpu=1,
+        gpu=WF.config.cluster.encode_gpus,
         run_settings=WF.run_settings("encode"),
     conda:
         "../../envs/histoalign.yaml"

@@ -18,6 +18,7 @@ rule fit:
         f"{R}/benchmarks/fit.tsv"
     threads: 2
     resources:
+        **WF.cluster("fit"),
         mem_mb=8000,
     conda:
         "../../envs/histoalign.yaml"
@@ -41,6 +42,7 @@ rule predict_head:
         f"{R}/benchmarks/predict_{{head}}.tsv"
     threads: 1
     resources:
+        **WF.cluster("predict_head"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
@@ -70,6 +72,7 @@ rule site_signature:
         f"{R}/benchmarks/site_signature.tsv"
     threads: 2
     resources:
+        **WF.cluster("site_signature"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"

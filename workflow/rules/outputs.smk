@@ -15,6 +15,7 @@ rule slide:
         f"{R}/logs/slide/{{slide}}.log",
     threads: 1
     resources:
+        **WF.cluster("slide"),
         mem_mb=500,
     conda:
         "../../envs/histoalign.yaml"
@@ -40,6 +41,7 @@ rule run_record:
         f"{R}/logs/run_record.log",
     threads: 1
     resources:
+        **WF.cluster("run_record"),
         mem_mb=2000,
     conda:
         "../../envs/histoalign.yaml"
@@ -67,6 +69,7 @@ rule report:
         f"{R}/benchmarks/report.tsv"
     threads: 1
     resources:
+        **WF.cluster("report"),
         mem_mb=2000,
     conda:
         "../../envs/histoalign.yaml"

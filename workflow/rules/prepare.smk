@@ -19,6 +19,7 @@ rule prepare:
         f"{R}/benchmarks/prepare/{{batch}}.tsv"
     threads: 1
     resources:
+        **WF.cluster("prepare"),
         mem_mb=2000,
     conda:
         "../../envs/histoalign.yaml"

@@ -22,6 +22,7 @@ rule train_reports:
         f"{R}/benchmarks/train_reports.tsv"
     threads: 2
     resources:
+        **WF.cluster("train_reports"),
         mem_mb=8000,
     conda:
         "../../envs/histoalign.yaml"
@@ -48,6 +49,7 @@ rule pair_reports:
         f"{R}/benchmarks/pair_reports.tsv"
     threads: 2
     resources:
+        **WF.cluster("pair_reports"),
         mem_mb=8000,
     conda:
         "../../envs/histoalign.yaml"
@@ -74,6 +76,7 @@ rule distill:
         f"{R}/benchmarks/distill.tsv"
     threads: 1
     resources:
+        **WF.cluster("distill"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"

@@ -13,6 +13,7 @@ rule embed_prompts:
         f"{R}/benchmarks/embed_prompts.tsv"
     threads: 1
     resources:
+        **WF.cluster("embed_prompts"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
@@ -36,6 +37,7 @@ rule calibrate:
         f"{R}/benchmarks/calibrate.tsv"
     threads: 2
     resources:
+        **WF.cluster("calibrate"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
@@ -64,6 +66,7 @@ rule finish:
         f"{R}/benchmarks/finish/{{batch}}.tsv"
     threads: 1
     resources:
+        **WF.cluster("finish"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
@@ -90,6 +93,7 @@ rule summarize:
         f"{R}/benchmarks/summarize.tsv"
     threads: 1
     resources:
+        **WF.cluster("summarize"),
         mem_mb=2000,
     conda:
         "../../envs/histoalign.yaml"
@@ -113,6 +117,7 @@ rule screen_prompts:
         f"{R}/benchmarks/screen_prompts.tsv"
     threads: 2
     resources:
+        **WF.cluster("screen_prompts"),
         mem_mb=4000,
     conda:
         "../../envs/histoalign.yaml"
