@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ._overrides import merge, parse_overrides
 from ._schema import (
     check_bounded,
     check_cross_fields,
@@ -88,30 +87,6 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"invalid configuration: {schema_error_line(errors[0])}")
     check_cross_fields(cfg)
     return cfg
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings (dotted keys for nesting, YAML values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 # The dataclasses carry no defaults: every default lives in the schema, which fills it in
@@ -391,7 +366,7 @@ def load_config(
             raise ConfigError(f"configuration file {str(p)!r} must hold a mapping")
         raw = loaded or {}
     if overrides:
-        _merge(raw, overrides)
+        merge(raw, overrides)
     raw.setdefault("slides", ".")
     return Config.from_validated(validate_config(raw))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .textfiles import read_rows
 
-__all__ = ["SITE_PATTERNS", "SiteKey", "resolve_sites", "sheet_sites", "sites_for"]
+__all__ = ["SITE_PATTERNS", "SiteKey", "check_site_settings", "resolve_sites", "sheet_sites", "sites_for"]
 
 #: named site patterns; each has a ``site`` group. A TCGA barcode is
 #: ``TCGA-{TSS}-{participant}-...``: the tissue source site is the two characters after
@@ -149,3 +149,30 @@ def sites_for(
     """:func:`resolve_sites` from a configuration's ``slides`` (used when it is a sheet),
     label sheet and ``site_pattern``."""
     return resolve_sites(slide_ids, slide_sheet=slides, label_sheet=labels, pattern=pattern)
+
+
+def check_site_settings(
+    slide_ids: Sequence[str],
+    *,
+    slides: str | None,
+    labels: str | Path | None,
+    pattern: str | None,
+    grouped: Sequence[str] = (),
+) -> SiteKey | None:
+    """The site key resolves to one site per slide, and every setting in ``grouped`` (the
+    keys set to ``site``) has one, with two sites or more; checked before any job.
+
+    Raises
+    ------
+    ConfigError
+        Naming the setting that needs a site key, or the key's problem.
+    """
+    key = sites_for(slide_ids, slides=slides, labels=labels, pattern=pattern)
+    for name in grouped:
+        if key is None:
+            raise ConfigError(
+                f"{name}: site needs a site key: a 'site' column in the slide or label sheet, or site_pattern"
+            )
+        if len(key.names) < 2:
+            raise ConfigError(f"{name}: site needs two sites or more; {key.by} gives one ({key.names[0]!r})")
+    return key

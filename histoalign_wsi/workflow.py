@@ -279,7 +279,19 @@ def load_workflow(config: Mapping[str, Any]) -> Workflow:
             # read as summarize will: an empty cell or a slide labelled twice is refused now
             _check_labels(read_labels(sheet), cohort, bag.decision_classes, sheet)
         _check_reports(cfg, cohort)
-        _check_sites(cfg, cohort, sheet)
+        from .sites import check_site_settings
+
+        check_site_settings(
+            sorted(cohort),
+            slides=cfg.slides,
+            labels=sheet,
+            pattern=cfg.site_pattern,
+            grouped=[
+                n
+                for n, on in (("calibration_groups", cfg.calibration_groups), ("fit.cv", cfg.fit.cv))
+                if on == "site"
+            ],
+        )
     except HistoAlignError as exc:
         raise ConfigError(f"configuration check failed: {exc}") from exc
     return Workflow(cfg, cohort, sheet)
@@ -339,24 +351,6 @@ def _check_reports(cfg: Config, cohort: Mapping[str, SlideEntry]) -> None:
             )
     if cfg.report_corpus and not Path(cfg.report_corpus).exists():
         raise ConfigError(f"report_corpus {cfg.report_corpus!r} does not exist")
-
-
-def _check_sites(cfg: Config, cohort: Mapping[str, SlideEntry], labels: str | None) -> None:
-    """The site key resolves to one site per slide, and a setting that groups by site has one."""
-    from .sites import sites_for
-
-    key = sites_for(sorted(cohort), slides=cfg.slides, labels=labels, pattern=cfg.site_pattern)
-    if key is None:
-        for name, on in (
-            ("calibration_groups: site", cfg.calibration_groups == "site"),
-            ("fit.cv: site", cfg.fit.cv == "site"),
-        ):
-            if on:
-                raise ConfigError(
-                    f"{name} needs a site key: a 'site' column in the slide or label sheet, or site_pattern"
-                )
-    elif cfg.fit.cv == "site" and len(key.names) < 2:
-        raise ConfigError(f"fit.cv: site needs two sites or more; {key.by} gives one ({key.names[0]!r})")
 
 
 def _check_labels(
