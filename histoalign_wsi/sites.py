@@ -14,7 +14,15 @@ from pathlib import Path
 from .errors import ConfigError
 from .textfiles import read_rows
 
-__all__ = ["SITE_PATTERNS", "SiteKey", "check_site_settings", "resolve_sites", "sheet_sites", "sites_for"]
+__all__ = [
+    "SITE_PATTERNS",
+    "SiteKey",
+    "check_site_settings",
+    "resolve_sites",
+    "sheet_sites",
+    "site_regex",
+    "sites_for",
+]
 
 #: named site patterns; each has a ``site`` group. A TCGA barcode is
 #: ``TCGA-{TSS}-{participant}-...``: the tissue source site is the two characters after
@@ -64,7 +72,8 @@ def sheet_sites(path: str | Path, what: str) -> dict[str, str] | None:
     return out
 
 
-def _pattern(pattern: str) -> re.Pattern[str]:
+def site_regex(pattern: str) -> re.Pattern[str]:
+    """``tcga`` or a regular expression, compiled; refused without a ``site`` group."""
     try:
         rx = re.compile(SITE_PATTERNS.get(pattern, pattern))
     except re.error as exc:
@@ -115,7 +124,7 @@ def resolve_sites(
             _merge(found, {s: v for s, v in got.items() if s in set(slide_ids)}, f"the {what}", origin)
             by.append(f"{what} column 'site'")
     if pattern:
-        rx = _pattern(pattern)
+        rx = site_regex(pattern)
         matched: dict[str, str] = {}
         for sid in slide_ids:
             m = rx.search(sid) or rx.search((names or {}).get(sid, ""))

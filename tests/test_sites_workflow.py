@@ -18,22 +18,23 @@ from .test_workflow import smk, write_config
 
 pytestmark = pytest.mark.slow
 
+CONFIG: dict[str, object] = {
+    "slides": "slides/slides.csv",
+    "labels": None,
+    "prompt_bag": "crc",
+    "scales_mpp": [0.5, 1.0],
+    "stain": {"method": "macenko"},
+    "calibration": True,
+    "calibration_groups": "site",
+    "heads": ["linear"],
+    "fit": {"folds": 3, "epochs": 2, "cv": "site"},
+    "bootstrap": {"resamples": 200, "seed": 3},
+}
+
 
 def test_a_three_site_cohort_runs_with_site_outputs_everywhere(tmp_path: Path) -> None:
     sheet = make_site_cohort(tmp_path / "slides", per_site=2, width=2048, height=1536)
-    write_config(
-        tmp_path,
-        slides="slides/slides.csv",
-        labels=None,
-        prompt_bag="crc",
-        scales_mpp=[0.5, 1.0],
-        stain={"method": "macenko"},
-        calibration=True,
-        calibration_groups="site",
-        heads=["linear"],
-        fit={"folds": 3, "epochs": 2, "cv": "site"},
-        bootstrap={"resamples": 200, "seed": 3},
-    )
+    write_config(tmp_path, **CONFIG)
     smk(tmp_path, "--cores", "2")
     r = tmp_path / "results"
     table = pd.read_csv(r / "predictions.csv")
@@ -60,19 +61,7 @@ def test_a_three_site_cohort_runs_with_site_outputs_everywhere(tmp_path: Path) -
     ):
         assert needle in html, needle
     # the stain setting re-encodes, and nothing upstream of encoding
-    write_config(
-        tmp_path,
-        slides="slides/slides.csv",
-        labels=None,
-        prompt_bag="crc",
-        scales_mpp=[0.5, 1.0],
-        stain={"method": "none"},
-        calibration=True,
-        calibration_groups="site",
-        heads=["linear"],
-        fit={"folds": 3, "epochs": 2, "cv": "site"},
-        bootstrap={"resamples": 200, "seed": 3},
-    )
+    write_config(tmp_path, **(CONFIG | {"stain": {"method": "none"}}))
     out = smk(tmp_path, "--cores", "2", "-n").stdout
     assert "rule encode" in out and "rule prepare" not in out
     assert sheet.is_file()

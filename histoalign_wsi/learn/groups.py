@@ -113,7 +113,7 @@ def patch_sites(
     ConfigError
         No source of sites, or a patch without one (named).
     """
-    from ..sites import SITE_PATTERNS
+    from ..sites import site_regex
 
     if sheet is not None:
         fields, table = read_rows(sheet, "patch group sheet")
@@ -128,12 +128,7 @@ def patch_sites(
             return tuple(str(k) for k in keys)
     if not pattern:
         raise ConfigError("cv: site on patches needs a 'site' column in the --groups sheet or --site-pattern")
-    try:
-        rx = re.compile(SITE_PATTERNS.get(pattern, pattern))
-    except re.error as exc:
-        raise ConfigError(f"site pattern {pattern!r} is not a regular expression ({exc})") from exc
-    if "site" not in rx.groupindex:
-        raise ConfigError(f"site pattern {pattern!r} has no (?P<site>...) group")
+    rx = site_regex(pattern)
     out = []
     for p in paths:
         m = rx.search(p.relative_to(root).as_posix())
